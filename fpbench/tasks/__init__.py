@@ -1,0 +1,69 @@
+"""Task registry: declarations live as YAML in the top-level ``tasks/`` folder; the
+Python that runs a task family lives in one module per family here.
+
+A family module exposes ``evaluate(loaded, task, options) -> list[Metric]``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..errors import FpbenchError
+
+TASK_DIR = Path(__file__).resolve().parents[2] / "tasks"
+
+# family name -> module holding its evaluate(); families register here, once.
+FAMILIES = {
+    "perplexity": "fpbench.tasks.perplexity",
+}
+
+DEFAULT_SEQLEN = 2048
+
+
+@dataclass
+class EvalOptions:
+    """Options every family may read; family-specific ones go in ``extra``."""
+
+    limit: int | None = None
+    seqlen: int | None = None
+    data_dir: str | None = None
+    seed: int = 0
+    batch_size: int | None = None
+    out_dir: str | None = None
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Metric:
+    metric: str
+    value: float
+    n: int
+    details: dict = field(default_factory=dict)  # stderr, tokens/s, eval seconds...
+
+
+def available_tasks() -> dict[str, dict]:
+    tasks = {}
+    for path in sorted(TASK_DIR.glob("*.yaml")):
+        spec = yaml.safe_load(path.read_text())
+        if isinstance(spec, dict) and "family" in spec:  # skip lm-eval style configs
+            tasks[spec["name"]] = spec
+    return tasks
+
+
+def get_task(name: str) -> dict:
+    tasks = available_tasks()
+    if name not in tasks:
+        raise FpbenchError(f"unknown task {name!r}; known tasks: {', '.join(tasks) or 'none'}")
+    return tasks[name]
+
+
+def evaluate_task(loaded, task: dict, options: EvalOptions) -> list[Metric]:
+    family = FAMILIES.get(task["family"])
+    if family is None:
+        raise FpbenchError(f"task {task['name']}: unknown family {task['family']!r}")
+    return importlib.import_module(family).evaluate(loaded, task, options)
