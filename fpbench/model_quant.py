@@ -38,6 +38,12 @@ def target_linears(model: nn.Module, include_head: bool = False) -> dict[str, nn
     }
 
 
+def _set_weight(module: nn.Linear, weight: torch.Tensor) -> None:
+    # A new Parameter, not `.data =`: a head tied to the input embedding must not drag
+    # the embedding along when it is quantized (--include-head).
+    module.weight = nn.Parameter(weight, requires_grad=False)
+
+
 @torch.no_grad()
 def quantize_model(model: nn.Module, scheme: Scheme, include_head: bool = False,
                    progress: bool = True, **algo_options) -> QuantizedModel:
@@ -48,14 +54,14 @@ def quantize_model(model: nn.Module, scheme: Scheme, include_head: bool = False,
         from .formats import get_format
         fmt = get_format(scheme.format)
         for module in target_linears(model, include_head).values():
-            module.weight.data = fmt.round(module.weight.data)
+            _set_weight(module, fmt.round(module.weight.data))
     elif scheme.algo == "rtn":
         layers = target_linears(model, include_head)
         for name, module in tqdm(layers.items(), desc=f"quantize {scheme.name}",
                                  disable=not progress, leave=False):
             qweight = quantize_weight(module.weight.data, scheme.format, scheme.granularity,
                                       scheme.clip)
-            module.weight.data = qweight.dequantize().to(module.weight.dtype)
+            _set_weight(module, qweight.dequantize().to(module.weight.dtype))
             result.weights[name] = qweight
     else:
         raise FpbenchError(f"algorithm {scheme.algo!r} is not available; use --algo rtn")

@@ -1,0 +1,89 @@
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from fpbench.cli import main
+
+REQUIRED_FIELDS = {"model", "scheme", "format", "granularity", "algo", "task", "metric", "value", "n",
+                   "quantize_s", "task_s", "torch_version", "transformers_version", "fpbench_version",
+                   "git_rev", "time", "seed", "bits_per_weight", "run_key"}
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, default_tokenizer):
+    from conftest import tiny_llama
+
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_llama(vocab_size=len(default_tokenizer)).save_pretrained(path)
+    default_tokenizer.save_pretrained(path)
+    return path
+
+
+def test_formats_table():
+    result = CliRunner().invoke(main, ["formats"])
+    assert result.exit_code == 0
+    row = next(line for line in result.output.splitlines() if line.startswith("| fp6_e3m2 "))
+    assert "28" in row and "0.0625" in row and "64" in row
+
+
+def test_run_writes_records_csv_and_report(tiny_model_dir, data_dir, tmp_path):
+    out = tmp_path / "out"
+    args = ["run", "--model", str(tiny_model_dir), "--format", "int4", "--granularity", "group:32",
+            "--task", "wikitext2,ptb", "--limit", "1", "--seqlen", "32", "--data-dir", str(data_dir),
+            "--out", str(out), "--no-progress"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["task"] for r in records] == ["wikitext2", "ptb"]
+    assert REQUIRED_FIELDS <= set(records[0])
+    assert records[0]["scheme"] == "int4/g32/rtn" and records[0]["granularity"] == "group:32"
+    assert "int4/g32/rtn" in result.output
+    assert (out / "results.csv").is_file() and "int4/g32/rtn" in (out / "REPORT.md").read_text()
+    # A corrupt (truncated) last line does not lose earlier records or stop the next run.
+    with open(out / "results.jsonl", "a") as fh:
+        fh.write('{"model": "trunc')
+    result = CliRunner().invoke(main, args[:3] + ["--format", "fp16"] + args[7:])
+    assert result.exit_code == 0, result.output
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 5 and json.loads(lines[-1])["scheme"] == "fp16"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--format", "fp7_e9m9", "--granularity", "channel"], "format 'fp7_e9m9'"),
+    (["--format", "int4"], "needs a granularity"),
+    (["--format", "int4", "--granularity", "group:0"], "granularity"),
+    (["--format", "fp16", "--task", "nosuchtask"], "unknown task 'nosuchtask'"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message):
+    if "--task" not in args:
+        args = args + ["--task", "wikitext2"]
+    result = CliRunner().invoke(main, ["run", *args])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert result.output.strip().count("\n") == 0
+
+
+def test_installed_entry_point_reports_errors_without_traceback():
+    proc = subprocess.run([sys.executable, "-m", "fpbench.cli", "run", "--format", "int4",
+                           "--task", "wikitext2"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error:") and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_default_model_end_to_end(data_dir, tmp_path):
+    """The real default model: int4_asym/g32 reproduces its own Q4_1 baseline, while
+    int4 per-channel is clearly worse."""
+    result = CliRunner().invoke(main, [
+        "run", "--scheme", "fp32", "--scheme", "int4_asym/g32/rtn", "--scheme", "int4/channel/rtn",
+        "--task", "wikitext2", "--limit", "1", "--seqlen", "256", "--data-dir", str(data_dir),
+        "--out", str(tmp_path), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    ppl = {json.loads(l)["scheme"]: json.loads(l)["value"] for l in (tmp_path / "results.jsonl").read_text().splitlines()}
+    assert 5 < ppl["fp32"] < 60
+    assert abs(ppl["int4_asym/g32/rtn"] - ppl["fp32"]) / ppl["fp32"] < 0.01
+    assert ppl["int4/channel/rtn"] > 1.2 * ppl["fp32"]
+    assert "Q4_1" in (tmp_path / "REPORT.md").read_text()

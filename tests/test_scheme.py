@@ -1,0 +1,41 @@
+import pytest
+
+from fpbench.errors import FpbenchError
+from fpbench.scheme import Granularity, Scheme
+
+
+@pytest.mark.parametrize("name", ["fp16", "bf16", "int4/g128/rtn", "fp6_e3m2/channel/rtn",
+                                  "int8/tensor/rtn", "int4_asym/g32/rtn", "int4/channel/rtn-mse",
+                                  "int4/g128/gptq@wikitext2"])
+def test_scheme_name_round_trips(name):
+    scheme = Scheme.parse(name)
+    assert scheme.name == name
+    assert Scheme.parse(scheme.name) == scheme
+
+
+def test_aliases_normalise_and_baselines_need_no_granularity():
+    assert Scheme("fp6", Granularity.parse("channel")).name == "fp6_e3m2/channel/rtn"
+    assert Scheme("fp16").name == "fp16"
+    assert Scheme("fp16", Granularity.parse("channel")).granularity is None
+
+
+@pytest.mark.parametrize("text,expected", [("group:128", Granularity("group", 128)),
+                                           ("g32", Granularity("group", 32)),
+                                           ("Channel", Granularity("channel"))])
+def test_granularity_parse(text, expected):
+    assert Granularity.parse(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["group:0", "group:-4", "group:abc", "row", "g"])
+def test_bad_granularity_is_a_clear_error(bad):
+    with pytest.raises(FpbenchError, match="granularity"):
+        Granularity.parse(bad)
+
+
+def test_missing_granularity_and_bad_algo():
+    with pytest.raises(FpbenchError, match="needs a granularity"):
+        Scheme("int4")
+    with pytest.raises(FpbenchError, match="algorithm"):
+        Scheme("int4", Granularity.parse("channel"), algo="awq")
+    with pytest.raises(FpbenchError, match="unknown format"):
+        Scheme.parse("int5x/channel/rtn")
