@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import click
 
+from .act_quant import DEFAULT_ACT_CALIB_SAMPLES
+from .calib import DEFAULT_CALIB_SAMPLES, DEFAULT_CALIB_SEQLEN
 from .errors import FpbenchError
-from .scheme import ALGOS, CLIPS, Granularity, Scheme
+from .gptq import DEFAULT_BLOCK_SIZE, DEFAULT_DAMP
+from .scheme import ACT_GRANULARITIES, ALGOS, CLIPS, Granularity, Scheme
 
 
 class _Group(click.Group):
@@ -33,6 +37,8 @@ def main():
       fpbench run --model path/or/hf-id --format int4 --granularity group:128 --task ptb
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Warnings (e.g. a skipped corrupt results line) print as one line, not two.
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
 
 
 @main.command()
@@ -58,6 +64,54 @@ def _schemes(format_name, granularity, algo, clip, scheme_names) -> list[Scheme]
     if not format_name:
         raise FpbenchError("no format given: pass --format NAME (see `fpbench formats`) or --scheme NAME")
     return [Scheme(format_name, Granularity.parse(granularity) if granularity else None, algo, clip)]
+
+
+def _with_activation(scheme: Scheme, act_format, act_granularity, act_clip, backend) -> Scheme:
+    """--act-* options join a scheme that has no activation part of its own."""
+    if act_format or act_granularity or act_clip != "none":
+        if scheme.act_format is not None:
+            raise FpbenchError(f"scheme {scheme.name} already names its activation format; drop --act-*")
+        scheme = scheme.with_(act_format=act_format, act_granularity=act_granularity, act_clip=act_clip)
+    if scheme.act_format is not None and backend == "kernel":
+        raise FpbenchError("activation quantization runs with --backend simulate only; drop --backend kernel")
+    return scheme
+
+
+def _static_act_setup(scheme: Scheme, extra: dict, data_dir, act_calib_samples, gptq_options) -> tuple[Scheme, dict]:
+    """Static activation scales calibrate on the scheme's source; an explicit --calib joins
+    the name as for GPTQ (``int8/channel/rtn@ptb/a:int8-tensor-static``)."""
+    from .calib import DEFAULT_CALIB_SOURCE, check_source
+
+    if scheme.algo != "gptq" and gptq_options.get("calib") and not scheme.calib:
+        named, named_extra = _gptq_setup(scheme, data_dir, **gptq_options)
+        scheme = named
+        extra = extra | {k: v for k, v in named_extra.items() if k == "calib_path"}
+    else:
+        check_source(scheme.calib or DEFAULT_CALIB_SOURCE, data_dir)
+    return scheme, extra | {"act_calib_samples": act_calib_samples}
+
+
+def _gptq_setup(scheme: Scheme, data_dir, calib, calib_samples, calib_seqlen, damp, gptq_block,
+                act_order, static_groups) -> tuple[Scheme, dict]:
+    """The calibration source joins the scheme name (``int4/g128/gptq@code``; a file by its
+    base name); it is checked before any model loads. Other GPTQ options go in extra."""
+    from pathlib import Path
+
+    from .calib import DEFAULT_CALIB_SOURCE, check_source
+
+    source = scheme.calib or calib or DEFAULT_CALIB_SOURCE
+    check_source(source, data_dir)
+    options = {"calib_samples": calib_samples, "calib_seqlen": calib_seqlen, "damp": damp,
+               "gptq_block": gptq_block, "act_order": act_order, "static_groups": static_groups}
+    defaults = {"calib_samples": DEFAULT_CALIB_SAMPLES, "calib_seqlen": DEFAULT_CALIB_SEQLEN,
+                "damp": DEFAULT_DAMP, "gptq_block": DEFAULT_BLOCK_SIZE, "act_order": False,
+                "static_groups": False}
+    # Only what differs from the defaults, as a sweep entry writes it: same run, same key.
+    extra = {k: v for k, v in options.items() if v != defaults[k]}
+    if Path(source).suffix in (".txt", ".jsonl"):
+        extra["calib_path"] = str(Path(source).expanduser().resolve())
+        source = Path(source).name
+    return scheme.with_(calib=source), extra
 
 
 @main.command()
@@ -89,8 +143,50 @@ def _schemes(format_name, granularity, algo, clip, scheme_names) -> list[Scheme]
 @click.option("--out", "out_dir", default="results", show_default=True, type=click.Path(file_okay=False),
               help="Folder of the results store (results.jsonl, results.csv, REPORT.md).")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@click.option("--backend", type=click.Choice(["simulate", "kernel"]), default="simulate", show_default=True,
+              help="simulate: dequantized fp32 weights; kernel: packed weights on the compiled CPU "
+                   "kernels (fp6_e3m2/channel or int4/g128; built on first use).")
+@click.option("--calib", default=None, metavar="SOURCE|FILE",
+              help="GPTQ calibration text: wikitext2 or ptb (validation split), c4 (hub), code (the "
+                   "Python standard library's source), or a .txt / .jsonl ('text' field) file. "
+                   "Default: wikitext2.")
+@click.option("--calib-samples", type=click.IntRange(min=1), default=DEFAULT_CALIB_SAMPLES,
+              show_default=True, help="GPTQ: number of random calibration windows.")
+@click.option("--calib-seqlen", type=click.IntRange(min=2), default=DEFAULT_CALIB_SEQLEN,
+              show_default=True, help="GPTQ: tokens per calibration window (lowered to the model's limit).")
+@click.option("--damp", type=click.FloatRange(min=0), default=DEFAULT_DAMP, show_default=True,
+              help="GPTQ: damping added to diag(H), as a fraction of its mean.")
+@click.option("--gptq-block", type=click.IntRange(min=1), default=DEFAULT_BLOCK_SIZE, show_default=True,
+              help="GPTQ: columns per lazy batch update.")
+@click.option("--act-order", is_flag=True, help="GPTQ: quantize columns by decreasing diag(H).")
+@click.option("--static-groups", is_flag=True,
+              help="GPTQ with groups: all group scales from the original weights (order-independent).")
+@click.option("--act-format", default=None, metavar="NAME",
+              help="Also quantize the input of every quantized linear (W8A8): int8, fp8_e4m3, "
+                   "fp8_e5m2, fp8_e3m4, ... Applies to each --scheme without an /a:... part.")
+@click.option("--act-granularity", type=click.Choice(ACT_GRANULARITIES), default=None,
+              help="Activation scales: one per tensor fixed by calibration (tensor-static, text from "
+                   "--calib, default wikitext2) or one per token computed on the fly (token-dynamic).")
+@click.option("--act-clip", type=click.Choice(CLIPS), default="none", show_default=True,
+              help="tensor-static: calibration absmax, or the clip with the least squared error.")
+@click.option("--act-calib-samples", type=click.IntRange(min=1), default=DEFAULT_ACT_CALIB_SAMPLES,
+              show_default=True, help="tensor-static: calibration windows (each --seqlen tokens long).")
+@click.option("--samples", type=click.IntRange(min=1), default=None,
+              help="Code tasks: completions per problem (pass@k for k <= samples). Default 1 (greedy).")
+@click.option("--temperature", type=click.FloatRange(min=0), default=None,
+              help="Generative tasks: sampling temperature; 0 = greedy. Default 0, or 0.8 with --samples > 1.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
+              help="Generative tasks: generated tokens per answer (default from the task YAML).")
+@click.option("--prompt-mode", type=click.Choice(["auto", "completion", "chat"]), default=None,
+              help="Generative tasks: chat template (instruct models) or raw prompt; auto picks chat "
+                   "when the tokenizer has a chat template.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Generative tasks: sequences per generate call (default from the task YAML); "
+                   "zero-shot tasks: lm-eval's batch size (default 16).")
 def run(model, format_name, granularity, algo, clip, scheme_names, task_names, limit, seqlen,
-        data_dir, seed, include_head, out_dir, no_progress):
+        data_dir, seed, include_head, out_dir, no_progress, backend, act_format, act_granularity,
+        act_clip, act_calib_samples, samples, temperature, max_new_tokens, prompt_mode, batch_size,
+        **gptq_options):
     """Quantize a model with one or more schemes and evaluate it on tasks.
 
     Appends one record per metric to OUT/results.jsonl (and refreshes results.csv and
@@ -101,6 +197,16 @@ def run(model, format_name, granularity, algo, clip, scheme_names, task_names, l
       fpbench run --format fp6_e3m2 --granularity channel --task wikitext2 --limit 8
       fpbench run --model path/or/hf-id --format int4 --granularity group:128 --task ptb
       fpbench run --scheme fp16 --scheme int4/g128/rtn --task wikitext2,ptb --limit 4
+      fpbench run --scheme fp6_e3m2/channel/rtn --task piqa,hellaswag,boolq --limit 50
+      fpbench run --format fp6_e3m2 --granularity channel --backend kernel --task wikitext2 --limit 4
+      fpbench run --format int4 --granularity group:128 --algo gptq --calib wikitext2 \\
+          --calib-seqlen 512 --data-dir DATA --task wikitext2,ptb --limit 8
+      fpbench run --scheme int8/channel/rtn --scheme fp8_e4m3/channel/rtn --act-format int8 \\
+          --act-granularity token-dynamic --task wikitext2 --limit 8
+      fpbench run --scheme int8/channel/rtn/a:int8-tensor-static --data-dir DATA --task wikitext2
+      fpbench run --format fp6_e3m2 --granularity channel --task humaneval --limit 40
+      fpbench run --scheme fp16 --task humaneval --samples 10 --temperature 0.8 --seed 1
+      fpbench run --scheme int4/g128/rtn --task cnn_dailymail --data-dir DATA --limit 20
     """
     import pandas as pd
 
@@ -110,19 +216,254 @@ def run(model, format_name, granularity, algo, clip, scheme_names, task_names, l
     from .tasks import get_task
 
     schemes = _schemes(format_name, granularity, algo, clip, scheme_names)
+    schemes = [_with_activation(s, act_format, act_granularity, act_clip, backend) for s in schemes]
+    if backend == "kernel":
+        from .fp6_linear import check_kernel_scheme
+
+        for scheme in schemes:
+            check_kernel_scheme(scheme)
     tasks = [t.strip() for t in task_names.split(",") if t.strip()]
     for task in tasks:
         get_task(task)
     records = []
+    # Only options the user set enter a run's key, so other tasks' keys do not change.
+    generation_extra = {k: v for k, v in dict(samples=samples, temperature=temperature,
+                                               max_new_tokens=max_new_tokens, prompt_mode=prompt_mode,
+                                               batch_size=batch_size).items() if v is not None}
     for scheme in schemes:
+        extra = dict(generation_extra)
+        if scheme.algo == "gptq":
+            scheme, extra = _gptq_setup(scheme, data_dir, **gptq_options)
+        if scheme.act_granularity == "tensor-static":
+            scheme, extra = _static_act_setup(scheme, extra, data_dir, act_calib_samples, gptq_options)
+        extra = generation_extra | extra
         config = RunConfig(scheme=scheme, tasks=tasks, model=model, limit=limit, seqlen=seqlen,
                            data_dir=data_dir, seed=seed, include_head=include_head,
-                           out_dir=out_dir, progress=not no_progress)
+                           out_dir=out_dir, progress=not no_progress, extra=extra, backend=backend)
         records += run_one(config)
     write_report(out_dir)
     table = pd.DataFrame(records)[["scheme", "task", "metric", "value", "n", "quantize_s", "task_s"]]
     click.echo(table.to_markdown(index=False, floatfmt=".4f"))
     click.echo(f"records appended to {os.path.join(out_dir, 'results.jsonl')}")
+
+
+@main.command()
+@click.option("--shapes", default=None, metavar="NxK,...",
+              help="Weight shapes [out x in]. Default: 4096x4096,11008x4096,4096x11008.")
+@click.option("--batches", default=None, metavar="M1,M2",
+              help="Batch sizes (tokens per call). Default: 1,8,64,512.")
+@click.option("--kernels", "kernel_names", default=None, metavar="K1,K2",
+              help="Subset of torch_fp32,torch_bf16,torch_int8_bf16,torch_int4_bf16,fpbench_int4,fpbench_fp6.")
+@click.option("--repeats", type=click.IntRange(min=3), default=21, show_default=True,
+              help="Timed calls per cell (the median is reported).")
+@click.option("--e2e", is_flag=True, help="Instead: decode tokens/s (batch 1) of a random ~1B Llama-shaped "
+                                          "model and of the default model, bf16 vs the FP6 kernel.")
+@click.option("--new-tokens", type=click.IntRange(min=1), default=128, show_default=True,
+              help="--e2e: tokens generated per measurement.")
+@click.option("--out", "out_dir", default="results/bench", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for bench.jsonl (one record per kernel x shape x batch).")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+def bench(shapes, batches, kernel_names, repeats, e2e, new_tokens, out_dir, no_progress):
+    """Median latency of the FP6 / INT4 kernels vs torch fp32, bf16, int8 and int4
+    weight-only linears, with GB/s and the fraction of the measured bandwidth roofline.
+
+    Weights are cold (cycled through copies larger than the cache). Builds the kernels on
+    first use. Timings on a shared machine are noisy: compare within one run.
+
+    \b
+    Examples:
+      fpbench bench --shapes 4096x4096 --batches 1,8 --out results/bench
+      fpbench bench --e2e --new-tokens 128
+    """
+    from .bench import parse_batches, parse_shapes, run_bench, table
+
+    if e2e:
+        from .bench_e2e import e2e_table, run_e2e
+
+        click.echo(e2e_table(run_e2e(new_tokens=new_tokens, out_dir=out_dir, progress=not no_progress)))
+        return
+    names = [k.strip() for k in kernel_names.split(",")] if kernel_names else None
+    records = run_bench(parse_shapes(shapes), parse_batches(batches), names, repeats, out_dir,
+                        progress=not no_progress)
+    first = records[0]
+    click.echo(f"CPU: {first['cpu']} ({first['threads']} threads; flags {first['cpu_flags']}); "
+               f"streaming read {first['bandwidth_gbps']} GB/s; cells: median ms (x vs torch_bf16, roofline)")
+    click.echo(table(records))
+    click.echo("Fastest call of each cell (least disturbed by other load):")
+    click.echo(table(records, "min_ms"))
+    click.echo(f"records appended to {os.path.join(out_dir, 'bench.jsonl')}")
+
+
+@main.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.option("--shard", default=None, metavar="I/N",
+              help="Run only shard I of N (round-robin over the run list), e.g. 2/4; the N shards "
+                   "cover every run exactly once.")
+@click.option("--dry-run", is_flag=True, help="List the runs (done / to run) and a time estimate; run nothing.")
+@click.option("--force", is_flag=True, help="Redo runs whose records already exist (default: skip them).")
+@click.option("--out", "out_dir", default="results", show_default=True, type=click.Path(file_okay=False),
+              help="Folder of the results store; reruns resume from its records.")
+@click.option("--limit", "limit_override", default=None, metavar="N|none",
+              help="Override the config's limit for every task; 'none' evaluates the full test sets.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="Folder with local dataset copies (overrides the config's data_dir; also FPBENCH_DATA_DIR).")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+def sweep(config_path, shard, dry_run, force, out_dir, limit_override, data_dir, no_progress):
+    """Run a sweep config: models x schemes x tasks, resuming from stored records.
+
+    The config is validated before any model loads. Each finished task's records are
+    appended at once, so an interrupted sweep (even kill -9) resumes where it stopped.
+
+    \b
+    Examples:
+      fpbench sweep configs/default.yaml --dry-run
+      fpbench sweep configs/zeroquant42.yaml --out results
+      fpbench sweep configs/zeroquant42.yaml --shard 2/4 --out results-shard2
+      fpbench sweep configs/default.yaml --limit none --out results-full
+    """
+    from .report import write_report
+    from .sweep import estimate_text, load_config, parse_shard, plan, plan_table, run_sweep, summary_text
+
+    config = load_config(config_path, limit_override, data_dir)
+    shard_spec = parse_shard(shard)
+    if dry_run:
+        planned = plan(config, out_dir, shard_spec, force, progress=False)
+        click.echo(plan_table(planned))
+        click.echo(estimate_text(planned))
+        return
+    summary = run_sweep(config, out_dir, shard_spec, force, progress=not no_progress, echo=click.echo)
+    click.echo(summary_text(summary))
+    if summary.records or summary.skipped:
+        click.echo(f"report: {write_report(out_dir)}")
+    if summary.failed:
+        raise FpbenchError(f"{len(summary.failed)} of {summary.runs} runs failed (first: "
+                           f"{summary.failed[0][0]}: {summary.failed[0][1]}); rerun the sweep to retry them")
+
+
+@main.command()
+@click.argument("results_paths", metavar="RESULTS_DIR...", nargs=-1, required=True,
+                type=click.Path(exists=True))
+@click.option("--format", "output_format", type=click.Choice(["markdown", "csv"]), default="markdown",
+              show_default=True, help="How the tables are printed (all files are written either way).")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Where the report goes; the records of every RESULTS_DIR are merged into its "
+                   "results.jsonl first. Default: the first RESULTS_DIR.")
+@click.option("--baseline", default=None, metavar="SCHEME",
+              help="Row the Δ columns compare against. Default: fp16 (else bf16, fp32).")
+@click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
+def report(results_paths, output_format, out_dir, baseline, no_plots):
+    """Rebuild every table and plot from stored records: OUT/REPORT.md, OUT/tables/*.csv,
+    OUT/plots/*.png, OUT/results.csv.
+
+    \b
+    Examples:
+      fpbench report results
+      fpbench report results --format csv
+      fpbench report shard1/ shard2/ shard3/ --out results   # merge shards, then report
+    """
+    from .report import make_report, tables_text
+
+    if out_dir is None:
+        if not os.path.isdir(results_paths[0]):
+            raise FpbenchError(f"{results_paths[0]} is a file; pass --out DIR for the report")
+        out_dir = results_paths[0]
+    made = make_report(out_dir, sources=list(results_paths), baseline=baseline, plots=not no_plots)
+    click.echo(tables_text(made["tables"], output_format))
+    click.echo(f"report: {made['report']} ({len(made['written'])} tables and plots beside it)")
+
+
+@main.command("lm-eval", context_settings=dict(ignore_unknown_options=True, allow_extra_args=True,
+                                               help_option_names=[]))
+@click.pass_context
+def lm_eval_cmd(ctx):
+    """lm-eval's own command line, with `--model fpbench` available.
+
+    Every argument goes to lm-eval (`fpbench lm-eval --help` shows its flags). fpbench
+    registers its model type (model_args: pretrained, scheme or format/granularity/algo/
+    clip, include_head) and adds its offline task configs (piqa_local, hellaswag_local...,
+    tag fpbench_zeroshot_local) reading the data folder from --data-dir or FPBENCH_DATA_DIR.
+
+    \b
+    Examples:
+      fpbench lm-eval --model fpbench --model_args pretrained=HuggingFaceTB/SmolLM2-135M,format=int4,granularity=group:128,algo=rtn --tasks piqa
+      fpbench lm-eval run --model fpbench --model_args scheme=fp6_e3m2/channel/rtn --tasks piqa_local --limit 50 --data-dir shared/data
+    """
+    from .lm_eval_model import lm_eval_command_line
+
+    if ctx.args in ([], ["-h"], ["--help"]):
+        click.echo(ctx.get_help() + "\n\nlm-eval's own help follows.\n")
+    lm_eval_command_line(ctx.args if ctx.args else ["--help"])
+
+
+@main.group()
+def analyze():
+    """Where a floating-point grid beats an integer one (van Baalen et al., arXiv 2303.17951).
+
+    \b
+    Examples:
+      fpbench analyze synthetic --out results/analyze
+      fpbench analyze layers --calib wikitext2 --data-dir DATA --out results/analyze
+    """
+
+
+@analyze.command("synthetic")
+@click.option("--out", "out_dir", default="results", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for analyze_synthetic*.csv / .png and the results store.")
+def analyze_synthetic(out_dir):
+    """Expected SQNR of INT8, FP8 (E2M5, E3M4, E4M3, E5M2) and the 4-6-bit formats, each at
+    its best clipping, on unit-variance Gaussian, Laplace and Student-t (30 down to 2.5
+    degrees of freedom) distributions: exact, from closed-form partial moments.
+
+    \b
+    Example:
+      fpbench analyze synthetic --out results/analyze
+    """
+    from .analyze import run_synthetic
+    from .report import write_report
+
+    _, table, paths = run_synthetic(out_dir)
+    write_report(out_dir)
+    click.echo(table.to_markdown(floatfmt=".2f"))
+    click.echo("wrote " + ", ".join(str(p) for p in paths))
+
+
+@analyze.command("layers")
+@click.option("--model", default=None, metavar="ID|DIR|FILE.gguf", help="As for `fpbench run`; default: the embedded model.")
+@click.option("--calib", default="wikitext2", show_default=True, metavar="SOURCE|FILE",
+              help="Text whose activations are analyzed: wikitext2, ptb, c4, code, or a .txt/.jsonl file.")
+@click.option("--calib-samples", type=click.IntRange(min=1), default=None,
+              help="Windows of text (one batch). Default: 1.")
+@click.option("--calib-seqlen", type=click.IntRange(min=2), default=DEFAULT_CALIB_SEQLEN, show_default=True,
+              help="Tokens per window (lowered to the model's limit).")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="Folder with local dataset copies (also FPBENCH_DATA_DIR).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--include-head", is_flag=True, help="Also analyze the output head.")
+@click.option("--out", "out_dir", default="results", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for analyze_layers*.csv / .png and the results store.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+def analyze_layers(model, calib, calib_samples, calib_seqlen, data_dir, seed, include_head, out_dir, no_progress):
+    """Per linear layer: kurtosis and max/std of the weight and of its input activations,
+    and the SQNR of each 8-bit format for weight per tensor / per channel and input per
+    tensor (best clip) / per token; then the fraction of layers each format wins.
+
+    \b
+    Example:
+      fpbench analyze layers --calib wikitext2 --data-dir DATA --out results/analyze
+    """
+    from .analyze import DEFAULT_LAYER_SAMPLES, run_layers
+    from .calib import calibration_windows
+    from .models import load_model
+    from .report import write_report
+
+    loaded = load_model(model)
+    windows = calibration_windows(loaded.tokenizer, calib, calib_samples or DEFAULT_LAYER_SAMPLES, calib_seqlen,
+                                  seed, data_dir, loaded.max_length)
+    _, summary, paths = run_layers(loaded, windows, out_dir, include_head=include_head,
+                                   progress=not no_progress, calib=calib)
+    write_report(out_dir)
+    click.echo(summary.to_markdown(index=False, floatfmt=".3f"))
+    click.echo("wrote " + ", ".join(str(p) for p in paths))
 
 
 if __name__ == "__main__":

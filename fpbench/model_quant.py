@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import FpbenchError
+from .act_quant import ActQuantizers, attach_act_quantizers, calibrate
 from .quant import QuantizedWeight, quantize_weight
 from .scheme import Scheme
 
@@ -27,6 +28,7 @@ class QuantizedModel:
     scheme: Scheme
     weights: dict[str, QuantizedWeight] = field(default_factory=dict)
     quantize_seconds: float = 0.0
+    act_quantizers: ActQuantizers | None = None  # input quantizers (W8A8); .remove() undoes them
 
 
 def target_linears(model: nn.Module, include_head: bool = False) -> dict[str, nn.Linear]:
@@ -63,7 +65,44 @@ def quantize_model(model: nn.Module, scheme: Scheme, include_head: bool = False,
                                       scheme.clip)
             _set_weight(module, qweight.dequantize().to(module.weight.dtype))
             result.weights[name] = qweight
+    elif scheme.algo == "gptq":
+        from .gptq import quantize_model_gptq
+
+        result.weights = quantize_model_gptq(model, target_linears(model, include_head), scheme,
+                                             progress=progress, **algo_options)
     else:
-        raise FpbenchError(f"algorithm {scheme.algo!r} is not available; use --algo rtn")
+        raise FpbenchError(f"algorithm {scheme.algo!r} is not available; use --algo rtn or gptq")
+    if scheme.act_format is not None:
+        # After the weights, so static scales are calibrated on the quantized model.
+        layers = target_linears(model, include_head)
+        result.act_quantizers = attach_act_quantizers(layers, scheme.act_format, scheme.act_granularity,
+                                                      scheme.act_clip)
+        if scheme.act_granularity == "tensor-static":
+            calibrate(model, result.act_quantizers, _act_calibration_windows(scheme, algo_options), progress)
     result.quantize_seconds = time.perf_counter() - start
     return result
+
+
+def _act_calibration_windows(scheme: Scheme, options: dict) -> torch.Tensor:
+    """Token windows for static activation scales: ``calib_windows`` if given, else drawn
+    from the scheme's calibration source (default ``calib.DEFAULT_CALIB_SOURCE``) with the
+    run's seed and data folder; ``act_calib_samples`` in the run's extra options sets their
+    number, and they are as long as the evaluation windows so that token positions (and
+    their position-dependent outliers) match."""
+    if options.get("calib_windows") is not None:
+        return options["calib_windows"]
+    from .act_quant import DEFAULT_ACT_CALIB_SAMPLES
+    from .calib import DEFAULT_CALIB_SEQLEN, DEFAULT_CALIB_SOURCE, calibration_windows
+
+    loaded, config = options.get("loaded"), options.get("config")
+    if loaded is None:
+        raise FpbenchError("tensor-static activation scales need calibration text: pass loaded= "
+                           "(a LoadedModel) or calib_windows= to quantize_model, or use token-dynamic")
+    extra = dict(getattr(config, "extra", None) or {})
+    seqlen = getattr(config, "seqlen", None) or DEFAULT_CALIB_SEQLEN
+    return calibration_windows(
+        loaded.tokenizer, extra.get("calib_path") or scheme.calib or DEFAULT_CALIB_SOURCE,
+        n_samples=extra.get("act_calib_samples") or DEFAULT_ACT_CALIB_SAMPLES, seqlen=seqlen,
+        seed=getattr(config, "seed", 0), data_dir=getattr(config, "data_dir", None),
+        max_length=loaded.max_length,
+    )

@@ -2,14 +2,16 @@
 
 Appends take an exclusive file lock and are flushed and fsync'ed, so two processes never
 interleave lines and a crash loses at most the record being written. A truncated or
-corrupt line (a crash mid-write) is skipped with a warning when reading; records before
-and after it are kept.
+corrupt line (a crash mid-write, a bad merge) is skipped with one warning when reading;
+records before and after it are kept, and the next append starts on a fresh line. A file
+in which no line is a record is an error (it is not a results file), never silently empty.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -19,56 +21,132 @@ from .errors import FpbenchError
 
 RESULTS_JSONL = "results.jsonl"
 RESULTS_CSV = "results.csv"
+SWEEPS_JSONL = "sweeps.jsonl"  # one line per sweep invocation: config, shard, counts, wall time
+
+
+class CorruptRecordWarning(UserWarning):
+    """Some lines of a results file are not records; they were skipped."""
+
+
+def _append_locked(path: Path, payload: str) -> None:
+    """Append whole lines under an exclusive lock; flush + fsync before releasing it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        with open(path, "a+b") as fh:
+            # If a crashed writer left a partial last line, start on a fresh line so the
+            # new record is not glued onto it (the partial line is skipped when read).
+            fh.seek(0, os.SEEK_END)
+            if fh.tell() > 0:
+                fh.seek(-1, os.SEEK_END)
+                if fh.read(1) != b"\n":
+                    fh.write(b"\n")
+            fh.write(payload.encode("utf-8"))
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a unique temporary file, then rename: readers see old or new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Every record of a JSONL file; corrupt lines are skipped with one warning."""
+    if not path.is_file():
+        return []
+    records, bad_lines, nonblank = [], [], 0
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            nonblank += 1
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                bad_lines.append(number)
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+            else:
+                bad_lines.append(number)
+    if bad_lines and not records:
+        raise FpbenchError(f"{path} has {nonblank} lines and none is a JSON record; it is not an "
+                           "fpbench results file (point at the folder holding results.jsonl)")
+    if bad_lines:
+        shown = ", ".join(map(str, bad_lines[:5])) + (", ..." if len(bad_lines) > 5 else "")
+        warnings.warn(f"{path}: skipped {len(bad_lines)} truncated or corrupt line(s) (line {shown}); "
+                      f"the other {len(records)} records are kept", CorruptRecordWarning, stacklevel=2)
+    return records
+
+
+def record_identity(record: dict) -> str:
+    """The exact content of a record, to recognise the same record in two files."""
+    return json.dumps(record, sort_keys=True, default=str)
 
 
 class ResultStore:
     def __init__(self, out_dir: str | os.PathLike):
         self.dir = Path(out_dir)
         self.path = self.dir / RESULTS_JSONL
-        self._lock = FileLock(str(self.path) + ".lock")
 
     def append(self, records: list[dict]) -> None:
-        if not records:
-            return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        payload = "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in records)
-        with self._lock:
-            with open(self.path, "a+b") as fh:
-                # If a crashed writer left a partial last line, start on a fresh line.
-                fh.seek(0, os.SEEK_END)
-                if fh.tell() > 0:
-                    fh.seek(-1, os.SEEK_END)
-                    if fh.read(1) != b"\n":
-                        fh.write(b"\n")
-                fh.write(payload.encode("utf-8"))
-                fh.flush()
-                os.fsync(fh.fileno())
+        if records:
+            _append_locked(self.path, "".join(record_identity(r) + "\n" for r in records))
+
+    def append_log(self, name: str, record: dict) -> None:
+        """Append one record to a side log in the same folder (e.g. the sweep log)."""
+        _append_locked(self.dir / name, record_identity(record) + "\n")
+
+    def read_log(self, name: str) -> list[dict]:
+        return read_jsonl(self.dir / name)
 
     def read(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        records = []
-        with open(self.path, encoding="utf-8", errors="replace") as fh:
-            for number, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    warnings.warn(f"{self.path}:{number}: skipping a truncated or corrupt record")
-                    continue
-                if isinstance(record, dict):
-                    records.append(record)
-        return records
+        return read_jsonl(self.path)
 
-    def write_csv(self) -> Path:
+    def merge(self, records: list[dict], name: str = RESULTS_JSONL) -> int:
+        """Append the records this store (or its side log ``name``) does not hold yet, by
+        exact content; returns how many. Merging several shards' results is idempotent."""
+        present = {record_identity(r) for r in read_jsonl(self.dir / name)}
+        new, seen = [], set()
+        for record in records:
+            identity = record_identity(record)
+            if identity not in present and identity not in seen:
+                seen.add(identity)
+                new.append(record)
+        if new:
+            _append_locked(self.dir / name, "".join(record_identity(r) + "\n" for r in new))
+        return len(new)
+
+    def write_csv(self, records: list[dict] | None = None) -> Path:
         import pandas as pd
 
-        records = self.read()
+        records = self.read() if records is None else records
         if not records:
-            raise FpbenchError(f"no records in {self.path}; run `fpbench run` first")
+            raise FpbenchError(f"no records in {self.path}; run `fpbench run` or `fpbench sweep` first")
         path = self.dir / RESULTS_CSV
-        tmp = path.with_suffix(".csv.tmp")
-        pd.json_normalize(records).to_csv(tmp, index=False)
-        os.replace(tmp, path)
+        write_atomic(path, pd.json_normalize(records).to_csv(index=False))
         return path
+
+
+def read_results(paths: list[str | os.PathLike]) -> list[dict]:
+    """Records of several results folders (or .jsonl files), in the order given."""
+    records = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            if not (path / RESULTS_JSONL).is_file():
+                raise FpbenchError(f"{path} holds no {RESULTS_JSONL}; pass a results folder written by "
+                                   "`fpbench run`/`fpbench sweep` or a .jsonl file")
+            records += ResultStore(path).read()
+        elif path.is_file():
+            records += read_jsonl(path)
+        else:
+            raise FpbenchError(f"results path {path} does not exist")
+    return records

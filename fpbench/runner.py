@@ -12,7 +12,7 @@ import json
 import platform
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -41,13 +41,21 @@ class RunConfig:
     out_dir: str = "results"
     progress: bool = True
     extra: dict = field(default_factory=dict)  # family- or algorithm-specific options
+    backend: str = "simulate"  # "kernel": quantized linears run on the compiled kernels
 
     def key(self) -> str:
         """Stable hash of everything that determines the numbers (plus code version)."""
         payload = asdict(self) | {"scheme": self.scheme.name, "version": __version__}
+        if self.backend == "simulate":
+            payload.pop("backend")  # keys of runs made before the field existed stay valid
         for volatile in ("out_dir", "progress", "data_dir"):
             payload.pop(volatile)
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def task_key(self, task: str) -> str:
+        """Key of this configuration restricted to one task: a sweep resumes per task, so
+        adding a task to a sweep does not redo the tasks already measured."""
+        return replace(self, tasks=[task]).key()
 
 
 @lru_cache(maxsize=1)
@@ -92,13 +100,20 @@ def run(config: RunConfig) -> list[dict]:
     loaded = load_model(config.model)
     quantized = quantize_model(loaded.model, config.scheme, include_head=config.include_head,
                                progress=config.progress, loaded=loaded, config=config)
+    if config.backend == "kernel":
+        from .fp6_linear import use_kernel_linears
+
+        use_kernel_linears(loaded.model, quantized.weights)
     options = EvalOptions(limit=config.limit, seqlen=config.seqlen, data_dir=config.data_dir,
                           seed=config.seed, out_dir=config.out_dir, progress=config.progress,
-                          extra=dict(config.extra))
+                          # run identity lets families name their per-item outputs (samples, summaries)
+                          extra=dict(config.extra) | {"run_key": config.key(), "scheme": config.scheme.name})
     base = {
         "model": loaded.name, "model_source": loaded.source, **config.scheme.fields(),
         "include_head": config.include_head, "seed": config.seed, "limit": config.limit,
-        "run_key": config.key(), "quantize_s": round(quantized.quantize_seconds, 3),
+        "backend": config.backend,
+        "run_key": config.key(), "options": dict(config.extra),
+        "quantize_s": round(quantized.quantize_seconds, 3),
         "bits_per_weight": round(model_bits_per_weight(quantized, config.include_head), 4),
         "caveat": loaded.caveat, **environment(),
     }
@@ -109,7 +124,8 @@ def run(config: RunConfig) -> list[dict]:
         metrics = evaluate_task(loaded, task, options)
         task_seconds = time.perf_counter() - started
         task_records = [
-            base | {"task": task["name"], "family": task["family"], "metric": m.metric,
+            base | {"task": task["name"], "task_key": config.task_key(task["name"]),
+                    "family": task["family"], "metric": m.metric,
                     "value": m.value, "n": m.n, "task_s": round(task_seconds, 3), **m.details,
                     "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
             for m in metrics

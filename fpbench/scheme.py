@@ -12,6 +12,9 @@ from .formats import BaselineFormat, get_format
 DEFAULT_GROUP_SIZE = 128
 ALGOS = ("rtn", "gptq")
 CLIPS = ("none", "mse")
+# Activation scales: one per tensor fixed by calibration, or one per token on the fly.
+ACT_GRANULARITIES = ("tensor-static", "token-dynamic")
+ACT_PREFIX = "a:"  # marks the activation part of a name: int8/channel/rtn/a:int8-token-dynamic
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,9 @@ class Scheme:
     algo: str = "rtn"
     clip: str = "none"
     calib: str | None = None  # GPTQ calibration source; part of the name when set
+    act_format: str | None = None  # activation format (W8A8); None = weight-only
+    act_granularity: str | None = None  # one of ACT_GRANULARITIES
+    act_clip: str = "none"  # static activation scale: absmax ("none") or "mse"
 
     def __post_init__(self):
         fmt = get_format(self.format)
@@ -64,6 +70,7 @@ class Scheme:
             raise FpbenchError(f"unknown algorithm {self.algo!r}; use one of {', '.join(ALGOS)}")
         if self.clip not in CLIPS:
             raise FpbenchError(f"unknown clipping {self.clip!r}; use one of {', '.join(CLIPS)}")
+        self._check_activation()
         if self.is_baseline:
             object.__setattr__(self, "granularity", None)
         elif self.granularity is None:
@@ -72,12 +79,45 @@ class Scheme:
                 f"or group:G (e.g. group:{DEFAULT_GROUP_SIZE})"
             )
 
+    def _check_activation(self) -> None:
+        if self.act_format is None:
+            if self.act_granularity is not None or self.act_clip != "none":
+                raise FpbenchError("an activation granularity or clipping needs an activation format: "
+                                   "add --act-format (e.g. int8)")
+            return
+        act = get_format(self.act_format)
+        if isinstance(act, BaselineFormat):
+            raise FpbenchError(f"activation format {act.name} is a baseline (no quantization); "
+                               "use int8, fp8_e4m3, fp8_e5m2, ... or drop --act-format")
+        object.__setattr__(self, "act_format", act.name)
+        if self.act_granularity not in ACT_GRANULARITIES:
+            raise FpbenchError(f"activation granularity {self.act_granularity!r}: use one of "
+                               f"{', '.join(ACT_GRANULARITIES)} (--act-granularity)")
+        if self.act_clip not in CLIPS:
+            raise FpbenchError(f"unknown activation clipping {self.act_clip!r}; use one of {', '.join(CLIPS)}")
+        if self.act_clip == "mse" and self.act_granularity != "tensor-static":
+            raise FpbenchError("activation MSE clipping applies to tensor-static scales only")
+
+    @property
+    def act_name(self) -> str | None:
+        """``a:int8-tensor-static`` (``-mse`` appended with MSE clipping), or None."""
+        if self.act_format is None:
+            return None
+        return f"{ACT_PREFIX}{self.act_format}-{self.act_granularity}" + ("-mse" if self.act_clip == "mse" else "")
+
     @property
     def is_baseline(self) -> bool:
         return isinstance(get_format(self.format), BaselineFormat)
 
     @property
     def name(self) -> str:
+        """Weight part, then ``/a:...`` when activations are quantized too."""
+        if self.act_format is None:
+            return self._weight_name
+        return f"{self._weight_name}/{self.act_name}"
+
+    @property
+    def _weight_name(self) -> str:
         if self.is_baseline:
             return self.format
         algo = self.algo + ("-mse" if self.clip == "mse" else "")
@@ -89,6 +129,11 @@ class Scheme:
     def parse(cls, name: str) -> Scheme:
         """Inverse of ``name``: ``int4/g128/gptq@wikitext2`` -> Scheme."""
         parts = name.strip().split("/")
+        act = {}
+        if len(parts) > 1 and parts[-1].startswith(ACT_PREFIX):
+            act = cls._parse_activation(parts.pop()[len(ACT_PREFIX):], name)
+        if len(parts) == 1 and act:
+            return cls(parts[0], **act)
         if len(parts) == 1:
             return cls(parts[0])
         if len(parts) != 3:
@@ -98,7 +143,21 @@ class Scheme:
         fmt, gran, algo = parts
         algo, _, calib = algo.partition("@")
         algo, _, clip = algo.partition("-")
-        return cls(fmt, Granularity.parse(gran), algo, clip or "none", calib or None)
+        return cls(fmt, Granularity.parse(gran), algo, clip or "none", calib or None, **act)
+
+    @staticmethod
+    def _parse_activation(text: str, name: str) -> dict:
+        """``int8-tensor-static[-mse]`` -> act_format, act_granularity, act_clip."""
+        act_format, _, rest = text.partition("-")  # format names hold no hyphen
+        act_clip = "none"
+        if rest.endswith("-mse"):
+            rest, act_clip = rest[:-len("-mse")], "mse"
+        if not act_format or rest not in ACT_GRANULARITIES:
+            raise FpbenchError(
+                f"cannot parse the activation part of scheme {name!r}; expected "
+                f"{ACT_PREFIX}FORMAT-{'|'.join(ACT_GRANULARITIES)}[-mse] such as {ACT_PREFIX}int8-token-dynamic"
+            )
+        return {"act_format": act_format, "act_granularity": rest, "act_clip": act_clip}
 
     def fields(self) -> dict:
         """Flat fields for a result record."""

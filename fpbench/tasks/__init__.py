@@ -19,6 +19,9 @@ TASK_DIR = Path(__file__).resolve().parents[2] / "tasks"
 # family name -> module holding its evaluate(); families register here, once.
 FAMILIES = {
     "perplexity": "fpbench.tasks.perplexity",
+    "codegen": "fpbench.tasks.codegen",
+    "summarization": "fpbench.tasks.summarization",
+    "zeroshot": "fpbench.tasks.zeroshot",
 }
 
 DEFAULT_SEQLEN = 2048
