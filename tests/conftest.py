@@ -51,3 +51,12 @@ def tiny_loaded(default_tokenizer):
     from fpbench.models import LoadedModel
 
     return LoadedModel(tiny_llama(vocab_size=len(default_tokenizer)), default_tokenizer, "tiny-llama", "random")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, default_tokenizer):
+    """A tiny random Llama saved as a transformers directory (for --model / pretrained=)."""
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_llama(vocab_size=len(default_tokenizer)).save_pretrained(path)
+    default_tokenizer.save_pretrained(path)
+    return path

@@ -12,16 +12,6 @@ REQUIRED_FIELDS = {"model", "scheme", "format", "granularity", "algo", "task", "
                    "git_rev", "time", "seed", "bits_per_weight", "run_key"}
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, default_tokenizer):
-    from conftest import tiny_llama
-
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_llama(vocab_size=len(default_tokenizer)).save_pretrained(path)
-    default_tokenizer.save_pretrained(path)
-    return path
-
-
 def test_formats_table():
     result = CliRunner().invoke(main, ["formats"])
     assert result.exit_code == 0

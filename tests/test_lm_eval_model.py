@@ -12,16 +12,6 @@ from fpbench.scheme import Granularity
 from fpbench.tasks.zeroshot import lm_eval_include_dir
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, default_tokenizer):
-    from conftest import tiny_llama
-
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_llama(vocab_size=len(default_tokenizer)).save_pretrained(path)
-    default_tokenizer.save_pretrained(path)
-    return path
-
-
 def test_scheme_from_model_args():
     assert scheme_from_args().name == "fp32"
     assert scheme_from_args(format="int4", granularity="group:128", algo="rtn").name == "int4/g128/rtn"
