@@ -20,7 +20,8 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	# setuptools >= 68 builds fpbench itself (editable, without build isolation).
+	$(BIN)/python -m pip install --quiet --upgrade pip "setuptools>=68" wheel
 	# torch first, so no dependency pulls a different (CUDA) build.
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet --no-build-isolation -e ".[dev]"
