@@ -30,6 +30,7 @@ import torch
 
 from .data import hub_offline, load_texts
 from .errors import FpbenchError
+from .task_specs import get_task
 
 DEFAULT_CALIB_SAMPLES = 128
 DEFAULT_CALIB_SEQLEN = 2048
@@ -57,10 +58,7 @@ def _code_texts() -> tuple[list[str], str]:
 
 
 def _task_texts(source: str, data_dir) -> tuple[list[str], str]:
-    # The task registry only parses YAML declarations; reading it here keeps the
-    # validation-split location in one place (the task file), next to the scored split.
-    from .tasks import get_task
-
+    # The validation-split location lives in one place: the task file, next to the scored split.
     task = get_task(source)
     if "calibration" not in task:
         raise FpbenchError(f"task {source!r} declares no calibration split; use --calib code or a file")

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import fpbench.runner
+import fpbench.task_specs
 import fpbench.tasks
 from fpbench.models import LoadedModel
 from fpbench.tasks import Metric
@@ -61,6 +62,6 @@ def write_tasks(task_dir: Path) -> Path:
 
 
 def install(task_dir: Path) -> None:
-    fpbench.tasks.TASK_DIR = write_tasks(Path(task_dir))
+    fpbench.task_specs.TASK_DIR = write_tasks(Path(task_dir))
     fpbench.tasks.FAMILIES["fake"] = __name__
     fpbench.runner.load_model = load_model

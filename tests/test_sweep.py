@@ -36,9 +36,10 @@ def fake(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(TESTS_DIR))
     import fake_fpbench
 
+    import fpbench.task_specs
     import fpbench.tasks
 
-    monkeypatch.setattr(fpbench.tasks, "TASK_DIR", fpbench.tasks.TASK_DIR)
+    monkeypatch.setattr(fpbench.task_specs, "TASK_DIR", fpbench.task_specs.TASK_DIR)
     monkeypatch.setitem(fpbench.tasks.FAMILIES, "fake", "fake_fpbench")
     monkeypatch.setattr(runner, "load_model", runner.load_model)
     fake_fpbench.install(tmp_path / "tasks")

@@ -1,5 +1,6 @@
-"""Task registry: declarations live as YAML in the top-level ``tasks/`` folder; the
-Python that runs a task family lives in one module per family here.
+"""Task families: declarations live as YAML in the top-level ``tasks/`` folder (read by
+``fpbench.task_specs``); the Python that runs a task family lives in one module per
+family here.
 
 A family module exposes ``evaluate(loaded, task, options) -> list[Metric]``.
 """
@@ -8,13 +9,8 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from pathlib import Path
-
-import yaml
-
 from ..errors import FpbenchError
-
-TASK_DIR = Path(__file__).resolve().parents[2] / "tasks"
+from ..task_specs import TASK_DIR, available_tasks, get_task  # noqa: F401  (re-exported)
 
 # family name -> module holding its evaluate(); families register here, once.
 FAMILIES = {
@@ -47,22 +43,6 @@ class Metric:
     value: float
     n: int
     details: dict = field(default_factory=dict)  # stderr, tokens/s, eval seconds...
-
-
-def available_tasks() -> dict[str, dict]:
-    tasks = {}
-    for path in sorted(TASK_DIR.glob("*.yaml")):
-        spec = yaml.safe_load(path.read_text())
-        if isinstance(spec, dict) and "family" in spec:  # skip lm-eval style configs
-            tasks[spec["name"]] = spec
-    return tasks
-
-
-def get_task(name: str) -> dict:
-    tasks = available_tasks()
-    if name not in tasks:
-        raise FpbenchError(f"unknown task {name!r}; known tasks: {', '.join(tasks) or 'none'}")
-    return tasks[name]
 
 
 def evaluate_task(loaded, task: dict, options: EvalOptions) -> list[Metric]:
