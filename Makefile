@@ -11,10 +11,14 @@ export TOKENIZERS_PARALLELISM ?= false
 # datasets missing there come from the Hugging Face hub when it is reachable.
 FPBENCH_DATA_DIR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
 export FPBENCH_DATA_DIR
-# The sweep `make reproduce` runs (its limits), and the one `reproduce-full` runs unlimited.
-REPRODUCE_CONFIG ?= configs/default.yaml
+# The sweeps `make reproduce` runs, in this order, each with the limits in its file:
+# perplexity grid, GPTQ vs RTN, zero-shot (lm-eval), generative (HumanEval, CNN/DM).
+# One of them alone: make reproduce REPRODUCE_CONFIGS=configs/gptq.yaml
+REPRODUCE_CONFIGS ?= configs/default.yaml configs/gptq.yaml configs/zeroshot.yaml configs/generative.yaml
+# `make reproduce-full` runs these without limits: all 164 HumanEval problems, 100 CNN/DM articles.
+FULL_CONFIGS ?= configs/generative.yaml
 
-.PHONY: install test test-fast reproduce reproduce-full reproduce-zeroshot kernels bench clean
+.PHONY: install test test-fast reproduce reproduce-full kernels bench clean
 
 install: $(STAMP)
 
@@ -36,23 +40,16 @@ test: install
 test-fast: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
 
-# The default sweep (configs/default.yaml) on the embedded default model; writes results/
+# The sweeps of REPRODUCE_CONFIGS on the embedded default model; writes results/
 # (results.jsonl, results.csv, REPORT.md, tables/, plots/). Reruns skip finished runs.
 reproduce: install
-	$(BIN)/fpbench sweep $(REPRODUCE_CONFIG) --out results
+	set -e; for config in $(REPRODUCE_CONFIGS); do $(BIN)/fpbench sweep $$config --out results; done
 	$(BIN)/fpbench report results
 
-# The same sweep without limits (full test sets), into results-full/.
+# FULL_CONFIGS without limits (full test sets), into results-full/.
 reproduce-full: install
-	$(BIN)/fpbench sweep $(REPRODUCE_CONFIG) --limit none --out results-full
+	set -e; for config in $(FULL_CONFIGS); do $(BIN)/fpbench sweep $$config --limit none --out results-full; done
 	$(BIN)/fpbench report results-full
-
-# The zero-shot table (configs/zeroshot.yaml: 7 lm-eval tasks x 5 schemes, 50 items per
-# task; about 10 CPU-seconds per item per scheme, so ~25 minutes on 2 idle cores), into
-# results/ beside the default sweep.
-reproduce-zeroshot: install
-	$(BIN)/fpbench sweep configs/zeroshot.yaml --out results
-	$(BIN)/fpbench report results
 
 # Build the compiled CPU kernels now (otherwise they build on first use), outside pip.
 kernels: install

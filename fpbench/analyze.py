@@ -27,7 +27,6 @@ import datetime as dt
 import math
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm

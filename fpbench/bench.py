@@ -4,15 +4,18 @@ For each (N, K) weight shape and batch M, every kernel multiplies x [M, K] by a 
 [N, K]. Weights are cold: each kernel cycles through enough distinct copies of its
 weight that together they exceed ``COLD_BYTES`` (4x the last-level cache here), so every
 call streams its weight from DRAM as in LLM decoding. Timing is the median of
-``repeats`` calls after warm-up calls. The roofline is the weight bytes divided by the
+``repeats`` calls after warm-up calls (and one call on every copy when a kernel's
+weights are fresh). The roofline is the weight bytes divided by the
 streaming-read bandwidth measured on the same machine just before (best of a few reads
 of a 512 MiB buffer by all threads): ``roofline_fraction = (bytes / bandwidth) / median``.
 
 Kernels (activations fp32 unless named): ``torch_fp32`` and ``torch_bf16`` (F.linear),
 ``torch_int8_bf16`` (``_weight_int8pack_mm``, per-channel), ``torch_int4_bf16``
 (``_weight_int4pack_mm_for_cpu``, groups of 128), ``fpbench_int4`` (our INT4 g128) and
-``fpbench_fp6`` (our FP6 E3M2 per-channel, 4+2 layout). ``vs_bf16`` = torch_bf16's
-median / this kernel's median (above 1 = faster than bf16).
+``fpbench_fp6`` (our FP6 E3M2 per-channel, 4+2 layout), and the same two with bf16
+activations, ``fpbench_int4_bf16`` and ``fpbench_fp6_bf16`` (bf16 in and out, as in a
+bf16 model: the like-for-like peers of torch_bf16). ``vs_bf16`` = torch_bf16's median /
+this kernel's median (above 1 = faster than bf16).
 """
 
 from __future__ import annotations
@@ -31,12 +34,13 @@ from tqdm.auto import tqdm
 
 from . import kernels
 from .errors import FpbenchError
-from .fp6_linear import GEMM_MIN_ROWS
+from .fp6_linear import GEMM_MIN_ROWS, GEMM_MIN_ROWS_BF16
 from .packing import INT4_GROUP, pack_fp6, pack_int4
 
 DEFAULT_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
 DEFAULT_BATCHES = (1, 8, 64, 512)
-KERNELS = ("torch_fp32", "torch_bf16", "torch_int8_bf16", "torch_int4_bf16", "fpbench_int4", "fpbench_fp6")
+KERNELS = ("torch_fp32", "torch_bf16", "torch_int8_bf16", "torch_int4_bf16", "fpbench_int4", "fpbench_fp6",
+           "fpbench_int4_bf16", "fpbench_fp6_bf16")
 COLD_BYTES = 128 * 2**20
 BANDWIDTH_BUFFER_BYTES = 512 * 2**20
 
@@ -112,16 +116,22 @@ def prepare(kernel: str, n: int, k: int, generator: torch.Generator) -> Prepared
             weights.append((packed, scale_zero))
         return Prepared(weights, nbytes, lambda x, w: torch.ops.aten._weight_int4pack_mm_for_cpu(
             x, w[0], INT4_GROUP, w[1]), torch.bfloat16)
-    if kernel == "fpbench_int4":
+    if kernel in ("fpbench_int4", "fpbench_int4_bf16"):
         nbytes = n * k // 2 + n * groups * 4
         weights = [(pack_int4(torch.randint(-7, 8, (n, k), dtype=torch.int8, generator=generator)),
                     torch.rand(n, groups, generator=generator)) for _ in range(_copies(nbytes))]
+        if kernel == "fpbench_int4_bf16":
+            return Prepared(weights, nbytes, lambda x, w: module.int4_linear_bf16(
+                x, w[0], w[1], GEMM_MIN_ROWS_BF16, "auto", False), torch.bfloat16)
         return Prepared(weights, nbytes, lambda x, w: module.int4_linear(x, w[0], w[1], GEMM_MIN_ROWS, "auto"),
                         torch.float32)
-    if kernel == "fpbench_fp6":
+    if kernel in ("fpbench_fp6", "fpbench_fp6_bf16"):
         nbytes = n * k * 3 // 4 + n * 4
         weights = [(*pack_fp6(torch.randint(0, 64, (n, k), dtype=torch.uint8, generator=generator)),
                     torch.rand(n, generator=generator)) for _ in range(_copies(nbytes))]
+        if kernel == "fpbench_fp6_bf16":
+            return Prepared(weights, nbytes, lambda x, w: module.fp6_linear_bf16(
+                x, w[0], w[1], w[2], GEMM_MIN_ROWS_BF16, "auto", False), torch.bfloat16)
         return Prepared(weights, nbytes, lambda x, w: module.fp6_linear(x, w[0], w[1], w[2], GEMM_MIN_ROWS, "auto"),
                         torch.float32)
     raise FpbenchError(f"unknown kernel {kernel!r}; choose from {', '.join(KERNELS)}")
@@ -166,6 +176,12 @@ def run_bench(shapes=None, batches=None, kernel_names=None, repeats: int = 21, o
     for n, k in shapes:
         for kernel in kernel_names:
             prepared = prepare(kernel, n, k, generator)
+            # One call on every copy first: on this VM the first pass over freshly
+            # allocated weights ran up to 10x slower (no page faults counted), which the
+            # few warm-up calls of the first cell did not cover.
+            warm_x = torch.zeros(1, k, dtype=prepared.activation_dtype)
+            for weight in prepared.weights:
+                prepared.call(warm_x, weight)
             for m in batches:
                 x = torch.randn(m, k, generator=generator).to(prepared.activation_dtype)
                 median_ms, min_ms = time_calls(prepared, x, _repeats_for(m, n, k, repeats))

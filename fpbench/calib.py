@@ -34,7 +34,6 @@ from .task_specs import get_task
 
 DEFAULT_CALIB_SAMPLES = 128
 DEFAULT_CALIB_SEQLEN = 2048
-DEFAULT_CALIB_SOURCE = "wikitext2"  # what --algo gptq uses without --calib
 TASK_SOURCES = ("wikitext2", "ptb")  # calibration text declared in the task YAML
 CALIB_SOURCES = (*TASK_SOURCES, "c4", "code")
 # C4 as the GPTQ paper samples it: documents of the first English training shard.

@@ -80,14 +80,14 @@ def _with_activation(scheme: Scheme, act_format, act_granularity, act_clip, back
 def _static_act_setup(scheme: Scheme, extra: dict, data_dir, act_calib_samples, gptq_options) -> tuple[Scheme, dict]:
     """Static activation scales calibrate on the scheme's source; an explicit --calib joins
     the name as for GPTQ (``int8/channel/rtn@ptb/a:int8-tensor-static``)."""
-    from .calib import DEFAULT_CALIB_SOURCE, check_source
+    from .calib import check_source
 
     if scheme.algo != "gptq" and gptq_options.get("calib") and not scheme.calib:
         named, named_extra = _gptq_setup(scheme, data_dir, **gptq_options)
         scheme = named
         extra = extra | {k: v for k, v in named_extra.items() if k == "calib_path"}
     else:
-        check_source(scheme.calib or DEFAULT_CALIB_SOURCE, data_dir)
+        check_source(scheme.calib_source, data_dir)
     return scheme, extra | {"act_calib_samples": act_calib_samples}
 
 
@@ -97,9 +97,9 @@ def _gptq_setup(scheme: Scheme, data_dir, calib, calib_samples, calib_seqlen, da
     base name); it is checked before any model loads. Other GPTQ options go in extra."""
     from pathlib import Path
 
-    from .calib import DEFAULT_CALIB_SOURCE, check_source
+    from .calib import check_source
 
-    source = scheme.calib or calib or DEFAULT_CALIB_SOURCE
+    source = scheme.calib or calib or scheme.calib_source  # the name's source, --calib, the default
     check_source(source, data_dir)
     options = {"calib_samples": calib_samples, "calib_seqlen": calib_seqlen, "damp": damp,
                "gptq_block": gptq_block, "act_order": act_order, "static_groups": static_groups}
@@ -253,17 +253,23 @@ def run(model, format_name, granularity, algo, clip, scheme_names, task_names, l
 @click.option("--batches", default=None, metavar="M1,M2",
               help="Batch sizes (tokens per call). Default: 1,8,64,512.")
 @click.option("--kernels", "kernel_names", default=None, metavar="K1,K2",
-              help="Subset of torch_fp32,torch_bf16,torch_int8_bf16,torch_int4_bf16,fpbench_int4,fpbench_fp6.")
+              help="Subset of torch_fp32,torch_bf16,torch_int8_bf16,torch_int4_bf16,fpbench_int4,fpbench_fp6,"
+                   "fpbench_int4_bf16,fpbench_fp6_bf16.")
 @click.option("--repeats", type=click.IntRange(min=3), default=21, show_default=True,
               help="Timed calls per cell (the median is reported).")
 @click.option("--e2e", is_flag=True, help="Instead: decode tokens/s (batch 1) of a random ~1B Llama-shaped "
                                           "model and of the default model, bf16 vs the FP6 kernel.")
+@click.option("--generation", is_flag=True,
+              help="Instead: HumanEval generation throughput of fpbench's continuous batching vs a plain "
+                   "loop of model.generate at batch 8, both timed in this run on the default model.")
+@click.option("--problems", type=click.IntRange(min=1), default=None,
+              help="With --generation: the first N HumanEval problems (default: all 164).")
 @click.option("--new-tokens", type=click.IntRange(min=1), default=128, show_default=True,
               help="--e2e: tokens generated per measurement.")
 @click.option("--out", "out_dir", default="results/bench", show_default=True, type=click.Path(file_okay=False),
               help="Folder for bench.jsonl (one record per kernel x shape x batch).")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-def bench(shapes, batches, kernel_names, repeats, e2e, new_tokens, out_dir, no_progress):
+def bench(shapes, batches, kernel_names, repeats, e2e, generation, problems, new_tokens, out_dir, no_progress):
     """Median latency of the FP6 / INT4 kernels vs torch fp32, bf16, int8 and int4
     weight-only linears, with GB/s and the fraction of the measured bandwidth roofline.
 
@@ -274,8 +280,18 @@ def bench(shapes, batches, kernel_names, repeats, e2e, new_tokens, out_dir, no_p
     Examples:
       fpbench bench --shapes 4096x4096 --batches 1,8 --out results/bench
       fpbench bench --e2e --new-tokens 128
+      fpbench bench --generation --problems 40
     """
     from .bench import parse_batches, parse_shapes, run_bench, table
+
+    if generation:
+        from .bench_generation import generation_summary, run_generation_bench
+        from .models import load_model
+
+        record = run_generation_bench(load_model("default"), problems, out_dir=out_dir, progress=not no_progress)
+        click.echo(generation_summary(record))
+        click.echo(f"record appended to {os.path.join(out_dir, 'generation.jsonl')}")
+        return
 
     if e2e:
         from .bench_e2e import e2e_table, run_e2e

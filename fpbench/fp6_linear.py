@@ -3,9 +3,13 @@
 ``FP6Linear`` holds the "4+2" packed FP6 E3M2 codes (see ``packing``) and one fp32 scale
 per output channel; ``Int4Linear`` holds symmetric INT4 codes with one fp32 scale per
 128 input weights, the like-for-like comparison (ZeroQuant(4+2) compares FP6 per-channel
-with INT4 fine-grained). Both compute in fp32 whatever the input dtype, and return the
-input dtype. Their dequantized weights equal ``QuantizedWeight.dequantize()`` exactly;
-their outputs equal the simulated path up to fp32 summation order.
+with INT4 fine-grained). Both return the input dtype. bfloat16 inputs (a bf16 model) go
+to the kernels' bf16 path: exact bf16 weights, products summed in fp32 (vdpbf16ps where
+the CPU has AVX512_BF16, else x widened to fp32), so the output equals a float64 product
+of the bf16 input with the exact dequantized weights up to fp32 summation order and the
+final rounding to bf16. Other dtypes compute in fp32. Their dequantized weights equal
+``QuantizedWeight.dequantize()`` exactly; fp32 outputs equal the simulated path up to
+fp32 summation order.
 """
 
 from __future__ import annotations
@@ -15,12 +19,15 @@ from torch import nn
 
 from . import kernels
 from .errors import FpbenchError
-from .packing import INT4_GROUP, pack_fp6, pack_int4
+from .packing import INT4_GROUP, aligned, pack_fp6, pack_int4
 from .quant import QuantizedWeight
 
-# Batch rows (tokens) from which the kernels dequantize tiles and call a dense GEMM
-# instead of streaming the packed weights once per call (see bench results).
-GEMM_MIN_ROWS = 16
+# Batch rows (tokens) from which the kernels dequantize the weights and call torch's
+# dense GEMM instead of streaming the packed weights through their own register tiles.
+# fp32: the streaming kernel beat the dequantize-then-GEMM path at every batch measured
+# (1..512), so never. bf16: dequantized tiles on torch's bf16 GEMM win from about 64 rows on.
+GEMM_MIN_ROWS = 2**31
+GEMM_MIN_ROWS_BF16 = 64
 
 
 class FP6Linear(nn.Module):
@@ -30,8 +37,8 @@ class FP6Linear(nn.Module):
         self.in_features = in_features
         self.out_features = packed_hi4.shape[0]
         self.isa = kernels.isa(isa)
-        self.register_buffer("packed_hi4", packed_hi4.contiguous())
-        self.register_buffer("packed_lo2", packed_lo2.contiguous())
+        self.register_buffer("packed_hi4", aligned(packed_hi4))
+        self.register_buffer("packed_lo2", aligned(packed_lo2))
         self.register_buffer("scales", scales.reshape(-1).float().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
 
@@ -51,12 +58,17 @@ class FP6Linear(nn.Module):
                                              self.in_features, self.isa)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).float()
-        y = kernels.load().fp6_linear(rows, self.packed_hi4, self.packed_lo2, self.scales,
-                                      GEMM_MIN_ROWS, self.isa)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        rows = x.reshape(-1, self.in_features)
+        module = kernels.load()
+        if rows.dtype == torch.bfloat16:
+            # Without a bias the kernel rounds to bf16 itself; with one, the bias is
+            # added to the fp32 result first (one rounding).
+            y = module.fp6_linear_bf16(rows, self.packed_hi4, self.packed_lo2, self.scales,
+                                       GEMM_MIN_ROWS_BF16, self.isa, self.bias is not None)
+        else:
+            y = module.fp6_linear(rows.float(), self.packed_hi4, self.packed_lo2, self.scales,
+                                  GEMM_MIN_ROWS, self.isa)
+        return _finish(y, self.bias, x, self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, isa={self.isa}"
@@ -68,7 +80,7 @@ class Int4Linear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = packed.shape[0], packed.shape[1] * 2
         self.isa = kernels.isa(isa)
-        self.register_buffer("packed", packed.contiguous())
+        self.register_buffer("packed", aligned(packed))
         self.register_buffer("scales", scales.float().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
 
@@ -87,14 +99,23 @@ class Int4Linear(nn.Module):
         return kernels.load().int4_dequantize(self.packed, self.scales, self.isa)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).float()
-        y = kernels.load().int4_linear(rows, self.packed, self.scales, GEMM_MIN_ROWS, self.isa)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        rows = x.reshape(-1, self.in_features)
+        module = kernels.load()
+        if rows.dtype == torch.bfloat16:
+            y = module.int4_linear_bf16(rows, self.packed, self.scales, GEMM_MIN_ROWS_BF16, self.isa,
+                                        self.bias is not None)
+        else:
+            y = module.int4_linear(rows.float(), self.packed, self.scales, GEMM_MIN_ROWS, self.isa)
+        return _finish(y, self.bias, x, self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, isa={self.isa}"
+
+
+def _finish(y: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, out_features: int) -> torch.Tensor:
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
 
 
 KERNEL_LINEARS = {"fp6_e3m2/channel": FP6Linear, "int4/g128": Int4Linear}

@@ -1,24 +1,26 @@
 """Batched text generation shared by the generative task families (code, summaries).
 
-Why it is faster than a plain loop over ``model.generate``: prompts are sorted by
-length so a batch holds similar lengths (little padding in the prefill), every sequence
-stops on its own (EOS, a stop string, or a closed code fence), and - the main saving - a
-finished sequence leaves the batch: its rows are dropped from the KV cache, so each
-decoding step computes only the sequences still running. (``model.generate`` keeps
-computing finished rows, padding them, until the longest one ends.) Prompts are left
-padded (decoder-only models continue from the right edge). Greedy by default; sampling
-(temperature, top-p) draws from a generator seeded per batch, so a run is reproducible.
-Encoder-decoder models use ``model.generate`` with their own beam-search settings.
+Why it is faster than a plain loop over ``model.generate`` (continuous batching, see
+:func:`decode_batched`): every sequence stops on its own (EOS, a stop string, or a closed
+code fence) and leaves the batch and its KV cache at once, and waiting prompts (longest
+first) take the freed places, so no decoding step computes a finished row and a long
+answer does not decode alone while short ones wait. (``model.generate`` keeps computing
+finished rows, padding them, until the longest one in its batch ends.) The KV cache grows
+in place instead of being concatenated every step. Prompts are left padded (decoder-only
+models continue from the right edge). Greedy by default; sampling (temperature, top-p)
+draws each row from its own seeded generator, so a run is reproducible. Encoder-decoder
+models use ``model.generate`` with their own beam-search settings.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from .errors import FpbenchError
 
@@ -44,7 +46,6 @@ class GenerationResult:
     texts: list[list[str]]  # [prompt][sample], stop strings cut off
     new_tokens: int  # generated tokens (up to each row's own stop), all rows
     seconds: float
-    rows_per_batch: list[int] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
@@ -133,7 +134,7 @@ def _stopped(tokenizer, tokens: list[int], stop: tuple[str, ...], fences: int) -
     return False
 
 
-def _next_tokens(logits: torch.Tensor, settings: GenerationSettings, generator) -> torch.Tensor:
+def _next_tokens(logits: torch.Tensor, settings: GenerationSettings, generators, rows) -> torch.Tensor:
     if settings.temperature <= 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / settings.temperature, dim=-1)
@@ -142,42 +143,149 @@ def _next_tokens(logits: torch.Tensor, settings: GenerationSettings, generator) 
         outside = sorted_probs.cumsum(dim=-1) - sorted_probs > settings.top_p
         sorted_probs[outside] = 0.0
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.stack([torch.multinomial(p, 1, generator=generators[row])[0] for p, row in zip(probs, rows)])
+
+
+class _GrowingLayer(DynamicLayer):
+    """A KV-cache layer whose keys and values live in a buffer with room to grow, so a
+    decoding step writes its new column in place. (``DynamicLayer`` concatenates, copying
+    the whole cache every step: for the default model at 16 rows x 700 tokens that is
+    about 0.5 GB per step, as much memory traffic as the weights themselves.)"""
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._k = self._v = None
+        self._len = 0
+
+    def _set(self, k: torch.Tensor, v: torch.Tensor, length: int) -> None:
+        self._k, self._v, self._len = k, v, length
+        self.keys, self.values = k[:, :, :length], v[:, :, :length]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        t = key_states.shape[-2]
+        k, v = self._k, self._v
+        if k is None or self._len + t > k.shape[-2]:
+            shape = (*key_states.shape[:2], 2 * (self._len + t) + _GROW, key_states.shape[-1])
+            k, v = key_states.new_empty(shape), value_states.new_empty(shape)
+            if self._k is not None:
+                k[:, :, :self._len], v[:, :, :self._len] = self.keys, self.values
+        k[:, :, self._len:self._len + t], v[:, :, self._len:self._len + t] = key_states, value_states
+        self._set(k, v, self._len + t)
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized and self._k is not None:
+            self._set(self._k[indices], self._v[indices], self._len)
+
+
+_GROW = 64  # spare columns beyond doubling, so short generations never reallocate
+
+
+class _SlotCache(DynamicCache):
+    """The KV cache of a batch whose rows come and go (see :func:`decode_batched`)."""
+
+    def __init__(self):
+        Cache.__init__(self, layer_class_to_replicate=_GrowingLayer)
+
+    def trim_front(self, columns: int) -> None:
+        """Drop the first ``columns`` positions (padding no remaining row attends to)."""
+        for layer in self.layers:
+            layer._set(layer._k[:, :, columns:], layer._v[:, :, columns:], layer._len - columns)
+
+    @staticmethod
+    def merge(a: "_SlotCache", b: "_SlotCache") -> "_SlotCache":
+        """The rows of ``a`` then those of ``b``, the shorter one left-padded (with zeros
+        its attention mask hides) to the common length."""
+        out = _SlotCache()
+        for la, lb in zip(a.layers, b.layers):
+            length = max(la._len, lb._len)
+            ka, kb = la.keys, lb.keys
+            shape = (ka.shape[0] + kb.shape[0], ka.shape[1], length + _GROW, ka.shape[-1])
+            k, v = ka.new_zeros(shape), ka.new_zeros(shape)
+            n = ka.shape[0]
+            k[:n, :, length - la._len:length], v[:n, :, length - la._len:length] = la.keys, la.values
+            k[n:, :, length - lb._len:length], v[n:, :, length - lb._len:length] = lb.keys, lb.values
+            layer = _GrowingLayer()
+            layer.lazy_initialization(ka, la.values)
+            layer._set(k, v, length)
+            out.layers.append(layer)
+        return out
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
 
 
 @torch.inference_mode()
-def decode_shrinking(model, tokenizer, input_ids: torch.Tensor, mask: torch.Tensor,
-                     settings: GenerationSettings, end_ids: set[int], seed: int = 0) -> list[list[int]]:
-    """Decode a left-padded batch with a KV cache, dropping each row from the batch (and
-    the cache) as soon as it ends. Returns each row's generated ids, its EOS included."""
-    from transformers import DynamicCache
+def decode_batched(model, tokenizer, prompts: list[list[int]], settings: GenerationSettings, end_ids: set[int],
+                   pad_id: int = 0, seed: int = 0, refill_at: int | None = None,
+                   on_finish=None) -> list[list[int]]:
+    """Continuous batching for a decoder-only model: greedy or sampled continuations of
+    every prompt (token ids), each row's generated ids returned with its EOS included.
 
-    generator = torch.Generator().manual_seed(seed)
-    cache = DynamicCache()
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                   use_cache=True, logits_to_keep=1).logits[:, -1, :]
-    last_position = positions[:, -1]
-    active = list(range(input_ids.shape[0]))  # batch row -> original row
-    generated: list[list[int]] = [[] for _ in active]
-    end = torch.tensor(sorted(end_ids)) if end_ids else torch.tensor([], dtype=torch.long)
-    for step in range(settings.max_new_tokens):
-        tokens = _next_tokens(logits, settings, generator)
+    Up to ``settings.batch_size`` rows decode together over one KV cache. A row that ends
+    (EOS, stop string, closing fence, token limit) leaves the batch and the cache at once;
+    when ``refill_at`` slots are free (default: a quarter of the batch) the next prompts
+    (longest first) are prefilled and join, left-padded to the batch's length. So a long
+    answer never decodes alone while short ones wait, and no step computes a finished row.
+    Sampling draws each row from its own generator (``seed`` + row), so samples do not
+    depend on which rows shared a batch. ``on_finish(n)`` is told when n rows ended.
+    """
+    capacity = settings.batch_size
+    refill_at = refill_at or max(1, capacity // 4)
+    pending = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    generated: list[list[int]] = [[] for _ in prompts]
+    generators = ([torch.Generator().manual_seed(seed * 1_000_003 + i) for i in range(len(prompts))]
+                  if settings.temperature > 0 else None)
+    end = torch.tensor(sorted(end_ids), dtype=torch.long)
+    rows: list[int] = []  # batch row -> prompt index
+    cache = mask = position = logits = None
+    while pending or rows:
+        if pending and (not rows or capacity - len(rows) >= refill_at):
+            new, pending = pending[:capacity - len(rows)], pending[capacity - len(rows):]
+            ids, new_mask = _left_pad([prompts[i] for i in new], pad_id)
+            new_cache = _SlotCache()
+            positions = (new_mask.cumsum(-1) - 1).clamp(min=0)
+            new_logits = model(input_ids=ids, attention_mask=new_mask, position_ids=positions,
+                               past_key_values=new_cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
+            if rows:
+                width = max(mask.shape[1], new_mask.shape[1])
+                mask = torch.cat([torch.nn.functional.pad(mask, (width - mask.shape[1], 0)),
+                                  torch.nn.functional.pad(new_mask, (width - new_mask.shape[1], 0))])
+                cache = _SlotCache.merge(cache, new_cache)
+                position = torch.cat([position, positions[:, -1]])
+                logits = torch.cat([logits, new_logits])
+            else:
+                cache, mask, position, logits = new_cache, new_mask, positions[:, -1], new_logits
+            rows = rows + new
+        tokens = _next_tokens(logits, settings, generators, rows)
         finished = torch.isin(tokens, end)
-        for j, row in enumerate(active):
+        for j, row in enumerate(rows):
             generated[row].append(int(tokens[j]))
-            if not finished[j] and _stopped(tokenizer, generated[row], settings.stop, settings.stop_after_fences):
+            if not finished[j] and (len(generated[row]) >= settings.max_new_tokens or _stopped(
+                    tokenizer, generated[row], settings.stop, settings.stop_after_fences)):
                 finished[j] = True
-        if step == settings.max_new_tokens - 1 or bool(finished.all()):
-            break
         if bool(finished.any()):
+            if on_finish is not None:
+                on_finish(int(finished.sum()))
             keep = torch.nonzero(~finished).flatten()
+            rows = [rows[i] for i in keep.tolist()]
+            if not rows:
+                continue
             cache.batch_select_indices(keep)
-            mask, tokens, last_position = mask[keep], tokens[keep], last_position[keep]
-            active = [active[i] for i in keep.tolist()]
+            mask, tokens, position = mask[keep], tokens[keep], position[keep]
+            first = int(mask.any(dim=0).nonzero()[0])  # leading columns no row attends to
+            if first:
+                cache.trim_front(first)
+                mask = mask[:, first:]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        last_position = last_position + 1
-        logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=last_position[:, None],
+        position = position + 1
+        logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position[:, None],
                        past_key_values=cache, use_cache=True).logits[:, -1, :]
     return generated
 
@@ -188,7 +296,7 @@ def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings,
              generation_overrides: dict | None = None) -> GenerationResult:
     """Generate ``settings.num_samples`` continuations of every prompt.
 
-    Decoder-only models get left-padded prompts and :func:`decode_shrinking`;
+    Decoder-only models go through :func:`decode_batched`;
     encoder-decoder models get the prompt as encoder input and ``model.generate`` with
     their own generation config (beams, length penalty...) unless ``generation_overrides``
     says otherwise.
@@ -201,47 +309,42 @@ def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings,
                          truncation=max_input_tokens is not None, max_length=max_input_tokens).input_ids
                for p in prompts]
     rows = [(i, s) for i in range(len(prompts)) for s in range(settings.num_samples)]
-    # Longest first: the slowest batch runs first (an honest progress bar and early OOM).
-    rows.sort(key=lambda r: -len(encoded[r[0]]))
     texts: list[list[str]] = [[""] * settings.num_samples for _ in prompts]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(end_ids), 0)
-    # Encoder-decoder models keep their generation config (beams...); only the length
-    # limit (when given) and the caller's overrides change it.
-    seq2seq_kwargs = {"pad_token_id": pad_id} | (
-        {"max_new_tokens": settings.max_new_tokens} if settings.max_new_tokens else {}) | (generation_overrides or {})
-    new_tokens, rows_per_batch = 0, []
+    new_tokens = 0
     start = time.perf_counter()
     bar = tqdm(total=len(rows), desc=desc, disable=not progress, leave=False)
-    for b, first in enumerate(range(0, len(rows), settings.batch_size)):
+    if not encoder_decoder:
+        generated = decode_batched(model, tokenizer, [encoded[i] for i, _ in rows], settings, end_ids, pad_id,
+                                   seed=settings.seed, on_finish=bar.update)
+        new_tokens = sum(len(t) for t in generated)
+        decoded = tokenizer.batch_decode([[t for t in row if t not in end_ids] for row in generated],
+                                         skip_special_tokens=True)
+        for (i, s), text in zip(rows, decoded):
+            texts[i][s] = cut_at_stop(text, settings.stop, settings.stop_after_fences)
+    # Encoder-decoder models keep their generation config (beams...); only the length
+    # limit (when given) and the caller's overrides change it. Longest prompts first.
+    rows.sort(key=lambda r: -len(encoded[r[0]]))
+    seq2seq_kwargs = {"pad_token_id": pad_id} | (
+        {"max_new_tokens": settings.max_new_tokens} if settings.max_new_tokens else {}) | (generation_overrides or {})
+    for b, first in enumerate(range(0, len(rows), settings.batch_size) if encoder_decoder else ()):
         batch = rows[first:first + settings.batch_size]
         ids = [encoded[i] for i, _ in batch]
         width = max(len(x) for x in ids)
-        if encoder_decoder:  # the encoder attends with a mask; pad on the right as trained
-            input_ids = torch.tensor([x + [pad_id] * (width - len(x)) for x in ids])
-            mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
-        else:
-            input_ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in ids])
-            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
-        if encoder_decoder:
-            criteria = None
-            if settings.stop or settings.stop_after_fences:
-                criteria = StoppingCriteriaList([_StopPerSequence(tokenizer, 1, settings.stop,
-                                                                  settings.stop_after_fences)])
-            torch.manual_seed(settings.seed + b)
-            output = model.generate(input_ids=input_ids, attention_mask=mask, stopping_criteria=criteria,
-                                    **seq2seq_kwargs)
-            generated = output[:, 1:]
-            new_tokens += _count_new_tokens(generated, end_ids)
-            decoded = tokenizer.batch_decode(generated, skip_special_tokens=True)
-        else:
-            rows_tokens = decode_shrinking(model, tokenizer, input_ids, mask, settings, end_ids,
-                                           seed=settings.seed + b)
-            new_tokens += sum(len(t) for t in rows_tokens)
-            decoded = tokenizer.batch_decode([[t for t in row if t not in end_ids] for row in rows_tokens],
-                                             skip_special_tokens=True)
-        for (i, s), text in zip(batch, decoded):
+        # the encoder attends with a mask; pad on the right as trained
+        input_ids = torch.tensor([x + [pad_id] * (width - len(x)) for x in ids])
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
+        criteria = None
+        if settings.stop or settings.stop_after_fences:
+            criteria = StoppingCriteriaList([_StopPerSequence(tokenizer, 1, settings.stop,
+                                                              settings.stop_after_fences)])
+        torch.manual_seed(settings.seed + b)
+        output = model.generate(input_ids=input_ids, attention_mask=mask, stopping_criteria=criteria,
+                                **seq2seq_kwargs)
+        generated = output[:, 1:]
+        new_tokens += _count_new_tokens(generated, end_ids)
+        for (i, s), text in zip(batch, tokenizer.batch_decode(generated, skip_special_tokens=True)):
             texts[i][s] = cut_at_stop(text, settings.stop, settings.stop_after_fences)
-        rows_per_batch.append(len(batch))
         bar.update(len(batch))
     bar.close()
-    return GenerationResult(texts, new_tokens, time.perf_counter() - start, rows_per_batch)
+    return GenerationResult(texts, new_tokens, time.perf_counter() - start)

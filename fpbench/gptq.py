@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calib import DEFAULT_CALIB_SAMPLES, DEFAULT_CALIB_SEQLEN, DEFAULT_CALIB_SOURCE, calibration_windows
+from .calib import DEFAULT_CALIB_SAMPLES, DEFAULT_CALIB_SEQLEN, calibration_windows
 from .errors import FpbenchError
 from .formats import BaselineFormat, NumberFormat, get_format
 from .quant import QuantizedWeight, compute_scales, group_count, quantize_weight
@@ -313,7 +313,7 @@ def quantize_model_gptq(model: nn.Module, layers: dict[str, nn.Linear], scheme: 
         if loaded is None:
             raise FpbenchError("GPTQ needs calibration data: pass loaded= (with a tokenizer) or calibration_ids=")
         calibration_ids = calibration_windows(
-            loaded.tokenizer, extra.get("calib_path") or scheme.calib or DEFAULT_CALIB_SOURCE,
+            loaded.tokenizer, extra.get("calib_path") or scheme.calib_source,
             n_samples=extra.get("calib_samples") or DEFAULT_CALIB_SAMPLES,
             seqlen=extra.get("calib_seqlen") or DEFAULT_CALIB_SEQLEN,
             seed=config.seed if config is not None else 0,

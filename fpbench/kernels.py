@@ -3,8 +3,9 @@
 The extension is compiled by ``torch.utils.cpp_extension.load`` (ninja + the system C++
 compiler) into a build folder keyed by the source hash, the torch version and the CPU's
 SIMD flags, so an AVX2-only machine and an AVX-512 machine never share a binary. Inside
-the binary the ISA is also chosen at run time (AVX-512 > AVX2 > scalar); ``isa`` forces
-a narrower one (for tests and comparisons), as does ``FPBENCH_KERNEL_ISA``.
+the binary the ISA is also chosen at run time (AVX-512 with BF16 > AVX-512 > AVX2 >
+scalar); ``isa`` forces a narrower one (for tests and comparisons), as does
+``FPBENCH_KERNEL_ISA``.
 
 Build folder: ``$FPBENCH_KERNEL_BUILD_DIR``, else ``$FPBENCH_CACHE_DIR/kernels``, else
 ``~/.cache/fpbench/kernels``. ``make kernels`` runs the same build ahead of time.
@@ -22,7 +23,7 @@ from .errors import FpbenchError
 
 SOURCE_DIR = Path(__file__).resolve().parent.parent / "kernels"
 SOURCES = ("fp6_linear.cpp",)
-ISAS = ("auto", "avx512", "avx2", "scalar")
+ISAS = ("auto", "avx512_bf16", "avx512", "avx2", "scalar")
 # The CPU flags that change which code paths exist or are picked.
 _RELEVANT_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 

@@ -85,14 +85,14 @@ def quantize_model(model: nn.Module, scheme: Scheme, include_head: bool = False,
 
 def _act_calibration_windows(scheme: Scheme, options: dict) -> torch.Tensor:
     """Token windows for static activation scales: ``calib_windows`` if given, else drawn
-    from the scheme's calibration source (default ``calib.DEFAULT_CALIB_SOURCE``) with the
+    from the scheme's calibration source (``Scheme.calib_source``) with the
     run's seed and data folder; ``act_calib_samples`` in the run's extra options sets their
     number, and they are as long as the evaluation windows so that token positions (and
     their position-dependent outliers) match."""
     if options.get("calib_windows") is not None:
         return options["calib_windows"]
     from .act_quant import DEFAULT_ACT_CALIB_SAMPLES
-    from .calib import DEFAULT_CALIB_SEQLEN, DEFAULT_CALIB_SOURCE, calibration_windows
+    from .calib import DEFAULT_CALIB_SEQLEN, calibration_windows
 
     loaded, config = options.get("loaded"), options.get("config")
     if loaded is None:
@@ -101,7 +101,7 @@ def _act_calibration_windows(scheme: Scheme, options: dict) -> torch.Tensor:
     extra = dict(getattr(config, "extra", None) or {})
     seqlen = getattr(config, "seqlen", None) or DEFAULT_CALIB_SEQLEN
     return calibration_windows(
-        loaded.tokenizer, extra.get("calib_path") or scheme.calib or DEFAULT_CALIB_SOURCE,
+        loaded.tokenizer, extra.get("calib_path") or scheme.calib_source,
         n_samples=extra.get("act_calib_samples") or DEFAULT_ACT_CALIB_SAMPLES, seqlen=seqlen,
         seed=getattr(config, "seed", 0), data_dir=getattr(config, "data_dir", None),
         max_length=loaded.max_length,

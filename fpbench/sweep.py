@@ -209,22 +209,20 @@ def parse_scheme_entry(entry) -> SchemeSpec:
 def _with_default_calib(spec: SchemeSpec) -> SchemeSpec:
     """GPTQ always calibrates on something; name it, as ``fpbench run`` does."""
     if spec.scheme.algo == "gptq" and not spec.scheme.calib:
-        from .calib import DEFAULT_CALIB_SOURCE
-
-        return dataclasses.replace(spec, scheme=spec.scheme.with_(calib=DEFAULT_CALIB_SOURCE))
+        return dataclasses.replace(spec, scheme=spec.scheme.with_(calib=spec.scheme.calib_source))
     return spec
 
 
 def check_resources(config: SweepConfig) -> None:
     """What each scheme needs besides the model, checked before any model loads:
     calibration text (GPTQ, static activation scales) and kernel support."""
-    from .calib import DEFAULT_CALIB_SOURCE, check_source
+    from .calib import check_source
 
     checked = set()
     for spec in config.schemes:
         scheme = spec.scheme
         needs_calib = scheme.algo == "gptq" or getattr(scheme, "act_granularity", None) == "tensor-static"
-        source = scheme.calib or DEFAULT_CALIB_SOURCE
+        source = scheme.calib_source
         try:
             if needs_calib and source not in checked:
                 check_source(source, config.data_dir)

