@@ -77,6 +77,10 @@ def test_generate_sorts_stops_and_seeds(tiny_loaded):
                                                                       num_samples=2, seed=7),
                         progress=False).texts for _ in range(2)]
     assert sampled[0] == sampled[1]  # same seed, same samples
+    # each row draws from its own generator: the batch it shared does not change its samples
+    one_row_batches = generate(model, tokenizer, PROMPTS, GenerationSettings(
+        max_new_tokens=6, temperature=1.0, num_samples=2, seed=7, batch_size=1), progress=False).texts
+    assert one_row_batches == sampled[0]
     assert all(len(samples) == 2 for samples in sampled[0])
 
 
