@@ -56,14 +56,14 @@ def run_generation_bench(loaded, problems: int | None = None, max_new_tokens: in
                          progress: bool = True) -> dict:
     """Time both paths on the first ``problems`` HumanEval problems (chat mode); write the
     record to ``out_dir/generation.jsonl`` when given and return it."""
-    from .tasks.codegen import build_prompt, choose_prompt_mode, humaneval_problems
+    from .tasks.codegen import COMPLETION_STOP, build_prompt, choose_prompt_mode, humaneval_problems
 
     chosen = humaneval_problems()[:problems]
     mode = choose_prompt_mode(loaded.tokenizer)
     prompts = [build_prompt(p, mode, loaded.tokenizer) for p in chosen]
     settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size,
                                   stop_after_fences=2 if mode == "chat" else 0,
-                                  stop=() if mode == "chat" else ("\ndef ", "\nclass ", "\nif __name__"),
+                                  stop=() if mode == "chat" else COMPLETION_STOP,
                                   add_special_tokens=mode == "completion")
     naive_texts, naive_tokens, naive_s = naive_generate(loaded.model, loaded.tokenizer, prompts, settings,
                                                         progress=progress)
