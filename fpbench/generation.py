@@ -290,6 +290,36 @@ def decode_batched(model, tokenizer, prompts: list[list[int]], settings: Generat
     return generated
 
 
+def _generate_seq2seq(model, tokenizer, encoded: list[list[int]], settings: GenerationSettings,
+                      end_ids: set[int], pad_id: int, overrides: dict | None, bar) -> tuple[list[str], int]:
+    """(texts in the order of ``encoded``, generated tokens) from ``model.generate`` over
+    right-padded batches, longest prompts first. Encoder-decoder models keep their own
+    generation config (beams...); only the length limit (when given) and ``overrides``
+    change it."""
+    kwargs = {"pad_token_id": pad_id} | (
+        {"max_new_tokens": settings.max_new_tokens} if settings.max_new_tokens else {}) | (overrides or {})
+    order = sorted(range(len(encoded)), key=lambda r: -len(encoded[r]))
+    texts, new_tokens = [""] * len(encoded), 0
+    for b, first in enumerate(range(0, len(order), settings.batch_size)):
+        batch = order[first:first + settings.batch_size]
+        width = max(len(encoded[r]) for r in batch)
+        # the encoder attends with a mask; pad on the right as trained
+        input_ids = torch.tensor([encoded[r] + [pad_id] * (width - len(encoded[r])) for r in batch])
+        mask = torch.tensor([[1] * len(encoded[r]) + [0] * (width - len(encoded[r])) for r in batch])
+        criteria = None
+        if settings.stop or settings.stop_after_fences:
+            criteria = StoppingCriteriaList([_StopPerSequence(tokenizer, 1, settings.stop,
+                                                              settings.stop_after_fences)])
+        torch.manual_seed(settings.seed + b)
+        output = model.generate(input_ids=input_ids, attention_mask=mask, stopping_criteria=criteria, **kwargs)
+        generated = output[:, 1:]
+        new_tokens += _count_new_tokens(generated, end_ids)
+        for r, text in zip(batch, tokenizer.batch_decode(generated, skip_special_tokens=True)):
+            texts[r] = text
+        bar.update(len(batch))
+    return texts, new_tokens
+
+
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings,
              progress: bool = True, desc: str = "generate", max_input_tokens: int | None = None,
@@ -309,42 +339,20 @@ def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings,
                          truncation=max_input_tokens is not None, max_length=max_input_tokens).input_ids
                for p in prompts]
     rows = [(i, s) for i in range(len(prompts)) for s in range(settings.num_samples)]
-    texts: list[list[str]] = [[""] * settings.num_samples for _ in prompts]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(end_ids), 0)
-    new_tokens = 0
     start = time.perf_counter()
     bar = tqdm(total=len(rows), desc=desc, disable=not progress, leave=False)
-    if not encoder_decoder:
+    if encoder_decoder:
+        outputs, new_tokens = _generate_seq2seq(model, tokenizer, [encoded[i] for i, _ in rows], settings,
+                                                end_ids, pad_id, generation_overrides, bar)
+    else:
         generated = decode_batched(model, tokenizer, [encoded[i] for i, _ in rows], settings, end_ids, pad_id,
                                    seed=settings.seed, on_finish=bar.update)
         new_tokens = sum(len(t) for t in generated)
-        decoded = tokenizer.batch_decode([[t for t in row if t not in end_ids] for row in generated],
+        outputs = tokenizer.batch_decode([[t for t in row if t not in end_ids] for row in generated],
                                          skip_special_tokens=True)
-        for (i, s), text in zip(rows, decoded):
-            texts[i][s] = cut_at_stop(text, settings.stop, settings.stop_after_fences)
-    # Encoder-decoder models keep their generation config (beams...); only the length
-    # limit (when given) and the caller's overrides change it. Longest prompts first.
-    rows.sort(key=lambda r: -len(encoded[r[0]]))
-    seq2seq_kwargs = {"pad_token_id": pad_id} | (
-        {"max_new_tokens": settings.max_new_tokens} if settings.max_new_tokens else {}) | (generation_overrides or {})
-    for b, first in enumerate(range(0, len(rows), settings.batch_size) if encoder_decoder else ()):
-        batch = rows[first:first + settings.batch_size]
-        ids = [encoded[i] for i, _ in batch]
-        width = max(len(x) for x in ids)
-        # the encoder attends with a mask; pad on the right as trained
-        input_ids = torch.tensor([x + [pad_id] * (width - len(x)) for x in ids])
-        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
-        criteria = None
-        if settings.stop or settings.stop_after_fences:
-            criteria = StoppingCriteriaList([_StopPerSequence(tokenizer, 1, settings.stop,
-                                                              settings.stop_after_fences)])
-        torch.manual_seed(settings.seed + b)
-        output = model.generate(input_ids=input_ids, attention_mask=mask, stopping_criteria=criteria,
-                                **seq2seq_kwargs)
-        generated = output[:, 1:]
-        new_tokens += _count_new_tokens(generated, end_ids)
-        for (i, s), text in zip(batch, tokenizer.batch_decode(generated, skip_special_tokens=True)):
-            texts[i][s] = cut_at_stop(text, settings.stop, settings.stop_after_fences)
-        bar.update(len(batch))
     bar.close()
+    texts: list[list[str]] = [[""] * settings.num_samples for _ in prompts]
+    for (i, s), text in zip(rows, outputs):
+        texts[i][s] = cut_at_stop(text, settings.stop, settings.stop_after_fences)
     return GenerationResult(texts, new_tokens, time.perf_counter() - start)
