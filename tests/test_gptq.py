@@ -240,12 +240,12 @@ def test_cli_gptq_without_calibration_data_is_one_line_error(tmp_path):
 def test_cli_gptq_options_name_the_scheme(tmp_path):
     """--calib joins the scheme name (a file by its base name); only options that differ
     from the defaults travel in extra, as a sweep entry would write them."""
-    from fpbench.cli import _gptq_setup
+    from fpbench.spec import gptq_setup
     from fpbench.gptq import DEFAULT_BLOCK_SIZE, DEFAULT_DAMP
 
     text = tmp_path / "mine.txt"
     text.write_text("some calibration text " * 50)
-    scheme, extra = _gptq_setup(Scheme.parse("int4/g128/gptq"), None, str(text), 16, 512,
+    scheme, extra = gptq_setup(Scheme.parse("int4/g128/gptq"), None, str(text), 16, 512,
                                 DEFAULT_DAMP, DEFAULT_BLOCK_SIZE, True, False)
     assert scheme.name == "int4/g128/gptq@mine.txt"
     assert extra == {"calib_samples": 16, "calib_seqlen": 512, "act_order": True, "calib_path": str(text.resolve())}
