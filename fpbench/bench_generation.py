@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteriaList
 
-from .generation import (DEFAULT_BATCH_SIZE, GenerationSettings, _count_new_tokens, _eos_ids, _StopPerSequence,
+from .generation import (DEFAULT_BATCH_SIZE, GenerationSettings, count_new_tokens, eos_ids, StopPerSequence,
                          cut_at_stop, generate)
 from .runner import environment
 
@@ -32,7 +32,7 @@ NAIVE_BATCH = 8
 def naive_generate(model, tokenizer, prompts: list[str], settings: GenerationSettings,
                    batch_size: int = NAIVE_BATCH, progress: bool = True) -> tuple[list[str], int, float]:
     """(texts, generated tokens, seconds) of ``model.generate`` over batches in prompt order."""
-    end_ids = _eos_ids(model, tokenizer)
+    end_ids = eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(end_ids), 0)
     end_ids.add(pad_id)
     texts, tokens = [], 0
@@ -41,11 +41,11 @@ def naive_generate(model, tokenizer, prompts: list[str], settings: GenerationSet
         encoded = tokenizer(prompts[first:first + batch_size], add_special_tokens=False, padding=True,
                             padding_side="left", return_tensors="pt")
         width = encoded.input_ids.shape[1]
-        stop = _StopPerSequence(tokenizer, width, settings.stop, settings.stop_after_fences)
+        stop = StopPerSequence(tokenizer, width, settings.stop, settings.stop_after_fences)
         out = model.generate(**encoded, max_new_tokens=settings.max_new_tokens, do_sample=False,
                              pad_token_id=pad_id, stopping_criteria=StoppingCriteriaList([stop]))
         generated = out[:, width:]
-        tokens += _count_new_tokens(generated, end_ids)
+        tokens += count_new_tokens(generated, end_ids)
         texts += [cut_at_stop(t, settings.stop, settings.stop_after_fences)
                   for t in tokenizer.batch_decode(generated, skip_special_tokens=True)]
     return texts, tokens, time.perf_counter() - start

@@ -83,7 +83,7 @@ def cut_at_stop(text: str, stop: tuple[str, ...], fences: int = 0) -> str:
     return text[:end]
 
 
-class _StopPerSequence(StoppingCriteria):
+class StopPerSequence(StoppingCriteria):
     """Marks each row finished on its own once its generated text holds a stop string
     (or enough code fences); generate() then pads that row and stops when all are done."""
 
@@ -101,7 +101,7 @@ class _StopPerSequence(StoppingCriteria):
         return self.done.clone()
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
+def eos_ids(model, tokenizer) -> set[int]:
     ids = model.generation_config.eos_token_id
     ids = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
     if tokenizer.eos_token_id is not None:
@@ -109,7 +109,7 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def _count_new_tokens(rows: torch.Tensor, end_ids: set[int]) -> int:
+def count_new_tokens(rows: torch.Tensor, end_ids: set[int]) -> int:
     """Tokens each row really generated: up to and including its first EOS/pad."""
     total = 0
     for row in rows.tolist():
@@ -308,12 +308,12 @@ def _generate_seq2seq(model, tokenizer, encoded: list[list[int]], settings: Gene
         mask = torch.tensor([[1] * len(encoded[r]) + [0] * (width - len(encoded[r])) for r in batch])
         criteria = None
         if settings.stop or settings.stop_after_fences:
-            criteria = StoppingCriteriaList([_StopPerSequence(tokenizer, 1, settings.stop,
+            criteria = StoppingCriteriaList([StopPerSequence(tokenizer, 1, settings.stop,
                                                               settings.stop_after_fences)])
         torch.manual_seed(settings.seed + b)
         output = model.generate(input_ids=input_ids, attention_mask=mask, stopping_criteria=criteria, **kwargs)
         generated = output[:, 1:]
-        new_tokens += _count_new_tokens(generated, end_ids)
+        new_tokens += count_new_tokens(generated, end_ids)
         for r, text in zip(batch, tokenizer.batch_decode(generated, skip_special_tokens=True)):
             texts[r] = text
         bar.update(len(batch))
@@ -332,7 +332,7 @@ def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings,
     says otherwise.
     """
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
-    end_ids = _eos_ids(model, tokenizer)
+    end_ids = eos_ids(model, tokenizer)
     if tokenizer.pad_token_id is not None:
         end_ids.add(tokenizer.pad_token_id)
     encoded = [tokenizer(p, add_special_tokens=settings.add_special_tokens or encoder_decoder,
