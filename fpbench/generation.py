@@ -7,14 +7,17 @@ first) take the freed places, so no decoding step computes a finished row and a 
 answer does not decode alone while short ones wait. (``model.generate`` keeps computing
 finished rows, padding them, until the longest one in its batch ends.) The KV cache grows
 in place instead of being concatenated every step. Prompts are left padded (decoder-only
-models continue from the right edge). Greedy by default; sampling (temperature, top-p)
-draws each row from its own seeded generator, so a run is reproducible. Encoder-decoder
-models use ``model.generate`` with their own beam-search settings.
+models continue from the right edge). Steps with a few rows (the tail of a run) compute
+their linear layers in the form torch runs fastest there (:class:`FewRowLinear`).
+Greedy by default; sampling (temperature, top-p) draws each row from its own seeded
+generator, so a run is reproducible. Encoder-decoder models use ``model.generate`` with
+their own beam-search settings.
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -214,6 +217,62 @@ class _SlotCache(DynamicCache):
         return out
 
 
+class FewRowLinear(torch.nn.Module):
+    """A float32 ``Linear`` that computes a few rows as ``mm(W, x.T)`` (at least two rows).
+
+    On the CPU, torch's ``linear`` at one to a few rows streams the weights from memory at
+    about half the rate of that form: a decode step of the default model at one row took
+    40 ms with ``linear`` and 26 ms with this, at two rows 70 and 44 ms. From about six
+    rows ``linear`` is as fast or faster; the wide output head (49,152 × 576) keeps the
+    gain up to about ten rows. `fpbench bench --generation` measures the effect on a
+    whole run. The products are the same up to the order of the sums (last bits)."""
+
+    def __init__(self, linear: torch.nn.Linear, max_rows: int):
+        super().__init__()
+        self.linear, self.max_rows = linear, max_rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        rows = flat.shape[0]
+        if rows > self.max_rows:
+            return self.linear(x)
+        both = torch.cat([flat, flat]) if rows == 1 else flat  # one row takes a slower path
+        y = torch.mm(self.linear.weight, both.T).T[:rows]
+        if self.linear.bias is not None:
+            y = y + self.linear.bias
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def applies_to(module) -> bool:
+        return (type(module) is torch.nn.Linear and module.weight.dtype == torch.float32
+                and module.weight.device.type == "cpu")
+
+
+FEW_ROWS = 4  # rows up to which the layers' linears take the mm form (measured, see above)
+FEW_ROWS_HEAD = 10  # the same for the output head
+
+
+@contextmanager
+def few_row_linears(model):
+    """While decoding, wrap every float32 CPU ``nn.Linear`` of ``model`` (the output head
+    included) in :class:`FewRowLinear`; put the originals back afterwards. Quantized
+    kernels, half-precision and GPU layers are left as they are."""
+    head = model.get_output_embeddings()
+    swapped = []
+    for name, module in list(model.named_modules()):
+        if FewRowLinear.applies_to(module) and name:
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            rows = FEW_ROWS_HEAD if module is head else FEW_ROWS
+            setattr(parent, attr, FewRowLinear(module, rows))
+            swapped.append((parent, attr, module))
+    try:
+        yield
+    finally:
+        for parent, attr, module in swapped:
+            setattr(parent, attr, module)
+
+
 def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
@@ -346,8 +405,9 @@ def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings,
         outputs, new_tokens = _generate_seq2seq(model, tokenizer, [encoded[i] for i, _ in rows], settings,
                                                 end_ids, pad_id, generation_overrides, bar)
     else:
-        generated = decode_batched(model, tokenizer, [encoded[i] for i, _ in rows], settings, end_ids, pad_id,
-                                   seed=settings.seed, on_finish=bar.update)
+        with few_row_linears(model):
+            generated = decode_batched(model, tokenizer, [encoded[i] for i, _ in rows], settings, end_ids,
+                                       pad_id, seed=settings.seed, on_finish=bar.update)
         new_tokens = sum(len(t) for t in generated)
         outputs = tokenizer.batch_decode([[t for t in row if t not in end_ids] for row in generated],
                                          skip_special_tokens=True)

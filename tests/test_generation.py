@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from fpbench.generation import GenerationSettings, cut_at_stop, decode_batched, generate
+import pytest
+
+from fpbench.generation import (FEW_ROWS, FEW_ROWS_HEAD, FewRowLinear, GenerationSettings, cut_at_stop,
+                                decode_batched, few_row_linears, generate)
 
 PROMPTS = ["def add(a, b):", "Once upon a time, in a land far away, there lived",
            "x", "The quick brown fox jumps over the lazy dog and then"]
@@ -88,3 +91,51 @@ def test_cut_at_stop():
     assert cut_at_stop("    return 1\ndef other():", ("\ndef ", "\n#")) == "    return 1"
     assert cut_at_stop("text\n```python\nx = 1\n```\nmore ```", (), fences=2) == "text\n```python\nx = 1\n```"
     assert cut_at_stop("no stop", ("\ndef ",)) == "no stop"
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 10, 11, 16])
+def test_few_row_linear_computes_the_layers_products(rows):
+    torch.manual_seed(rows)
+    linear = torch.nn.Linear(48, 300, bias=rows % 2 == 0)
+    x = torch.randn(rows, 1, 48)
+    exact = x.double() @ linear.weight.double().T + (linear.bias.double() if linear.bias is not None else 0)
+    got = FewRowLinear(linear, max_rows=10)(x)
+    assert got.shape == (rows, 1, 300) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, linear(x), rtol=1e-5, atol=1e-5)
+
+
+def test_few_row_linears_are_swapped_in_for_decoding_only(tiny_loaded):
+    model = tiny_loaded.model
+    before = dict(model.named_modules())
+    linears = {name for name, m in before.items() if type(m) is torch.nn.Linear}
+    head = model.get_output_embeddings()
+    with few_row_linears(model):
+        during = dict(model.named_modules())
+        wrapped = {name for name, m in during.items() if isinstance(m, FewRowLinear)}
+        assert wrapped == linears and len(wrapped) > 2
+        assert all(during[name].linear is before[name] for name in wrapped)
+        assert model.get_output_embeddings().max_rows == FEW_ROWS_HEAD
+        assert during[next(n for n in wrapped if n != "lm_head")].max_rows == FEW_ROWS
+    assert dict(model.named_modules()) == before
+    with pytest.raises(RuntimeError), few_row_linears(model):
+        raise RuntimeError("a failed decode")
+    assert dict(model.named_modules()) == before  # restored after an error too
+    half = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    model.set_output_embeddings(half)
+    try:
+        with few_row_linears(model):
+            assert model.get_output_embeddings() is half  # only float32 Linear layers are wrapped
+    finally:
+        model.set_output_embeddings(head)
+
+
+def test_generate_with_few_row_linears_matches_transformers_generate(tiny_loaded):
+    model, tokenizer = tiny_loaded.model, tiny_loaded.tokenizer
+    input_ids, mask = _left_padded(tokenizer, PROMPTS)
+    reference = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                               pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
+    expected = tokenizer.batch_decode(reference[:, input_ids.shape[1]:], skip_special_tokens=True)
+    # batch 1: every step takes the few-row form
+    ours = generate(model, tokenizer, PROMPTS, GenerationSettings(max_new_tokens=8, batch_size=1), progress=False)
+    assert [t[0] for t in ours.texts] == expected
