@@ -15,6 +15,22 @@ from .gptq import DEFAULT_BLOCK_SIZE, DEFAULT_DAMP
 from .scheme import ACT_GRANULARITIES, ALGOS, CLIPS
 
 
+# Options several commands share, each defined once.
+no_progress_option = click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+seed_option = click.option("--seed", type=int, default=0, show_default=True,
+                           help="Random seed: which calibration windows, sampled generations.")
+
+
+def out_option(default: str | None, help: str):
+    """``--out`` (a folder, passed as ``out_dir``)."""
+    return click.option("--out", "out_dir", default=default, show_default=default is not None,
+                        type=click.Path(file_okay=False), help=help)
+
+
+def data_dir_option(help: str = "Folder with local dataset copies (also FPBENCH_DATA_DIR); used before the hub."):
+    return click.option("--data-dir", type=click.Path(file_okay=False), default=None, help=help)
+
+
 class _Group(click.Group):
     """Turn every FpbenchError into one line on stderr and exit code 2."""
 
@@ -78,13 +94,11 @@ def formats():
               help="Evaluate at most this many items (perplexity: windows).")
 @click.option("--seqlen", type=click.IntRange(min=2), default=None,
               help="Perplexity window length in tokens. Default 2048, or the model's maximum.")
-@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
-              help="Folder with local dataset copies (also FPBENCH_DATA_DIR); used before the hub.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@data_dir_option()
+@seed_option
 @click.option("--include-head", is_flag=True, help="Also quantize the output head (lm_head).")
-@click.option("--out", "out_dir", default="results", show_default=True, type=click.Path(file_okay=False),
-              help="Folder of the results store (results.jsonl, results.csv, REPORT.md).")
-@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@out_option("results", "Folder of the results store (results.jsonl, results.csv, REPORT.md).")
+@no_progress_option
 @click.option("--backend", type=click.Choice(["simulate", "kernel"]), default="simulate", show_default=True,
               help="simulate: dequantized fp32 weights; kernel: packed weights on the compiled CPU "
                    "kernels (fp6_e3m2/channel or int4/g128; built on first use).")
@@ -205,9 +219,8 @@ def run(model, format_name, granularity, algo, clip, scheme_names, task_names, l
               help="With --generation: the first N HumanEval problems (default: all 164).")
 @click.option("--new-tokens", type=click.IntRange(min=1), default=128, show_default=True,
               help="--e2e: tokens generated per measurement.")
-@click.option("--out", "out_dir", default="results/bench", show_default=True, type=click.Path(file_okay=False),
-              help="Folder for bench.jsonl (one record per kernel x shape x batch).")
-@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@out_option("results/bench", "Folder for bench.jsonl (one record per kernel x shape x batch).")
+@no_progress_option
 def bench(shapes, batches, kernel_names, repeats, e2e, generation, problems, new_tokens, out_dir, no_progress):
     """Median latency of the FP6 / INT4 kernels vs torch fp32, bf16, int8 and int4
     weight-only linears, with GB/s and the fraction of the measured bandwidth roofline.
@@ -256,13 +269,11 @@ def bench(shapes, batches, kernel_names, repeats, e2e, generation, problems, new
                    "cover every run exactly once.")
 @click.option("--dry-run", is_flag=True, help="List the runs (done / to run) and a time estimate; run nothing.")
 @click.option("--force", is_flag=True, help="Redo runs whose records already exist (default: skip them).")
-@click.option("--out", "out_dir", default="results", show_default=True, type=click.Path(file_okay=False),
-              help="Folder of the results store; reruns resume from its records.")
+@out_option("results", "Folder of the results store; reruns resume from its records.")
 @click.option("--limit", "limit_override", default=None, metavar="N|none",
               help="Override the config's limit for every task; 'none' evaluates the full test sets.")
-@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
-              help="Folder with local dataset copies (overrides the config's data_dir; also FPBENCH_DATA_DIR).")
-@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@data_dir_option("Folder with local dataset copies (overrides the config's data_dir; also FPBENCH_DATA_DIR).")
+@no_progress_option
 def sweep(config_path, shard, dry_run, force, out_dir, limit_override, data_dir, no_progress):
     """Run a sweep config: models x schemes x tasks, resuming from stored records.
 
@@ -300,9 +311,8 @@ def sweep(config_path, shard, dry_run, force, out_dir, limit_override, data_dir,
                 type=click.Path(exists=True))
 @click.option("--format", "output_format", type=click.Choice(["markdown", "csv"]), default="markdown",
               show_default=True, help="How the tables are printed (all files are written either way).")
-@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
-              help="Where the report goes; the records of every RESULTS_DIR are merged into its "
-                   "results.jsonl first. Default: the first RESULTS_DIR.")
+@out_option(None, "Where the report goes; the records of every RESULTS_DIR are merged into its "
+                  "results.jsonl first. Default: the first RESULTS_DIR.")
 @click.option("--baseline", default=None, metavar="SCHEME",
               help="Row the Δ columns compare against. Default: fp16 (else bf16, fp32).")
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
@@ -362,8 +372,7 @@ def analyze():
 
 
 @analyze.command("synthetic")
-@click.option("--out", "out_dir", default="results", show_default=True, type=click.Path(file_okay=False),
-              help="Folder for analyze_synthetic*.csv / .png and the results store.")
+@out_option("results", "Folder for analyze_synthetic*.csv / .png and the results store.")
 def analyze_synthetic(out_dir):
     """Expected SQNR of INT8, FP8 (E2M5, E3M4, E4M3, E5M2) and the 4-6-bit formats, each at
     its best clipping, on unit-variance Gaussian, Laplace and Student-t (30 down to 2.5
@@ -390,13 +399,11 @@ def analyze_synthetic(out_dir):
               help="Windows of text (one batch). Default: 1.")
 @click.option("--calib-seqlen", type=click.IntRange(min=2), default=DEFAULT_CALIB_SEQLEN, show_default=True,
               help="Tokens per window (lowered to the model's limit).")
-@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
-              help="Folder with local dataset copies (also FPBENCH_DATA_DIR).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@data_dir_option("Folder with local dataset copies (also FPBENCH_DATA_DIR).")
+@seed_option
 @click.option("--include-head", is_flag=True, help="Also analyze the output head.")
-@click.option("--out", "out_dir", default="results", show_default=True, type=click.Path(file_okay=False),
-              help="Folder for analyze_layers*.csv / .png and the results store.")
-@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@out_option("results", "Folder for analyze_layers*.csv / .png and the results store.")
+@no_progress_option
 def analyze_layers(model, calib, calib_samples, calib_seqlen, data_dir, seed, include_head, out_dir, no_progress):
     """Per linear layer: kurtosis and max/std of the weight and of its input activations,
     and the SQNR of each 8-bit format for weight per tensor / per channel and input per
