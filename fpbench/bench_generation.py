@@ -8,24 +8,32 @@ the same model in its own precision (fp32 for the default model), the same promp
 the same ``max_new_tokens``; the record holds both wall times, their ratio, the tokens
 each produced and how many answers agree (greedy decoding in different batch shapes can
 diverge where two logits are within fp32 rounding).
+
+The record also holds the time of one decode step at 1-16 rows with torch's ``linear``
+and with :class:`~fpbench.generation.FewRowLinear`, the form fpbench uses for the few-row
+steps at the tail of a run.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import statistics
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteriaList
 
-from .generation import (DEFAULT_BATCH_SIZE, GenerationSettings, count_new_tokens, eos_ids, StopPerSequence,
-                         cut_at_stop, generate)
+from .generation import (DEFAULT_BATCH_SIZE, GenerationSettings, SlotCache, StopPerSequence, count_new_tokens,
+                         cut_at_stop, eos_ids, few_row_linears, generate)
 from .runner import environment
 
 NAIVE_BATCH = 8
+STEP_ROWS = (16, 8, 4, 2, 1)  # decode-step timings, largest first (rows are dropped from one cache)
+STEP_CONTEXT = 512  # cached tokens per row for those timings
 
 
 @torch.inference_mode()
@@ -51,6 +59,33 @@ def naive_generate(model, tokenizer, prompts: list[str], settings: GenerationSet
     return texts, tokens, time.perf_counter() - start
 
 
+@torch.inference_mode()
+def decode_step_ms(model, rows: tuple[int, ...] = STEP_ROWS, context: int = STEP_CONTEXT,
+                   repeats: int = 9) -> dict[str, dict[str, float]]:
+    """Median milliseconds of one greedy decode step over a ``context``-token cache, per
+    row count: {rows: {"linear": ms, "few_row": ms}}. The two forms alternate step by step
+    on the same cache, so both see the same machine state and cache lengths."""
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(model.config.vocab_size, (max(rows), context), generator=generator)
+    cache = SlotCache()
+    model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True,
+          logits_to_keep=1)
+    length, result = context, {}
+    for n in sorted(rows, reverse=True):
+        cache.batch_select_indices(torch.arange(n))
+        times = {"linear": [], "few_row": []}
+        for _ in range(repeats):
+            for form, seconds in times.items():
+                with few_row_linears(model) if form == "few_row" else nullcontext():
+                    start = time.perf_counter()
+                    model(input_ids=ids[:n, -1:], attention_mask=torch.ones(n, length + 1, dtype=torch.long),
+                          position_ids=torch.full((n, 1), length), past_key_values=cache, use_cache=True)
+                    seconds.append(time.perf_counter() - start)
+                length += 1
+        result[str(n)] = {form: round(1e3 * statistics.median(t), 2) for form, t in times.items()}
+    return result
+
+
 def run_generation_bench(loaded, problems: int | None = None, max_new_tokens: int = 512,
                          batch_size: int = DEFAULT_BATCH_SIZE, out_dir: str | Path | None = None,
                          progress: bool = True) -> dict:
@@ -69,6 +104,7 @@ def run_generation_bench(loaded, problems: int | None = None, max_new_tokens: in
                                                         progress=progress)
     ours = generate(loaded.model, loaded.tokenizer, prompts, settings, progress=progress, desc="fpbench generate")
     same = sum(a == b[0] for a, b in zip(naive_texts, ours.texts))
+    steps = decode_step_ms(loaded.model)
     record = {
         "bench": "generation", "model": loaded.name, "task": "humaneval", "prompt_mode": mode,
         "problems": len(prompts), "max_new_tokens": max_new_tokens,
@@ -78,6 +114,7 @@ def run_generation_bench(loaded, problems: int | None = None, max_new_tokens: in
         "naive_new_tokens": naive_tokens, "fpbench_new_tokens": ours.new_tokens,
         "naive_tokens_per_s": round(naive_tokens / naive_s, 2), "fpbench_tokens_per_s": round(ours.tokens_per_s, 2),
         "identical_answers": same,
+        "decode_step_ms": steps, "decode_step_context": STEP_CONTEXT,
         "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
         "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "environment": environment(),
@@ -97,4 +134,7 @@ def generation_summary(r: dict) -> str:
             f"{r['naive_new_tokens']} tokens ({r['naive_tokens_per_s']:.1f} tokens/s)\n"
             f"  fpbench continuous batching, {r['batch_size']} rows: {r['fpbench_seconds']:.1f} s, "
             f"{r['fpbench_new_tokens']} tokens ({r['fpbench_tokens_per_s']:.1f} tokens/s)\n"
-            f"  speed-up {r['speedup']:.2f}x; identical answers {r['identical_answers']}/{r['problems']}")
+            f"  speed-up {r['speedup']:.2f}x; identical answers {r['identical_answers']}/{r['problems']}\n"
+            f"  one decode step ({r['decode_step_context']}-token cache), torch linear -> FewRowLinear: "
+            + ", ".join(f"{n} rows {t['linear']:.1f} -> {t['few_row']:.1f} ms"
+                        for n, t in sorted(r["decode_step_ms"].items(), key=lambda kv: int(kv[0]))))

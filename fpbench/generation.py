@@ -186,7 +186,7 @@ class _GrowingLayer(DynamicLayer):
 _GROW = 64  # spare columns beyond doubling, so short generations never reallocate
 
 
-class _SlotCache(DynamicCache):
+class SlotCache(DynamicCache):
     """The KV cache of a batch whose rows come and go (see :func:`decode_batched`)."""
 
     def __init__(self):
@@ -198,10 +198,10 @@ class _SlotCache(DynamicCache):
             layer._set(layer._k[:, :, columns:], layer._v[:, :, columns:], layer._len - columns)
 
     @staticmethod
-    def merge(a: "_SlotCache", b: "_SlotCache") -> "_SlotCache":
+    def merge(a: "SlotCache", b: "SlotCache") -> "SlotCache":
         """The rows of ``a`` then those of ``b``, the shorter one left-padded (with zeros
         its attention mask hides) to the common length."""
-        out = _SlotCache()
+        out = SlotCache()
         for la, lb in zip(a.layers, b.layers):
             length = max(la._len, lb._len)
             ka, kb = la.keys, lb.keys
@@ -220,12 +220,12 @@ class _SlotCache(DynamicCache):
 class FewRowLinear(torch.nn.Module):
     """A float32 ``Linear`` that computes a few rows as ``mm(W, x.T)`` (at least two rows).
 
-    On the CPU, torch's ``linear`` at one to a few rows streams the weights from memory at
-    about half the rate of that form: a decode step of the default model at one row took
-    40 ms with ``linear`` and 26 ms with this, at two rows 70 and 44 ms. From about six
-    rows ``linear`` is as fast or faster; the wide output head (49,152 × 576) keeps the
-    gain up to about ten rows. `fpbench bench --generation` measures the effect on a
-    whole run. The products are the same up to the order of the sums (last bits)."""
+    On the CPU, torch's ``linear`` at one to a few rows streams the weights from memory
+    markedly slower than that form; from about six rows it is as fast or faster, except
+    for the wide output head (49,152 × 576 for the default model), which keeps the gain
+    up to about ten rows. `fpbench bench --generation` times one decode step both ways at
+    1-16 rows, and the whole run. The products are the same up to the order of the sums
+    (last bits)."""
 
     def __init__(self, linear: torch.nn.Linear, max_rows: int):
         super().__init__()
@@ -308,7 +308,7 @@ def decode_batched(model, tokenizer, prompts: list[list[int]], settings: Generat
         if pending and (not rows or capacity - len(rows) >= refill_at):
             new, pending = pending[:capacity - len(rows)], pending[capacity - len(rows):]
             ids, new_mask = _left_pad([prompts[i] for i in new], pad_id)
-            new_cache = _SlotCache()
+            new_cache = SlotCache()
             positions = (new_mask.cumsum(-1) - 1).clamp(min=0)
             new_logits = model(input_ids=ids, attention_mask=new_mask, position_ids=positions,
                                past_key_values=new_cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
@@ -316,7 +316,7 @@ def decode_batched(model, tokenizer, prompts: list[list[int]], settings: Generat
                 width = max(mask.shape[1], new_mask.shape[1])
                 mask = torch.cat([torch.nn.functional.pad(mask, (width - mask.shape[1], 0)),
                                   torch.nn.functional.pad(new_mask, (width - new_mask.shape[1], 0))])
-                cache = _SlotCache.merge(cache, new_cache)
+                cache = SlotCache.merge(cache, new_cache)
                 position = torch.cat([position, positions[:, -1]])
                 logits = torch.cat([logits, new_logits])
             else:

@@ -26,6 +26,10 @@ def test_generation_bench_record(tiny_loaded, tmp_path):
     assert record["speedup"] > 0 and record["naive_seconds"] > 0 and record["fpbench_seconds"] > 0
     assert 0 < record["fpbench_new_tokens"] <= 3 * 6 and 0 < record["naive_new_tokens"] <= 3 * 6
     assert 0 <= record["identical_answers"] <= 3
+    steps = record["decode_step_ms"]
+    assert set(steps) == {"1", "2", "4", "8", "16"}
+    assert all(t["linear"] > 0 and t["few_row"] > 0 for t in steps.values())
     stored = [json.loads(line) for line in (tmp_path / "generation.jsonl").read_text().splitlines()]
     assert stored == [record]
-    assert "speed-up" in generation_summary(record)
+    summary = generation_summary(record)
+    assert "speed-up" in summary and f"1 rows {steps['1']['linear']:.1f} -> {steps['1']['few_row']:.1f} ms" in summary
