@@ -75,6 +75,14 @@ def test_markdown_report_has_paper_cells_metadata_and_caveats(tmp_path):
     assert "`wikitext2`: items 8 (limit 8)" in text
     assert "git revision: abc1234" in text and "CPU: test cpu" in text
     assert "## Caveats" in text and "fp16 scales and zero points" in text
+    assert "a subset of each test set" in text and "full test sets" not in text
+
+
+def test_the_caveat_on_limits_follows_the_records(tmp_path):
+    full = [r | {"limit": None} for r in make_records()]
+    text = build_report(full, tmp_path, plots=False)["report"].read_text()
+    assert "`wikitext2`: items 8 (limit –)" in text
+    assert "from the full test sets (no limits)" in text and "a subset of each test set" not in text
 
 
 def test_headline_metric_from_the_task_declaration(tmp_path, monkeypatch):
