@@ -314,8 +314,8 @@ def build_report(records: list[dict], out_dir: str | os.PathLike, baseline: str 
     lines += ["", "## Caveats", "",
               "- Numbers come from the limits listed above (a subset of each test set), so small "
               "differences between schemes may be within noise." if limited else
-              "- Numbers come from the full test sets (no limits); differences smaller than the "
-              "sampling spread of the test set (see the intervals) may still be noise.",
+              "- Numbers come from the full test sets (no limits); small differences between "
+              "schemes may still be within sampling noise.",
               "- Weights are simulated (quantized, then dequantized into the fp32 model); activations "
               "stay in full precision unless a scheme names an activation format.",
               "- Bits per weight count the format's bits plus fp16 scales and zero points.",
