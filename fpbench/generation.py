@@ -244,8 +244,11 @@ class FewRowLinear(torch.nn.Module):
 
     @staticmethod
     def applies_to(module) -> bool:
+        # A layer with hooks (activation quantizers are forward pre-hooks) keeps its own
+        # path: the wrapper would compute without them.
         return (type(module) is torch.nn.Linear and module.weight.dtype == torch.float32
-                and module.weight.device.type == "cpu")
+                and module.weight.device.type == "cpu"
+                and not module._forward_pre_hooks and not module._forward_hooks)
 
 
 FEW_ROWS = 4  # rows up to which the layers' linears take the mm form (measured, see above)
@@ -256,7 +259,8 @@ FEW_ROWS_HEAD = 10  # the same for the output head
 def few_row_linears(model):
     """While decoding, wrap every float32 CPU ``nn.Linear`` of ``model`` (the output head
     included) in :class:`FewRowLinear`; put the originals back afterwards. Quantized
-    kernels, half-precision and GPU layers are left as they are."""
+    kernels, layers with hooks (activation quantization), half-precision and GPU layers
+    are left as they are."""
     head = model.get_output_embeddings()
     swapped = []
     for name, module in list(model.named_modules()):

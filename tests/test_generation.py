@@ -139,3 +139,34 @@ def test_generate_with_few_row_linears_matches_transformers_generate(tiny_loaded
     # batch 1: every step takes the few-row form
     ours = generate(model, tokenizer, PROMPTS, GenerationSettings(max_new_tokens=8, batch_size=1), progress=False)
     assert [t[0] for t in ours.texts] == expected
+
+
+def test_layers_with_activation_quantizers_keep_their_hooks_while_decoding(tiny_loaded):
+    """Activation quantizers are forward pre-hooks: a hooked layer is not wrapped, so
+    generation at one row (every step few-row) still quantizes its inputs at every step."""
+    from fpbench.act_quant import attach_act_quantizers
+    from fpbench.model_quant import target_linears
+
+    model, tokenizer = tiny_loaded.model, tiny_loaded.tokenizer
+    hooked = target_linears(model)
+    quantizers = attach_act_quantizers(hooked, "fp4_e2m1", "token-dynamic")
+    first = next(iter(hooked.values()))
+    calls = []
+    counter = first.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    try:
+        with few_row_linears(model):
+            during = dict(model.named_modules())
+            assert all(during[name] is module for name, module in hooked.items())
+            assert isinstance(model.get_output_embeddings(), FewRowLinear)  # the unhooked head still is
+        input_ids, mask = _left_padded(tokenizer, PROMPTS[:1])
+        reference = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
+        expected = tokenizer.decode(reference[0, input_ids.shape[1]:], skip_special_tokens=True)
+        calls.clear()
+        ours = generate(model, tokenizer, PROMPTS[:1], GenerationSettings(max_new_tokens=8, batch_size=1),
+                        progress=False)
+        assert ours.texts[0][0] == expected
+        assert calls == [1] * 8  # prefill + 7 one-row steps, each through the layer's hooks
+    finally:
+        counter.remove()
+        quantizers.remove()
