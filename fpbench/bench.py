@@ -21,7 +21,6 @@ this kernel's median (above 1 = faster than bf16).
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
 import statistics
 import time
@@ -36,6 +35,7 @@ from . import kernels
 from .errors import FpbenchError
 from .fp6_linear import GEMM_MIN_ROWS, GEMM_MIN_ROWS_BF16
 from .packing import INT4_GROUP, pack_fp6, pack_int4
+from .results import append_jsonl
 
 DEFAULT_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
 DEFAULT_BATCHES = (1, 8, 64, 512)
@@ -200,11 +200,7 @@ def run_bench(shapes=None, batches=None, kernel_names=None, repeats: int = 21, o
         record["vs_bf16"] = round(bf16[(record["M"], record["N"], record["K"])] / record["median_ms"], 3)
         record["time"] = stamp
     if out_dir:
-        path = Path(out_dir)
-        path.mkdir(parents=True, exist_ok=True)
-        with open(path / "bench.jsonl", "a") as handle:
-            for record in records:
-                handle.write(json.dumps(record) + "\n")
+        append_jsonl(Path(out_dir) / "bench.jsonl", records)
     return records
 
 

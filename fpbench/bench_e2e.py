@@ -11,7 +11,6 @@ after a short prompt; the time covers generation only (prefill included, ~1 toke
 from __future__ import annotations
 
 import datetime as dt
-import json
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 from . import kernels
 from .fp6_linear import use_kernel_linears
 from .model_quant import quantize_model
+from .results import append_jsonl
 from .scheme import Scheme
 
 FP6_SCHEME = "fp6_e3m2/channel/rtn"
@@ -91,10 +91,7 @@ def run_e2e(new_tokens: int = 128, out_dir: str | None = None, progress: bool = 
     for record in records:
         record.update(env, speedup_vs_bf16=round(record["tokens_per_s"] / bf16[record["model"]], 3))
     if out_dir:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        with open(Path(out_dir) / "e2e.jsonl", "a") as handle:
-            for record in records:
-                handle.write(json.dumps(record) + "\n")
+        append_jsonl(Path(out_dir) / "e2e.jsonl", records)
     return records
 
 

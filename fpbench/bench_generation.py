@@ -17,7 +17,6 @@ steps at the tail of a run.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import statistics
 import time
 from contextlib import nullcontext
@@ -29,6 +28,7 @@ from transformers import StoppingCriteriaList
 
 from .generation import (DEFAULT_BATCH_SIZE, GenerationSettings, SlotCache, StopPerSequence, count_new_tokens,
                          cut_at_stop, eos_ids, few_row_linears, generate)
+from .results import append_jsonl
 from .runner import environment
 
 NAIVE_BATCH = 8
@@ -120,10 +120,7 @@ def run_generation_bench(loaded, problems: int | None = None, max_new_tokens: in
         "environment": environment(),
     }
     if out_dir is not None:
-        path = Path(out_dir) / "generation.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+        append_jsonl(Path(out_dir) / "generation.jsonl", [record])
     return record
 
 

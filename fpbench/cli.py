@@ -219,7 +219,8 @@ def run(model, format_name, granularity, algo, clip, scheme_names, task_names, l
               help="With --generation: the first N HumanEval problems (default: all 164).")
 @click.option("--new-tokens", type=click.IntRange(min=1), default=128, show_default=True,
               help="--e2e: tokens generated per measurement.")
-@out_option("results/bench", "Folder for bench.jsonl (one record per kernel x shape x batch).")
+@out_option("results/bench", "Folder for bench.jsonl (one record per kernel x shape x batch), "
+                              "e2e.jsonl (--e2e) or generation.jsonl (--generation).")
 @no_progress_option
 def bench(shapes, batches, kernel_names, repeats, e2e, generation, problems, new_tokens, out_dir, no_progress):
     """Median latency of the FP6 / INT4 kernels vs torch fp32, bf16, int8 and int4

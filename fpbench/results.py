@@ -45,6 +45,13 @@ def _append_locked(path: Path, payload: str) -> None:
             os.fsync(fh.fileno())
 
 
+def append_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
+    """Append records (one JSON line each) to a JSONL file, under the same lock and
+    partial-line guard as the results store (the benchmark logs use it)."""
+    if records:
+        _append_locked(Path(path), "".join(json.dumps(r) + "\n" for r in records))
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write to a unique temporary file, then rename: readers see old or new, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -138,3 +138,15 @@ def test_write_csv_matches_records(tmp_path):
     assert frame["value"].tolist() == [0.5, 1.5, 2.5]
     assert frame["options.backend"].tolist() == ["kernel"] * 3
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_append_jsonl_appends_whole_lines_after_a_partial_one(tmp_path):
+    from fpbench.results import append_jsonl
+
+    path = tmp_path / "logs" / "bench.jsonl"
+    append_jsonl(path, [{"a": 1}, {"b": 2}])
+    append_jsonl(path, [])
+    with open(path, "a") as fh:
+        fh.write('{"half": ')  # a writer died mid-line
+    append_jsonl(path, [{"c": 3}])
+    assert path.read_text().splitlines() == ['{"a": 1}', '{"b": 2}', '{"half": ', '{"c": 3}']
