@@ -53,7 +53,7 @@ reproduce-full: install
 
 # Build the compiled CPU kernels now (otherwise they build on first use), outside pip.
 kernels: install
-	$(BIN)/python -m fpbench.kernels
+	$(BIN)/python -m fpbench.kernels.build
 
 # Kernel latency table (cold weights, median of repeats) and decode tokens/s, into results/bench/.
 BENCH_ARGS ?=

@@ -31,12 +31,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .formats import FloatFormat, get_format
-from .model_quant import target_linears
-from .qerror import (Gaussian, Laplace, RowSamples, Sample, StudentT, best_clip, positive_grid, row_errors,
+from fpbench.quant.formats import FloatFormat, get_format
+from fpbench.quant.model import target_linears
+from fpbench.quant.qerror import (Gaussian, Laplace, RowSamples, Sample, StudentT, best_clip, positive_grid, row_errors,
                      sqnr_db)
-from .quant import CLIP_RATIOS
-from .results import ResultStore
+from fpbench.quant.weights import CLIP_RATIOS
+from fpbench.records.store import ResultStore
 
 FORMATS_8BIT = ("int8", "fp8_e2m5", "fp8_e3m4", "fp8_e4m3", "fp8_e5m2")
 FORMATS_LOW_BIT = ("int4", "fp4_e2m1", "fp4_e3m0", "int5", "fp5_e2m2", "fp5_e3m1",

@@ -8,11 +8,11 @@ import warnings
 
 import click
 
-from .act_quant import DEFAULT_ACT_CALIB_SAMPLES
-from .calib import DEFAULT_CALIB_SAMPLES, DEFAULT_CALIB_SEQLEN
-from .errors import FpbenchError
-from .gptq import DEFAULT_BLOCK_SIZE, DEFAULT_DAMP
-from .scheme import ACT_GRANULARITIES, ALGOS, CLIPS
+from fpbench.quant.activations import DEFAULT_ACT_CALIB_SAMPLES
+from fpbench.quant.calibration import DEFAULT_CALIB_SAMPLES, DEFAULT_CALIB_SEQLEN
+from fpbench.errors import FpbenchError
+from fpbench.quant.gptq import DEFAULT_BLOCK_SIZE, DEFAULT_DAMP
+from fpbench.quant.scheme import ACT_GRANULARITIES, ALGOS, CLIPS
 
 
 # Options several commands share, each defined once.
@@ -66,7 +66,7 @@ def formats():
     """
     import pandas as pd
 
-    from .formats import format_table
+    from fpbench.quant.formats import format_table
 
     table = pd.DataFrame(format_table()).set_index("format")
     click.echo(table.to_markdown(floatfmt=".6g"))
@@ -166,16 +166,16 @@ def run(model, format_name, granularity, algo, clip, scheme_names, task_names, l
     """
     import pandas as pd
 
-    from .report import write_report
-    from .runner import RunConfig
-    from .runner import run as run_one
-    from .spec import calibrated_scheme, schemes_from_options, with_activation
-    from .tasks import get_task
+    from fpbench.records.report import write_report
+    from fpbench.runner import RunConfig
+    from fpbench.runner import run as run_one
+    from fpbench.spec import calibrated_scheme, schemes_from_options, with_activation
+    from fpbench.eval.base import get_task
 
     schemes = schemes_from_options(format_name, granularity, algo, clip, scheme_names)
     schemes = [with_activation(s, act_format, act_granularity, act_clip, backend) for s in schemes]
     if backend == "kernel":
-        from .fp6_linear import check_kernel_scheme
+        from fpbench.kernels.linear import check_kernel_scheme
 
         for scheme in schemes:
             check_kernel_scheme(scheme)
@@ -235,11 +235,11 @@ def bench(shapes, batches, kernel_names, repeats, e2e, generation, problems, new
       fpbench bench --e2e --new-tokens 128
       fpbench bench --generation --problems 40
     """
-    from .bench import parse_batches, parse_shapes, run_bench, table
+    from fpbench.bench.kernels import parse_batches, parse_shapes, run_bench, table
 
     if generation:
-        from .bench_generation import generation_summary, run_generation_bench
-        from .models import load_model
+        from fpbench.bench.generation import generation_summary, run_generation_bench
+        from fpbench.models import load_model
 
         record = run_generation_bench(load_model("default"), problems, out_dir=out_dir, progress=not no_progress)
         click.echo(generation_summary(record))
@@ -247,7 +247,7 @@ def bench(shapes, batches, kernel_names, repeats, e2e, generation, problems, new
         return
 
     if e2e:
-        from .bench_e2e import e2e_table, run_e2e
+        from fpbench.bench.e2e import e2e_table, run_e2e
 
         click.echo(e2e_table(run_e2e(new_tokens=new_tokens, out_dir=out_dir, progress=not no_progress)))
         return
@@ -288,8 +288,8 @@ def sweep(config_path, shard, dry_run, force, out_dir, limit_override, data_dir,
       fpbench sweep configs/zeroquant42.yaml --shard 2/4 --out results-shard2
       fpbench sweep configs/default.yaml --limit none --out results-full
     """
-    from .report import write_report
-    from .sweep import estimate_text, load_config, parse_shard, plan, plan_table, run_sweep, summary_text
+    from fpbench.records.report import write_report
+    from fpbench.sweep import estimate_text, load_config, parse_shard, plan, plan_table, run_sweep, summary_text
 
     config = load_config(config_path, limit_override, data_dir)
     shard_spec = parse_shard(shard)
@@ -327,7 +327,7 @@ def report(results_paths, output_format, out_dir, baseline, no_plots):
       fpbench report results --format csv
       fpbench report shard1/ shard2/ shard3/ --out results   # merge shards, then report
     """
-    from .report import make_report, tables_text
+    from fpbench.records.report import make_report, tables_text
 
     if out_dir is None:
         if not os.path.isdir(results_paths[0]):
@@ -354,7 +354,7 @@ def lm_eval_cmd(ctx):
       fpbench lm-eval --model fpbench --model_args pretrained=HuggingFaceTB/SmolLM2-135M,format=int4,granularity=group:128,algo=rtn --tasks piqa
       fpbench lm-eval run --model fpbench --model_args scheme=fp6_e3m2/channel/rtn --tasks piqa_local --limit 50 --data-dir shared/data
     """
-    from .lm_eval_model import lm_eval_command_line
+    from fpbench.eval.lm_eval_model import lm_eval_command_line
 
     if ctx.args in ([], ["-h"], ["--help"]):
         click.echo(ctx.get_help() + "\n\nlm-eval's own help follows.\n")
@@ -383,8 +383,8 @@ def analyze_synthetic(out_dir):
     Example:
       fpbench analyze synthetic --out results/analyze
     """
-    from .analyze import run_synthetic
-    from .report import write_report
+    from fpbench.analyze import run_synthetic
+    from fpbench.records.report import write_report
 
     _, table, paths = run_synthetic(out_dir)
     write_report(out_dir)
@@ -414,10 +414,10 @@ def analyze_layers(model, calib, calib_samples, calib_seqlen, data_dir, seed, in
     Example:
       fpbench analyze layers --calib wikitext2 --data-dir DATA --out results/analyze
     """
-    from .analyze import DEFAULT_LAYER_SAMPLES, run_layers
-    from .calib import calibration_windows
-    from .models import load_model
-    from .report import write_report
+    from fpbench.analyze import DEFAULT_LAYER_SAMPLES, run_layers
+    from fpbench.quant.calibration import calibration_windows
+    from fpbench.models import load_model
+    from fpbench.records.report import write_report
 
     loaded = load_model(model)
     windows = calibration_windows(loaded.tokenizer, calib, calib_samples or DEFAULT_LAYER_SAMPLES, calib_seqlen,

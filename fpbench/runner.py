@@ -18,14 +18,14 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .formats import get_format
-from .model_quant import quantize_model, target_linears
-from .models import load_model
-from .quant import bits_per_weight
-from .results import ResultStore
-from .scheme import Scheme
-from .tasks import EvalOptions, evaluate_task, get_task
+from fpbench import __version__
+from fpbench.quant.formats import get_format
+from fpbench.quant.model import quantize_model, target_linears
+from fpbench.models import load_model
+from fpbench.quant.weights import bits_per_weight
+from fpbench.records.store import ResultStore
+from fpbench.quant.scheme import Scheme
+from fpbench.eval.base import EvalOptions, evaluate_task, get_task
 
 
 @dataclass
@@ -101,7 +101,7 @@ def run(config: RunConfig) -> list[dict]:
     quantized = quantize_model(loaded.model, config.scheme, include_head=config.include_head,
                                progress=config.progress, loaded=loaded, config=config)
     if config.backend == "kernel":
-        from .fp6_linear import use_kernel_linears
+        from fpbench.kernels.linear import use_kernel_linears
 
         use_kernel_linears(loaded.model, quantized.weights)
     options = EvalOptions(limit=config.limit, seqlen=config.seqlen, data_dir=config.data_dir,

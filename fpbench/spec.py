@@ -4,10 +4,10 @@ needs (checked before any model loads). The CLI only parses flags and calls thes
 
 from __future__ import annotations
 
-from .calib import DEFAULT_CALIB_SAMPLES, DEFAULT_CALIB_SEQLEN
-from .errors import FpbenchError
-from .gptq import DEFAULT_BLOCK_SIZE, DEFAULT_DAMP
-from .scheme import Granularity, Scheme
+from fpbench.quant.calibration import DEFAULT_CALIB_SAMPLES, DEFAULT_CALIB_SEQLEN
+from fpbench.errors import FpbenchError
+from fpbench.quant.gptq import DEFAULT_BLOCK_SIZE, DEFAULT_DAMP
+from fpbench.quant.scheme import Granularity, Scheme
 
 
 def schemes_from_options(format_name, granularity, algo, clip, scheme_names) -> list[Scheme]:
@@ -34,7 +34,7 @@ def with_activation(scheme: Scheme, act_format, act_granularity, act_clip, backe
 def static_act_setup(scheme: Scheme, extra: dict, data_dir, act_calib_samples, gptq_options) -> tuple[Scheme, dict]:
     """Static activation scales calibrate on the scheme's source; an explicit --calib joins
     the name as for GPTQ (``int8/channel/rtn@ptb/a:int8-tensor-static``)."""
-    from .calib import check_source
+    from fpbench.quant.calibration import check_source
 
     if scheme.algo != "gptq" and gptq_options.get("calib") and not scheme.calib:
         named, named_extra = gptq_setup(scheme, data_dir, **gptq_options)
@@ -51,7 +51,7 @@ def gptq_setup(scheme: Scheme, data_dir, calib, calib_samples, calib_seqlen, dam
     base name); it is checked before any model loads. Other GPTQ options go in extra."""
     from pathlib import Path
 
-    from .calib import check_source
+    from fpbench.quant.calibration import check_source
 
     source = scheme.calib or calib or scheme.calib_source  # the name's source, --calib, the default
     check_source(source, data_dir)

@@ -33,13 +33,13 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
-from . import __version__
-from . import runner as runner_module
-from .errors import FpbenchError
-from .results import SWEEPS_JSONL, ResultStore
-from .runner import RunConfig
-from .scheme import Granularity, Scheme
-from .tasks import get_task
+from fpbench import __version__
+from fpbench import runner as runner_module
+from fpbench.errors import FpbenchError
+from fpbench.records.store import SWEEPS_JSONL, ResultStore
+from fpbench.runner import RunConfig
+from fpbench.quant.scheme import Granularity, Scheme
+from fpbench.eval.base import get_task
 
 # Top-level keys of a sweep config, with what they hold (the documentation of the schema).
 CONFIG_KEYS = {
@@ -47,7 +47,7 @@ CONFIG_KEYS = {
     "description": "free text",
     "models": "list of models: 'default' (the embedded SmolLM2), hub ids, local dirs, .gguf files",
     "schemes": "list of schemes: a name (int4/g128/rtn) or a mapping of scheme keys",
-    "tasks": "list of task names (tasks/*.yaml)",
+    "tasks": "list of task names (fpbench/data/tasks/*.yaml)",
     "limit": "items per task: an integer, null (all), or a mapping task -> integer|null",
     "seqlen": "perplexity window length in tokens (null: the task default)",
     "seeds": "list of seeds (each one is a separate run); or 'seed: N'",
@@ -79,14 +79,14 @@ EXTRA_KEYS = {
     "static_groups": (lambda v: isinstance(v, bool), "GPTQ with groups: all group scales from the original weights"),
     # static activation scales (fpbench/act_quant.py)
     "act_calib_samples": (_positive_int, "tensor-static activations: calibration windows"),
-    # generative tasks (fpbench/tasks/codegen.py, summarization.py)
+    # generative tasks (fpbench/eval/codegen.py, summarization.py)
     "samples": (_positive_int, "code tasks: completions per problem (pass@k for k <= samples)"),
     "temperature": (_number, "generative tasks: sampling temperature (0 = greedy)"),
     "max_new_tokens": (_positive_int, "generative tasks: generated tokens per answer"),
     "prompt_mode": (lambda v: v in ("auto", "completion", "chat"), "generative tasks: auto, completion or chat"),
     "batch_size": (_positive_int, "generative tasks: sequences per generate call"),
     "timeout_s": (lambda v: _number(v) and v > 0, "code tasks: seconds per program execution"),
-    # zero-shot tasks (fpbench/tasks/zeroshot.py)
+    # zero-shot tasks (fpbench/eval/zeroshot.py)
     "zeroshot_source": (lambda v: v in ("auto", "hub", "local"), "zero-shot data: auto, hub or local"),
     "bootstrap_iters": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
                         "zero-shot: bootstrap iterations for the standard error"),
@@ -216,7 +216,7 @@ def _with_default_calib(spec: SchemeSpec) -> SchemeSpec:
 def check_resources(config: SweepConfig) -> None:
     """What each scheme needs besides the model, checked before any model loads:
     calibration text (GPTQ, static activation scales) and kernel support."""
-    from .calib import check_source
+    from fpbench.quant.calibration import check_source
 
     checked = set()
     for spec in config.schemes:
@@ -228,7 +228,7 @@ def check_resources(config: SweepConfig) -> None:
                 check_source(source, config.data_dir)
                 checked.add(source)
             if dict(spec.run_fields).get("backend") == "kernel":
-                from .fp6_linear import check_kernel_scheme
+                from fpbench.kernels.linear import check_kernel_scheme
 
                 check_kernel_scheme(scheme)
         except FpbenchError as exc:
@@ -406,7 +406,7 @@ class Estimator:
 
     @staticmethod
     def _model_name(spec: str | None) -> str:
-        from .models import DEFAULT_MODEL_NAME
+        from fpbench.models import DEFAULT_MODEL_NAME
 
         return DEFAULT_MODEL_NAME if spec in (None, "", "default") else spec
 

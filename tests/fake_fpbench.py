@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 import fpbench.runner
-import fpbench.task_specs
-import fpbench.tasks
+import fpbench.data.task_defs
+import fpbench.eval.base
 from fpbench.models import LoadedModel
-from fpbench.tasks import Metric
+from fpbench.eval.base import Metric
 
 FAKE_TASKS = {"fake_a": 0.0, "fake_b": 1000.0}  # name -> offset added to the score
 
@@ -62,6 +62,6 @@ def write_tasks(task_dir: Path) -> Path:
 
 
 def install(task_dir: Path) -> None:
-    fpbench.task_specs.TASK_DIR = write_tasks(Path(task_dir))
-    fpbench.tasks.FAMILIES["fake"] = __name__
+    fpbench.data.task_defs.TASK_DIR = write_tasks(Path(task_dir))
+    fpbench.eval.base.FAMILIES["fake"] = __name__
     fpbench.runner.load_model = load_model

@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 from conftest import tiny_llama
-from fpbench.act_quant import ACT_CLIP_RATIOS, ActQuantizer, attach_act_quantizers, calibrate
+from fpbench.quant.activations import ACT_CLIP_RATIOS, ActQuantizer, attach_act_quantizers, calibrate
 from fpbench.errors import FpbenchError
-from fpbench.model_quant import quantize_model, target_linears
-from fpbench.scheme import Granularity, Scheme
+from fpbench.quant.model import quantize_model, target_linears
+from fpbench.quant.scheme import Granularity, Scheme
 
 TORCH_FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 

@@ -7,13 +7,13 @@ import torch
 from scipy import optimize, stats
 
 from conftest import tiny_llama
-from fpbench.act_quant import ActQuantizer
+from fpbench.quant.activations import ActQuantizer
 from fpbench.analyze import (FORMATS_8BIT, LAYER_KINDS, SYNTHETIC_CLIP_RANGE, layers_frame, layers_summary,
                              run_synthetic, synthetic_frame, synthetic_table)
-from fpbench.model_quant import target_linears
-from fpbench.qerror import Gaussian, StudentT, mse, positive_grid, sqnr_db
-from fpbench.quant import quantize_weight
-from fpbench.scheme import Granularity
+from fpbench.quant.model import target_linears
+from fpbench.quant.qerror import Gaussian, StudentT, mse, positive_grid, sqnr_db
+from fpbench.quant.weights import quantize_weight
+from fpbench.quant.scheme import Granularity
 
 
 def uniform_quantizer_mse(clip: float, levels: int = 127) -> float:
@@ -66,7 +66,7 @@ def test_run_synthetic_writes_files_and_records(tmp_path):
     assert len(records) == len(frame) and {r["task"] for r in records} == {"analyze-synthetic"}
     gaussian_int8 = [r for r in records if r["scheme"] == "int8" and r["metric"] == "sqnr_db:gaussian"]
     assert gaussian_int8[0]["value"] == pytest.approx(table.loc["gaussian", "int8"])
-    from fpbench.report import write_report
+    from fpbench.records.report import write_report
 
     assert write_report(tmp_path).is_file()
 

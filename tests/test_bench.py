@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from fpbench import bench
+from fpbench.bench import kernels as bench
 from fpbench.errors import FpbenchError
 
 

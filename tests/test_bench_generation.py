@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
-from fpbench.bench_generation import generation_summary, naive_generate, run_generation_bench
-from fpbench.generation import GenerationSettings, generate
+from fpbench.bench.generation import generation_summary, naive_generate, run_generation_bench
+from fpbench.eval.generation import GenerationSettings, generate
 
 
 def test_naive_loop_and_continuous_batching_give_the_same_greedy_answers(tiny_loaded):

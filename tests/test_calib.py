@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fpbench.calib import (
+from fpbench.quant.calibration import (
     DEFAULT_CALIB_SAMPLES, DEFAULT_CALIB_SEQLEN, calibration_windows, check_source, code_corpus_files,
 )
 from fpbench.errors import FpbenchError
@@ -115,8 +115,8 @@ def test_code_corpus_is_the_standard_library():
 ])
 def test_task_sources_use_the_validation_split(data_dir, task, valid, test):
     """Windows are slices of the validation text and never of the scored test text."""
-    from fpbench.data import read_lines
-    from fpbench.tasks import get_task
+    from fpbench.data.sources import read_lines
+    from fpbench.eval.base import get_task
 
     join = get_task(task).get("join", "\n\n")
     valid_text = join.join(read_lines(data_dir / valid)).encode()

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from fpbench.errors import FpbenchError
-from fpbench.generation import GenerationResult
-from fpbench.tasks import EvalOptions, get_task
-from fpbench.tasks import codegen
+from fpbench.eval.generation import GenerationResult
+from fpbench.eval.base import EvalOptions, get_task
+from fpbench.eval import codegen
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -59,7 +59,7 @@ def test_extract_code_prefers_the_block_defining_the_entry_point():
 
 
 def test_chat_completion_keeps_prompt_imports_and_runs():
-    from fpbench.sandbox import Sandbox
+    from fpbench.eval.sandbox import Sandbox
 
     # The answer uses List without importing it: the prompt's import must stay in scope.
     answer = "```python\ndef total(xs: List[int]) -> int:\n    return sum(xs)\n\nif __name__ == '__main__':\n    input()\n```"
@@ -81,7 +81,7 @@ def test_prompt_mode_follows_the_chat_template(default_tokenizer):
 # ---------------------------------------------------------------- MBPP fixture
 
 def test_mbpp_fixture_loads_test_split_and_reference_code_passes():
-    from fpbench.sandbox import Sandbox
+    from fpbench.eval.sandbox import Sandbox
 
     task = get_task("mbpp")
     problems = codegen.mbpp_problems(task, data_dir=FIXTURES)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fpbench.errors import FpbenchError
-from fpbench.formats import FORMATS, FloatFormat, IntFormat, format_table, get_format
+from fpbench.quant.formats import FORMATS, FloatFormat, IntFormat, format_table, get_format
 
 ML_DTYPES = {
     "fp8_e4m3": ml_dtypes.float8_e4m3fn,

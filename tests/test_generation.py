@@ -6,7 +6,7 @@ import torch
 
 import pytest
 
-from fpbench.generation import (FEW_ROWS, FEW_ROWS_HEAD, FewRowLinear, GenerationSettings, cut_at_stop,
+from fpbench.eval.generation import (FEW_ROWS, FEW_ROWS_HEAD, FewRowLinear, GenerationSettings, cut_at_stop,
                                 decode_batched, few_row_linears, generate)
 
 PROMPTS = ["def add(a, b):", "Once upon a time, in a land far away, there lived",
@@ -144,8 +144,8 @@ def test_generate_with_few_row_linears_matches_transformers_generate(tiny_loaded
 def test_layers_with_activation_quantizers_keep_their_hooks_while_decoding(tiny_loaded):
     """Activation quantizers are forward pre-hooks: a hooked layer is not wrapped, so
     generation at one row (every step few-row) still quantizes its inputs at every step."""
-    from fpbench.act_quant import attach_act_quantizers
-    from fpbench.model_quant import target_linears
+    from fpbench.quant.activations import attach_act_quantizers
+    from fpbench.quant.model import target_linears
 
     model, tokenizer = tiny_loaded.model, tiny_loaded.tokenizer
     hooked = target_linears(model)

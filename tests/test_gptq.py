@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from fpbench.errors import FpbenchError
-from fpbench.formats import get_format
-from fpbench.gptq import decoder_blocks, gptq_model, gptq_quantize_weight, layer_objective
-from fpbench.model_quant import quantize_model, target_linears
-from fpbench.quant import compute_scales, quantize_weight
-from fpbench.scheme import Granularity, Scheme
+from fpbench.quant.formats import get_format
+from fpbench.quant.gptq import decoder_blocks, gptq_model, gptq_quantize_weight, layer_objective
+from fpbench.quant.model import quantize_model, target_linears
+from fpbench.quant.weights import compute_scales, quantize_weight
+from fpbench.quant.scheme import Granularity, Scheme
 
 from conftest import tiny_llama
 
@@ -128,7 +128,7 @@ def test_not_positive_definite_retries_with_more_damping(layer, caplog):
     weight, _, _ = layer
     vector = torch.randn(COLS, generator=torch.Generator().manual_seed(2))
     indefinite = torch.eye(COLS) - 0.5 * torch.outer(vector, vector)  # one negative eigenvalue
-    with caplog.at_level(logging.WARNING, logger="fpbench.gptq"):
+    with caplog.at_level(logging.WARNING, logger="fpbench.quant.gptq"):
         gptq = gptq_quantize_weight(weight, indefinite, "int4", Granularity("channel"), layer_name="bad")
     assert "not positive definite" in caplog.text and "bad" in caplog.text
     assert torch.isfinite(gptq.dequantize()).all()
@@ -195,7 +195,7 @@ def test_gptq_is_sequential(tiny):
     """Block 1's Hessians come from block 0 *quantized* (the published procedure): redoing
     block 1 by hand from the quantized block 0's outputs gives the same codes, from the
     full-precision block 0's outputs different ones."""
-    from fpbench.gptq import _block_hessians, _first_block_inputs, _run_block
+    from fpbench.quant.gptq import _block_hessians, _first_block_inputs, _run_block
 
     model, calibration_ids = tiny
     layers = target_linears(model)
@@ -241,7 +241,7 @@ def test_cli_gptq_options_name_the_scheme(tmp_path):
     """--calib joins the scheme name (a file by its base name); only options that differ
     from the defaults travel in extra, as a sweep entry would write them."""
     from fpbench.spec import gptq_setup
-    from fpbench.gptq import DEFAULT_BLOCK_SIZE, DEFAULT_DAMP
+    from fpbench.quant.gptq import DEFAULT_BLOCK_SIZE, DEFAULT_DAMP
 
     text = tmp_path / "mine.txt"
     text.write_text("some calibration text " * 50)

@@ -4,12 +4,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import fpbench.lm_eval_model  # noqa: F401  (registers the model type)
+import fpbench.eval.lm_eval_model  # noqa: F401  (registers the model type)
 from fpbench.errors import FpbenchError
-from fpbench.lm_eval_model import FpbenchLM, _pop_option, scheme_from_args
-from fpbench.quant import quantize_weight
-from fpbench.scheme import Granularity
-from fpbench.tasks.zeroshot import lm_eval_include_dir
+from fpbench.eval.lm_eval_model import FpbenchLM, _pop_option, scheme_from_args
+from fpbench.quant.weights import quantize_weight
+from fpbench.quant.scheme import Granularity
+from fpbench.eval.zeroshot import lm_eval_include_dir
 
 
 def test_scheme_from_model_args():

@@ -2,9 +2,9 @@ import torch
 from torch import nn
 
 from conftest import tiny_llama
-from fpbench.model_quant import quantize_model, target_linears
-from fpbench.quant import quantize_weight
-from fpbench.scheme import Granularity, Scheme
+from fpbench.quant.model import quantize_model, target_linears
+from fpbench.quant.weights import quantize_weight
+from fpbench.quant.scheme import Granularity, Scheme
 
 
 def test_rtn_quantizes_every_block_linear_and_keeps_the_head():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fpbench.errors import FpbenchError
-from fpbench.packing import (FP6_BLOCK, LANE_TO_POS, lo2_row_bytes, pack_fp6, pack_int4, padded_k, unpack_fp6,
+from fpbench.kernels.packing import (FP6_BLOCK, LANE_TO_POS, lo2_row_bytes, pack_fp6, pack_int4, padded_k, unpack_fp6,
                              unpack_int4)
 
 
@@ -92,7 +92,7 @@ def test_int4_needs_whole_groups():
 
 
 def test_packed_arrays_are_cache_line_aligned():
-    from fpbench.packing import ALIGN_BYTES, aligned
+    from fpbench.kernels.packing import ALIGN_BYTES, aligned
 
     for shape in [(3, 100), (17, 576), (1, 4096)]:
         codes = torch.randint(0, 64, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from fpbench.errors import FpbenchError
-from fpbench.tasks import EvalOptions, available_tasks, evaluate_task, get_task
-from fpbench.tasks.perplexity import token_stream
+from fpbench.eval.base import EvalOptions, available_tasks, evaluate_task, get_task
+from fpbench.eval.perplexity import token_stream
 
 
 def test_task_registry_lists_declared_tasks():

@@ -6,11 +6,11 @@ import torch
 from scipy import integrate, stats
 
 from fpbench.errors import FpbenchError
-from fpbench.formats import get_format
-from fpbench.qerror import (Gaussian, Laplace, Sample, StudentT, best_clip, mse, positive_grid,
+from fpbench.quant.formats import get_format
+from fpbench.quant.qerror import (Gaussian, Laplace, Sample, StudentT, best_clip, mse, positive_grid,
                             row_errors)
-from fpbench.quant import compute_scales, fake_quantize
-from fpbench.scheme import Granularity
+from fpbench.quant.weights import compute_scales, fake_quantize
+from fpbench.quant.scheme import Granularity
 
 DISTS = [Gaussian(), Laplace(), StudentT(10.0), StudentT(3.0), StudentT(2.5)]
 

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from fpbench.formats import get_format
-from fpbench.quant import (QuantizedWeight, bits_per_weight, compute_scales, fake_quantize,
+from fpbench.quant.formats import get_format
+from fpbench.quant.weights import (QuantizedWeight, bits_per_weight, compute_scales, fake_quantize,
                            quantize_weight)
-from fpbench.scheme import Granularity
+from fpbench.quant.scheme import Granularity
 
 CHANNEL, TENSOR = Granularity.parse("channel"), Granularity.parse("tensor")
 

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from fpbench.cli import main
 from fpbench.errors import FpbenchError
-from fpbench.report import build_report, make_report, model_table, records_frame, write_report
-from fpbench.results import CorruptRecordWarning, ResultStore
+from fpbench.records.report import build_report, make_report, model_table, records_frame, write_report
+from fpbench.records.store import CorruptRecordWarning, ResultStore
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SCHEMES = {  # scheme -> (format, granularity, bits per weight)
@@ -86,7 +86,7 @@ def test_the_caveat_on_limits_follows_the_records(tmp_path):
 
 
 def test_headline_metric_from_the_task_declaration(tmp_path, monkeypatch):
-    import fpbench.report as report
+    import fpbench.records.report as report
 
     monkeypatch.setattr(report, "headline_metrics",
                         lambda task, metrics: ["acc"] if task == "piqa" else metrics)

@@ -14,7 +14,7 @@ import pytest
 from filelock import FileLock
 
 from fpbench.errors import FpbenchError
-from fpbench.results import CorruptRecordWarning, ResultStore, read_results
+from fpbench.records.store import CorruptRecordWarning, ResultStore, read_results
 
 REPO = Path(__file__).parent.parent
 
@@ -71,7 +71,7 @@ def test_a_file_with_no_record_is_a_one_line_error(tmp_path):
 
 APPENDER = textwrap.dedent("""
     import sys
-    from fpbench.results import ResultStore
+    from fpbench.records.store import ResultStore
     out, tag, count, pad = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     store = ResultStore(out)
     for i in range(count):
@@ -141,7 +141,7 @@ def test_write_csv_matches_records(tmp_path):
 
 
 def test_append_jsonl_appends_whole_lines_after_a_partial_one(tmp_path):
-    from fpbench.results import append_jsonl
+    from fpbench.records.store import append_jsonl
 
     path = tmp_path / "logs" / "bench.jsonl"
     append_jsonl(path, [{"a": 1}, {"b": 2}])

@@ -13,8 +13,8 @@ import sys
 
 import pytest
 
-from fpbench.sandbox import Sandbox
-from fpbench.tasks.codegen import build_program
+from fpbench.eval.sandbox import Sandbox
+from fpbench.eval.codegen import build_program
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox targets Linux")
 

@@ -1,7 +1,7 @@
 import pytest
 
 from fpbench.errors import FpbenchError
-from fpbench.scheme import Granularity, Scheme
+from fpbench.quant.scheme import Granularity, Scheme
 
 
 @pytest.mark.parametrize("name", ["fp16", "bf16", "int4/g128/rtn", "fp6_e3m2/channel/rtn",

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fpbench.tasks import EvalOptions, get_task
-from fpbench.tasks import summarization as summ
+from fpbench.eval.base import EvalOptions, get_task
+from fpbench.eval import summarization as summ
 
 
 def test_rouge_matches_hand_computed_values():
@@ -101,9 +101,9 @@ def test_tiny_bart_pipeline_and_quantization(default_tokenizer, local_task):
     import torch
     from transformers import BartConfig, BartForConditionalGeneration
 
-    from fpbench.model_quant import quantize_model, target_linears
+    from fpbench.quant.model import quantize_model, target_linears
     from fpbench.models import LoadedModel
-    from fpbench.scheme import Scheme
+    from fpbench.quant.scheme import Scheme
 
     tokenizer = default_tokenizer
     torch.manual_seed(0)

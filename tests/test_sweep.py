@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from fpbench import runner
 from fpbench.cli import main
 from fpbench.errors import FpbenchError
-from fpbench.results import CorruptRecordWarning, ResultStore
+from fpbench.records.store import CorruptRecordWarning, ResultStore
 from fpbench.sweep import (CONFIG_KEYS, EXTRA_KEYS, RUN_FIELD_KEYS, expand, load_config, parse_shard, plan,
                            run_sweep, select_shard)
 
@@ -36,11 +36,11 @@ def fake(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(TESTS_DIR))
     import fake_fpbench
 
-    import fpbench.task_specs
-    import fpbench.tasks
+    import fpbench.data.task_defs
+    import fpbench.eval.base
 
-    monkeypatch.setattr(fpbench.task_specs, "TASK_DIR", fpbench.task_specs.TASK_DIR)
-    monkeypatch.setitem(fpbench.tasks.FAMILIES, "fake", "fake_fpbench")
+    monkeypatch.setattr(fpbench.data.task_defs, "TASK_DIR", fpbench.data.task_defs.TASK_DIR)
+    monkeypatch.setitem(fpbench.eval.base.FAMILIES, "fake", "fake_fpbench")
     monkeypatch.setattr(runner, "load_model", runner.load_model)
     fake_fpbench.install(tmp_path / "tasks")
     return fake_fpbench
@@ -301,7 +301,7 @@ def test_resume_after_kill_9_mid_run(tmp_path, fake):
 
 
 def test_report_after_a_sweep_shows_the_stored_numbers(tmp_path, fake):
-    from fpbench.report import make_report
+    from fpbench.records.report import make_report
 
     out = tmp_path / "out"
     config = load_config(write_config(tmp_path / "c.yaml", tasks=["fake_a", "fake_b"]))

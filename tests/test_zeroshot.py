@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fpbench.errors import FpbenchError
-from fpbench.tasks import EvalOptions, available_tasks, get_task
-from fpbench.tasks.zeroshot import (DATA_DIR_PLACEHOLDER, LM_EVAL_TEMPLATE_DIR, choose_source, evaluate,
+from fpbench.eval.base import EvalOptions, available_tasks, get_task
+from fpbench.eval.zeroshot import (DATA_DIR_PLACEHOLDER, LM_EVAL_TEMPLATE_DIR, choose_source, evaluate,
                                     lm_eval_include_dir, write_lm_eval_configs)
 
 ZEROSHOT_TASKS = ["lambada_openai", "hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande", "boolq"]
@@ -161,8 +161,8 @@ def test_fpbench_accuracy_equals_lm_eval_on_default_model(data_dir, tmp_path):
 
     from fpbench.models import load_model
     from fpbench.runner import RunConfig, run
-    from fpbench.scheme import Scheme
-    from fpbench.tasks.zeroshot import DEFAULT_BATCH_SIZE
+    from fpbench.quant.scheme import Scheme
+    from fpbench.eval.zeroshot import DEFAULT_BATCH_SIZE
 
     limit = 20
     records = run(RunConfig(scheme=Scheme("fp32"), tasks=["piqa"], limit=limit, data_dir=str(data_dir),

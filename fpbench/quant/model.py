@@ -16,10 +16,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import FpbenchError
-from .act_quant import ActQuantizers, attach_act_quantizers, calibrate
-from .quant import QuantizedWeight, quantize_weight
-from .scheme import Scheme
+from fpbench.errors import FpbenchError
+from fpbench.quant.activations import ActQuantizers, attach_act_quantizers, calibrate
+from fpbench.quant.weights import QuantizedWeight, quantize_weight
+from fpbench.quant.scheme import Scheme
 
 
 @dataclass
@@ -53,7 +53,7 @@ def quantize_model(model: nn.Module, scheme: Scheme, include_head: bool = False,
     start = time.perf_counter()
     result = QuantizedModel(model, scheme)
     if scheme.is_baseline:
-        from .formats import get_format
+        from fpbench.quant.formats import get_format
         fmt = get_format(scheme.format)
         for module in target_linears(model, include_head).values():
             _set_weight(module, fmt.round(module.weight.data))
@@ -66,7 +66,7 @@ def quantize_model(model: nn.Module, scheme: Scheme, include_head: bool = False,
             _set_weight(module, qweight.dequantize().to(module.weight.dtype))
             result.weights[name] = qweight
     elif scheme.algo == "gptq":
-        from .gptq import quantize_model_gptq
+        from fpbench.quant.gptq import quantize_model_gptq
 
         result.weights = quantize_model_gptq(model, target_linears(model, include_head), scheme,
                                              progress=progress, **algo_options)
@@ -91,8 +91,8 @@ def _act_calibration_windows(scheme: Scheme, options: dict) -> torch.Tensor:
     their position-dependent outliers) match."""
     if options.get("calib_windows") is not None:
         return options["calib_windows"]
-    from .act_quant import DEFAULT_ACT_CALIB_SAMPLES
-    from .calib import DEFAULT_CALIB_SEQLEN, calibration_windows
+    from fpbench.quant.activations import DEFAULT_ACT_CALIB_SAMPLES
+    from fpbench.quant.calibration import DEFAULT_CALIB_SEQLEN, calibration_windows
 
     loaded, config = options.get("loaded"), options.get("config")
     if loaded is None:

@@ -25,7 +25,7 @@ from functools import cached_property
 
 import torch
 
-from .errors import FpbenchError
+from fpbench.errors import FpbenchError
 
 
 @dataclass(frozen=True)

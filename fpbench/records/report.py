@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import FpbenchError
-from .results import RESULTS_JSONL, SWEEPS_JSONL, ResultStore, read_results, write_atomic
+from fpbench.errors import FpbenchError
+from fpbench.records.store import RESULTS_JSONL, SWEEPS_JSONL, ResultStore, read_results, write_atomic
 
 REPORT_MD = "REPORT.md"
 TABLES_DIR = "tables"
@@ -96,7 +96,7 @@ def _label_rows(frame: pd.DataFrame) -> pd.Series:
 def headline_metrics(task: str, metrics: list[str]) -> list[str]:
     """The metrics a table shows for a task: its YAML ``headline`` (a name or a list) if it
     has one, else every metric except standard errors (they stay in the records)."""
-    from .tasks import get_task
+    from fpbench.eval.base import get_task
 
     try:
         declared = get_task(task).get("headline")

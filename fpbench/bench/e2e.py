@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from . import kernels
-from .fp6_linear import use_kernel_linears
-from .model_quant import quantize_model
-from .results import append_jsonl
-from .scheme import Scheme
+from fpbench.kernels import build as kernels
+from fpbench.kernels.linear import use_kernel_linears
+from fpbench.quant.model import quantize_model
+from fpbench.records.store import append_jsonl
+from fpbench.quant.scheme import Scheme
 
 FP6_SCHEME = "fp6_e3m2/channel/rtn"
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
@@ -80,7 +80,7 @@ def run_e2e(new_tokens: int = 128, out_dir: str | None = None, progress: bool = 
     records = measure_model("random-llama-1.1b" if shape is None else "random-llama", random_llama(shape),
                             new_tokens, progress)
     if include_default:
-        from .models import load_model
+        from fpbench.models import load_model
 
         loaded = load_model(None)
         records += measure_model(loaded.name, loaded.model, new_tokens, progress)

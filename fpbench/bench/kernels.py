@@ -31,11 +31,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import kernels
-from .errors import FpbenchError
-from .fp6_linear import GEMM_MIN_ROWS, GEMM_MIN_ROWS_BF16
-from .packing import INT4_GROUP, pack_fp6, pack_int4
-from .results import append_jsonl
+from fpbench.kernels import build as kernels
+from fpbench.errors import FpbenchError
+from fpbench.kernels.linear import GEMM_MIN_ROWS, GEMM_MIN_ROWS_BF16
+from fpbench.kernels.packing import INT4_GROUP, pack_fp6, pack_int4
+from fpbench.records.store import append_jsonl
 
 DEFAULT_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
 DEFAULT_BATCHES = (1, 8, 64, 512)

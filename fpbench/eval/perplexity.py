@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data import load_texts
-from ..errors import FpbenchError
-from . import DEFAULT_SEQLEN, EvalOptions, Metric
+from fpbench.data.sources import load_texts
+from fpbench.errors import FpbenchError
+from fpbench.eval.base import DEFAULT_SEQLEN, EvalOptions, Metric
 
 
 def token_stream(loaded, task: dict, data_dir=None) -> torch.Tensor:

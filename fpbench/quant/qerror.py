@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import FpbenchError
-from .formats import FloatFormat, IntFormat, NumberFormat, get_format
+from fpbench.errors import FpbenchError
+from fpbench.quant.formats import FloatFormat, IntFormat, NumberFormat, get_format
 
 
 def positive_grid(fmt: NumberFormat | str) -> np.ndarray:

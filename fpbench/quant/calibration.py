@@ -4,7 +4,7 @@ GPTQ (and static activation scales) fit their parameters to a small sample of te
 text matters, because a quantizer fitted to one domain may not help another. Sources:
 
 - ``wikitext2``, ``ptb``: the *validation* split named by the ``calibration:`` entry of
-  ``tasks/wikitext2.yaml`` / ``tasks/ptb.yaml`` (a local copy under ``--data-dir`` /
+  ``fpbench/data/tasks/wikitext2.yaml`` / ``ptb.yaml`` (a local copy under ``--data-dir`` /
   ``FPBENCH_DATA_DIR`` first, else the hub). The test split, which is scored, is never
   used for calibration.
 - ``c4``: the first shard of the English C4 training set (``allenai/c4``, as in the GPTQ
@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-from .data import hub_offline, load_texts
-from .errors import FpbenchError
-from .task_specs import get_task
+from fpbench.data.sources import hub_offline, load_texts
+from fpbench.errors import FpbenchError
+from fpbench.data.task_defs import get_task
 
 DEFAULT_CALIB_SAMPLES = 128
 DEFAULT_CALIB_SEQLEN = 2048

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-from .errors import FpbenchError
-from .formats import BaselineFormat, get_format
+from fpbench.errors import FpbenchError
+from fpbench.quant.formats import BaselineFormat, get_format
 
 DEFAULT_GROUP_SIZE = 128
 ALGOS = ("rtn", "gptq")

@@ -1,4 +1,4 @@
-"""Task declarations: the YAML files of the top-level ``tasks/`` folder (dataset source,
+"""Task declarations: the YAML files of ``fpbench/data/tasks/`` (dataset source,
 split, joining, calibration split). Plain data, read by the layers that need it - the
 calibration sampler as much as the task runners - so it sits low in the pipeline."""
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import yaml
 
-from .errors import FpbenchError
+from fpbench.errors import FpbenchError
 
-TASK_DIR = Path(__file__).resolve().parents[1] / "tasks"
+TASK_DIR = Path(__file__).resolve().parent / "tasks"
 
 
 def available_tasks() -> dict[str, dict]:

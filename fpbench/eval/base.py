@@ -1,5 +1,5 @@
-"""Task families: declarations live as YAML in the top-level ``tasks/`` folder (read by
-``fpbench.task_specs``); the Python that runs a task family lives in one module per
+"""Task families: declarations live as YAML in ``fpbench/data/tasks/`` (read by
+``fpbench.data.task_defs``); the Python that runs a task family lives in one module per
 family here.
 
 A family module exposes ``evaluate(loaded, task, options) -> list[Metric]``.
@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from ..errors import FpbenchError
-from ..task_specs import TASK_DIR, available_tasks, get_task  # noqa: F401  (re-exported)
+from fpbench.errors import FpbenchError
+from fpbench.data.task_defs import TASK_DIR, available_tasks, get_task  # noqa: F401  (re-exported)
 
 # family name -> module holding its evaluate(); families register here, once.
 FAMILIES = {
-    "perplexity": "fpbench.tasks.perplexity",
-    "codegen": "fpbench.tasks.codegen",
-    "summarization": "fpbench.tasks.summarization",
-    "zeroshot": "fpbench.tasks.zeroshot",
+    "perplexity": "fpbench.eval.perplexity",
+    "codegen": "fpbench.eval.codegen",
+    "summarization": "fpbench.eval.summarization",
+    "zeroshot": "fpbench.eval.zeroshot",
 }
 
 DEFAULT_SEQLEN = 2048

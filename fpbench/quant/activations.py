@@ -30,10 +30,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import FpbenchError
-from .formats import BaselineFormat, IntFormat, NumberFormat, get_format
-from .quant import compute_scales, fake_quantize
-from .scheme import ACT_GRANULARITIES, Granularity
+from fpbench.errors import FpbenchError
+from fpbench.quant.formats import BaselineFormat, IntFormat, NumberFormat, get_format
+from fpbench.quant.weights import compute_scales, fake_quantize
+from fpbench.quant.scheme import ACT_GRANULARITIES, Granularity
 
 # Candidate static clips for clip="mse": absmax * 2^(-k/4), k = 0..24 (1 down to 1/64).
 # Wider than the weights' CLIP_RATIOS because a per-tensor activation range is set by a
@@ -99,7 +99,7 @@ class ActQuantizer:
         return absmax * np.asarray(ACT_CLIP_RATIOS)
 
     def _observe_clip_errors(self, x: torch.Tensor) -> None:
-        from .qerror import Sample, mse, positive_grid
+        from fpbench.quant.qerror import Sample, mse, positive_grid
 
         grid = positive_grid(self.format)
         sample = Sample(x.detach())

@@ -17,10 +17,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import kernels
-from .errors import FpbenchError
-from .packing import INT4_GROUP, aligned, pack_fp6, pack_int4
-from .quant import QuantizedWeight
+from fpbench.kernels import build as kernels
+from fpbench.errors import FpbenchError
+from fpbench.kernels.packing import INT4_GROUP, aligned, pack_fp6, pack_int4
+from fpbench.quant.weights import QuantizedWeight
 
 # Batch rows (tokens) from which the kernels dequantize the weights and call torch's
 # dense GEMM instead of streaming the packed weights through their own register tiles.

@@ -2,7 +2,7 @@
 does (hub id, local directory, .gguf, or the embedded default), quantizes it with a
 scheme, and evaluates it with lm-eval's own HF wrapper. Importing this module registers it:
 
-    import fpbench.lm_eval_model  # noqa: F401  (registers "fpbench")
+    import fpbench.eval.lm_eval_model  # noqa: F401  (registers "fpbench")
     import lm_eval
     lm_eval.simple_evaluate(model="fpbench", tasks=["piqa"],
                             model_args="pretrained=HuggingFaceTB/SmolLM2-135M,format=int4,"
@@ -20,11 +20,11 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from .errors import FpbenchError
-from .model_quant import quantize_model
-from .models import load_model
-from .runner import RunConfig
-from .scheme import Granularity, Scheme
+from fpbench.errors import FpbenchError
+from fpbench.quant.model import quantize_model
+from fpbench.models import load_model
+from fpbench.runner import RunConfig
+from fpbench.quant.scheme import Granularity, Scheme
 
 MODEL_NAME = "fpbench"
 UNQUANTIZED_FORMAT = "fp32"  # fpbench loads models in fp32; rounding to fp32 is the identity
@@ -99,7 +99,7 @@ def lm_eval_command_line(args: list[str]) -> None:
 
     from lm_eval.__main__ import cli_evaluate
 
-    from .tasks.zeroshot import lm_eval_include_dir
+    from fpbench.eval.zeroshot import lm_eval_include_dir
 
     args, data_dir = _pop_option(list(args), "--data-dir")
     user_include = any(a == "--include_path" or a.startswith("--include_path=") for a in args)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from .errors import FpbenchError
+from fpbench.errors import FpbenchError
 
 RESULTS_JSONL = "results.jsonl"
 RESULTS_CSV = "results.csv"

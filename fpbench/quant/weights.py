@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .formats import BaselineFormat, IntFormat, NumberFormat, get_format
-from .scheme import Granularity
+from fpbench.quant.formats import BaselineFormat, IntFormat, NumberFormat, get_format
+from fpbench.quant.scheme import Granularity
 
 # Candidate clipping ratios for clip="mse": 1.0 down to 0.5 in steps of 0.025.
 CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(21))

@@ -8,7 +8,7 @@ Where a task's data comes from:
 
 - hub (when ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` are not set): lm-eval's own task
   (``piqa``, ``hellaswag``...), so numbers are comparable with published ones;
-- local (offline): an lm-eval config from ``tasks/lm_eval/`` (``piqa_local``...) that
+- local (offline): an lm-eval config from ``fpbench/data/tasks/lm_eval/`` (``piqa_local``...) that
   reads the JSONL copy in the data folder (``--data-dir`` / ``FPBENCH_DATA_DIR``).
 
 The local configs are templates: lm-eval reads ``data_files`` literally, so fpbench
@@ -28,9 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..data import _missing, hub_offline, local_file, resolve_data_dir
-from ..errors import FpbenchError
-from . import TASK_DIR, EvalOptions, Metric
+from fpbench.data.sources import _missing, hub_offline, local_file, resolve_data_dir
+from fpbench.errors import FpbenchError
+from fpbench.eval.base import TASK_DIR, EvalOptions, Metric
 
 LM_EVAL_TEMPLATE_DIR = TASK_DIR / "lm_eval"
 DATA_DIR_PLACEHOLDER = "${FPBENCH_DATA_DIR}"

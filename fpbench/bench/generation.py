@@ -10,7 +10,7 @@ each produced and how many answers agree (greedy decoding in different batch sha
 diverge where two logits are within fp32 rounding).
 
 The record also holds the time of one decode step at 1-16 rows with torch's ``linear``
-and with :class:`~fpbench.generation.FewRowLinear`, the form fpbench uses for the few-row
+and with :class:`~fpbench.eval.generation.FewRowLinear`, the form fpbench uses for the few-row
 steps at the tail of a run.
 """
 
@@ -26,10 +26,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteriaList
 
-from .generation import (DEFAULT_BATCH_SIZE, GenerationSettings, SlotCache, StopPerSequence, count_new_tokens,
+from fpbench.eval.generation import (DEFAULT_BATCH_SIZE, GenerationSettings, SlotCache, StopPerSequence, count_new_tokens,
                          cut_at_stop, eos_ids, few_row_linears, generate)
-from .results import append_jsonl
-from .runner import environment
+from fpbench.records.store import append_jsonl
+from fpbench.runner import environment
 
 NAIVE_BATCH = 8
 STEP_ROWS = (16, 8, 4, 2, 1)  # decode-step timings, largest first (rows are dropped from one cache)
@@ -91,7 +91,7 @@ def run_generation_bench(loaded, problems: int | None = None, max_new_tokens: in
                          progress: bool = True) -> dict:
     """Time both paths on the first ``problems`` HumanEval problems (chat mode); write the
     record to ``out_dir/generation.jsonl`` when given and return it."""
-    from .tasks.codegen import COMPLETION_STOP, build_prompt, choose_prompt_mode, humaneval_problems
+    from fpbench.eval.codegen import COMPLETION_STOP, build_prompt, choose_prompt_mode, humaneval_problems
 
     chosen = humaneval_problems()[:problems]
     mode = choose_prompt_mode(loaded.tokenizer)

@@ -1,4 +1,4 @@
-"""Build and load the compiled CPU kernels in ``kernels/`` (on first use, then cached).
+"""Build and load the compiled CPU kernels in ``fpbench/kernels/cpp/`` (on first use, then cached).
 
 The extension is compiled by ``torch.utils.cpp_extension.load`` (ninja + the system C++
 compiler) into a build folder keyed by the source hash, the torch version and the CPU's
@@ -19,9 +19,9 @@ import shutil
 from functools import lru_cache
 from pathlib import Path
 
-from .errors import FpbenchError
+from fpbench.errors import FpbenchError
 
-SOURCE_DIR = Path(__file__).resolve().parent.parent / "kernels"
+SOURCE_DIR = Path(__file__).resolve().parent / "cpp"
 SOURCES = ("fp6_linear.cpp",)
 ISAS = ("auto", "avx512_bf16", "avx512", "avx2", "scalar")
 # The CPU flags that change which code paths exist or are picked.
@@ -115,7 +115,7 @@ def isa(requested: str | None = None) -> str:
 
 
 def main() -> None:
-    """``python -m fpbench.kernels``: build now (``make kernels``) and say what was built."""
+    """``python -m fpbench.kernels.build``: build now (``make kernels``) and say what was built."""
     module = load(verbose=True)
     print(f"built {module.__name__} in {build_dir()} ({cpu_name()}; flags {' '.join(cpu_flags())}; "
           f"best ISA {module.best_isa()})")
