@@ -1,7 +1,9 @@
 """fpbench: compare number formats for LLM quantization, honestly measured.
 
-Pipeline (one direction): formats -> quant -> model_quant -> tasks -> results -> report;
-``fpbench.cli`` is a thin layer over ``fpbench.runner``.
+Pipeline (one direction): data -> quant (formats, schemes, RTN/GPTQ, model surgery) ->
+kernels -> eval (tasks) -> runner/sweep -> records (store, report); ``fpbench.cli`` is a
+thin layer over ``fpbench.runner`` and ``fpbench.sweep``, its flags generated from
+``fpbench.options``.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -8,17 +8,13 @@ import warnings
 
 import click
 
-from fpbench.quant.activations import DEFAULT_ACT_CALIB_SAMPLES
-from fpbench.quant.calibration import DEFAULT_CALIB_SAMPLES, DEFAULT_CALIB_SEQLEN
 from fpbench.errors import FpbenchError
-from fpbench.quant.gptq import DEFAULT_BLOCK_SIZE, DEFAULT_DAMP
-from fpbench.quant.scheme import ACT_GRANULARITIES, ALGOS, CLIPS
+from fpbench.options import click_option, click_options, default_of
 
 
-# Options several commands share, each defined once.
-no_progress_option = click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-seed_option = click.option("--seed", type=int, default=0, show_default=True,
-                           help="Random seed: which calibration windows, sampled generations.")
+# Options several commands share: the rows of the options table.
+no_progress_option = click_option("no_progress")
+seed_option = click_option("seed")
 
 
 def out_option(default: str | None, help: str):
@@ -27,8 +23,8 @@ def out_option(default: str | None, help: str):
                         type=click.Path(file_okay=False), help=help)
 
 
-def data_dir_option(help: str = "Folder with local dataset copies (also FPBENCH_DATA_DIR); used before the hub."):
-    return click.option("--data-dir", type=click.Path(file_okay=False), default=None, help=help)
+def data_dir_option(help: str | None = None):
+    return click_option("data_dir", **({"help": help} if help else {}))
 
 
 class _Group(click.Group):
@@ -73,131 +69,51 @@ def formats():
 
 
 @main.command()
-@click.option("--model", default=None, metavar="ID|DIR|FILE.gguf",
-              help="Hub id, local transformers directory, or .gguf file. Default: the embedded "
-                   "SmolLM2-135M-Instruct (a Q4_1 GGUF; see README).")
-@click.option("--format", "format_name", metavar="NAME",
-              help="Weight format: fp16, bf16, fp32, int8, int4, int4_asym, fp8_e4m3, fp8_e5m2, "
-                   "fp6_e3m2, fp6_e2m3, fp4_e2m1, any fpN_eXmY or intN (see `fpbench formats`).")
-@click.option("--granularity", metavar="tensor|channel|group:G",
-              help="Scale granularity; required for non-baseline formats. Groups that do not "
-                   "divide a row leave a shorter last group.")
-@click.option("--algo", type=click.Choice(ALGOS), default="rtn", show_default=True,
-              help="Quantization algorithm.")
-@click.option("--clip", type=click.Choice(CLIPS), default="none", show_default=True,
-              help="Scale choice: absmax, or a per-group clipping search minimising MSE.")
-@click.option("--scheme", "scheme_names", multiple=True, metavar="NAME",
-              help="A scheme by name, e.g. int4/g128/rtn or fp16; repeat to run several in one go.")
-@click.option("--task", "task_names", required=True, metavar="T1,T2",
-              help="Comma-separated tasks, e.g. wikitext2,ptb.")
-@click.option("--limit", type=click.IntRange(min=1), default=None,
-              help="Evaluate at most this many items (perplexity: windows).")
-@click.option("--seqlen", type=click.IntRange(min=2), default=None,
-              help="Perplexity window length in tokens. Default 2048, or the model's maximum.")
-@data_dir_option()
-@seed_option
-@click.option("--include-head", is_flag=True, help="Also quantize the output head (lm_head).")
-@out_option("results", "Folder of the results store (results.jsonl, results.csv, REPORT.md).")
-@no_progress_option
-@click.option("--backend", type=click.Choice(["simulate", "kernel"]), default="simulate", show_default=True,
-              help="simulate: dequantized fp32 weights; kernel: packed weights on the compiled CPU "
-                   "kernels (fp6_e3m2/channel or int4/g128; built on first use).")
-@click.option("--calib", default=None, metavar="SOURCE|FILE",
-              help="GPTQ calibration text: wikitext2 or ptb (validation split), c4 (hub), code (the "
-                   "Python standard library's source), or a .txt / .jsonl ('text' field) file. "
-                   "Default: wikitext2.")
-@click.option("--calib-samples", type=click.IntRange(min=1), default=DEFAULT_CALIB_SAMPLES,
-              show_default=True, help="GPTQ: number of random calibration windows.")
-@click.option("--calib-seqlen", type=click.IntRange(min=2), default=DEFAULT_CALIB_SEQLEN,
-              show_default=True, help="GPTQ: tokens per calibration window (lowered to the model's limit).")
-@click.option("--damp", type=click.FloatRange(min=0), default=DEFAULT_DAMP, show_default=True,
-              help="GPTQ: damping added to diag(H), as a fraction of its mean.")
-@click.option("--gptq-block", type=click.IntRange(min=1), default=DEFAULT_BLOCK_SIZE, show_default=True,
-              help="GPTQ: columns per lazy batch update.")
-@click.option("--act-order", is_flag=True, help="GPTQ: quantize columns by decreasing diag(H).")
-@click.option("--static-groups", is_flag=True,
-              help="GPTQ with groups: all group scales from the original weights (order-independent).")
-@click.option("--act-format", default=None, metavar="NAME",
-              help="Also quantize the input of every quantized linear (W8A8): int8, fp8_e4m3, "
-                   "fp8_e5m2, fp8_e3m4, ... Applies to each --scheme without an /a:... part.")
-@click.option("--act-granularity", type=click.Choice(ACT_GRANULARITIES), default=None,
-              help="Activation scales: one per tensor fixed by calibration (tensor-static, text from "
-                   "--calib, default wikitext2) or one per token computed on the fly (token-dynamic).")
-@click.option("--act-clip", type=click.Choice(CLIPS), default="none", show_default=True,
-              help="tensor-static: calibration absmax, or the clip with the least squared error.")
-@click.option("--act-calib-samples", type=click.IntRange(min=1), default=DEFAULT_ACT_CALIB_SAMPLES,
-              show_default=True, help="tensor-static: calibration windows (each --seqlen tokens long).")
-@click.option("--samples", type=click.IntRange(min=1), default=None,
-              help="Code tasks: completions per problem (pass@k for k <= samples). Default 1 (greedy).")
-@click.option("--temperature", type=click.FloatRange(min=0), default=None,
-              help="Generative tasks: sampling temperature; 0 = greedy. Default 0, or 0.8 with --samples > 1.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
-              help="Generative tasks: generated tokens per answer (default from the task YAML).")
-@click.option("--prompt-mode", type=click.Choice(["auto", "completion", "chat"]), default=None,
-              help="Generative tasks: chat template (instruct models) or raw prompt; auto picks chat "
-                   "when the tokenizer has a chat template.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None,
-              help="Generative tasks: sequences per generate call (default from the task YAML); "
-                   "zero-shot tasks: lm-eval's batch size (default 16).")
-def run(model, format_name, granularity, algo, clip, scheme_names, task_names, limit, seqlen,
-        data_dir, seed, include_head, out_dir, no_progress, backend, act_format, act_granularity,
-        act_clip, act_calib_samples, samples, temperature, max_new_tokens, prompt_mode, batch_size,
-        **gptq_options):
+@click_options(exclude=("calib_path",))
+def run(**values):
     """Quantize a model with one or more schemes and evaluate it on tasks.
 
     Appends one record per metric to OUT/results.jsonl (and refreshes results.csv and
-    REPORT.md), then prints a table.
+    REPORT.md), then prints a table. Every option is checked (formats, tasks, calibration
+    data, kernel support) before the model loads.
 
     \b
     Examples:
-      fpbench run --format fp6_e3m2 --granularity channel --task wikitext2 --limit 8
+      fpbench run --format fp6 --task humaneval
+      fpbench run --format fp6_e3m2 --task wikitext2 --limit 8
       fpbench run --model path/or/hf-id --format int4 --granularity group:128 --task ptb
       fpbench run --scheme fp16 --scheme int4/g128/rtn --task wikitext2,ptb --limit 4
       fpbench run --scheme fp6_e3m2/channel/rtn --task piqa,hellaswag,boolq --limit 50
-      fpbench run --format fp6_e3m2 --granularity channel --backend kernel --task wikitext2 --limit 4
+      fpbench run --format fp6_e3m2 --backend kernel --task wikitext2 --limit 4
       fpbench run --format int4 --granularity group:128 --algo gptq --calib wikitext2 \\
-          --calib-seqlen 512 --data-dir DATA --task wikitext2,ptb --limit 8
+          --calib-seqlen 512 --task wikitext2,ptb --limit 8
       fpbench run --scheme int8/channel/rtn --scheme fp8_e4m3/channel/rtn --act-format int8 \\
-          --act-granularity token-dynamic --task wikitext2 --limit 8
-      fpbench run --scheme int8/channel/rtn/a:int8-tensor-static --data-dir DATA --task wikitext2
-      fpbench run --format fp6_e3m2 --granularity channel --task humaneval --limit 40
+          --task wikitext2 --limit 8
+      fpbench run --scheme int8/channel/rtn/a:int8-tensor-static --task wikitext2
       fpbench run --scheme fp16 --task humaneval --samples 10 --temperature 0.8 --seed 1
-      fpbench run --scheme int4/g128/rtn --task cnn_dailymail --data-dir DATA --limit 20
+      fpbench run --scheme int4/g128/rtn --task cnn_dailymail --limit 20
     """
+    from fpbench.runner import plan_runs, run as run_one
+
+    configs = plan_runs(values)
+    if values["dry_run"]:
+        for config in configs:
+            click.echo(f"{config.scheme.name}  tasks={','.join(config.tasks)}  key={config.key()}"
+                       + (f"  options={config.options}" if config.options else ""))
+        click.echo(f"{len(configs)} run(s) checked; nothing loaded (--dry-run)")
+        return
     import pandas as pd
 
     from fpbench.records.report import write_report
-    from fpbench.runner import RunConfig
-    from fpbench.runner import run as run_one
-    from fpbench.spec import calibrated_scheme, schemes_from_options, with_activation
-    from fpbench.eval.base import get_task
 
-    schemes = schemes_from_options(format_name, granularity, algo, clip, scheme_names)
-    schemes = [with_activation(s, act_format, act_granularity, act_clip, backend) for s in schemes]
-    if backend == "kernel":
-        from fpbench.kernels.linear import check_kernel_scheme
-
-        for scheme in schemes:
-            check_kernel_scheme(scheme)
-    tasks = [t.strip() for t in task_names.split(",") if t.strip()]
-    for task in tasks:
-        get_task(task)
     records = []
-    # Only options the user set enter a run's key, so other tasks' keys do not change.
-    generation_extra = {k: v for k, v in dict(samples=samples, temperature=temperature,
-                                               max_new_tokens=max_new_tokens, prompt_mode=prompt_mode,
-                                               batch_size=batch_size).items() if v is not None}
-    for scheme in schemes:
-        scheme, extra = calibrated_scheme(scheme, data_dir, act_calib_samples, gptq_options)
-        extra = generation_extra | extra
-        config = RunConfig(scheme=scheme, tasks=tasks, model=model, limit=limit, seqlen=seqlen,
-                           data_dir=data_dir, seed=seed, include_head=include_head,
-                           out_dir=out_dir, progress=not no_progress, extra=extra, backend=backend)
+    for config in configs:
+        click.echo(f"run: {config.scheme.name} on {','.join(config.tasks)}", err=True)
         records += run_one(config)
-    write_report(out_dir)
+    write_report(values["out"])
     table = pd.DataFrame(records)[["scheme", "task", "metric", "value", "n", "quantize_s", "task_s"]]
     click.echo(table.to_markdown(index=False, floatfmt=".4f"))
-    click.echo(f"records appended to {os.path.join(out_dir, 'results.jsonl')}")
+    click.echo(f"records appended to {os.path.join(values['out'], 'results.jsonl')}")
 
 
 @main.command()
@@ -398,7 +314,7 @@ def analyze_synthetic(out_dir):
               help="Text whose activations are analyzed: wikitext2, ptb, c4, code, or a .txt/.jsonl file.")
 @click.option("--calib-samples", type=click.IntRange(min=1), default=None,
               help="Windows of text (one batch). Default: 1.")
-@click.option("--calib-seqlen", type=click.IntRange(min=2), default=DEFAULT_CALIB_SEQLEN, show_default=True,
+@click.option("--calib-seqlen", type=click.IntRange(min=2), default=default_of("calib_seqlen"), show_default=True,
               help="Tokens per window (lowered to the model's limit).")
 @data_dir_option("Folder with local dataset copies (also FPBENCH_DATA_DIR).")
 @seed_option

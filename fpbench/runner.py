@@ -12,7 +12,7 @@ import json
 import platform
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -26,6 +26,12 @@ from fpbench.quant.weights import bits_per_weight
 from fpbench.records.store import ResultStore
 from fpbench.quant.scheme import Scheme
 from fpbench.eval.base import EvalOptions, evaluate_task, get_task
+from fpbench.errors import FpbenchError
+from fpbench.options import STAGES, calibrated_scheme, default_of, run_options, schemes_from_values, stage_options
+from fpbench.quant.calibration import CalibrationSource
+
+# Options the task families read (generative and zero-shot stages).
+_FAMILY_OPTION_NAMES = {f.name for stage in ("generation", "zeroshot") for f in fields(STAGES[stage])}
 
 
 @dataclass
@@ -36,18 +42,20 @@ class RunConfig:
     limit: int | None = None
     seqlen: int | None = None
     data_dir: str | None = None
-    seed: int = 0
-    include_head: bool = False
-    out_dir: str = "results"
+    seed: int = default_of("seed")
+    include_head: bool = default_of("include_head")
+    out_dir: str = default_of("out")
     progress: bool = True
-    extra: dict = field(default_factory=dict)  # family- or algorithm-specific options
-    backend: str = "simulate"  # "kernel": quantized linears run on the compiled kernels
+    # Stage options that differ from their defaults (``fpbench.options.run_options``):
+    # part of the key, stored in every record, handed to each stage as a typed object.
+    options: dict = field(default_factory=dict)
+    backend: str = default_of("backend")  # "kernel": quantized linears run on the compiled kernels
 
     def key(self) -> str:
         """Stable hash of everything that determines the numbers (plus code version)."""
         payload = asdict(self) | {"scheme": self.scheme.name, "version": __version__}
-        if self.backend == "simulate":
-            payload.pop("backend")  # keys of runs made before the field existed stay valid
+        if self.backend == default_of("backend"):
+            payload.pop("backend")
         for volatile in ("out_dir", "progress", "data_dir"):
             payload.pop(volatile)
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -56,6 +64,15 @@ class RunConfig:
         """Key of this configuration restricted to one task: a sweep resumes per task, so
         adding a task to a sweep does not redo the tasks already measured."""
         return replace(self, tasks=[task]).key()
+
+    def stage(self, name: str):
+        """The typed options of one stage (``GptqOptions``, ``GenerationOptions``...)."""
+        return stage_options(name, self.options)
+
+    @property
+    def calibration(self) -> CalibrationSource:
+        return CalibrationSource(self.options.get("calib_path") or self.scheme.calib_source, self.seed,
+                                 self.data_dir)
 
 
 @lru_cache(maxsize=1)
@@ -94,25 +111,61 @@ def model_bits_per_weight(quantized, include_head: bool) -> float:
     return total_bits / max(total_weights, 1)
 
 
+def parse_tasks(text: str | None) -> list[str]:
+    """``wikitext2,ptb`` -> task names, each checked (an empty list is an error)."""
+    tasks = [t.strip() for t in (text or "").split(",") if t.strip()]
+    if not tasks:
+        from fpbench.data.task_defs import available_tasks
+
+        raise FpbenchError(f"no task given: pass --task with one or more of {', '.join(available_tasks())}")
+    for task in tasks:
+        get_task(task)
+    return tasks
+
+
+def plan_runs(values: dict) -> list[RunConfig]:
+    """The runs `fpbench run` makes from its option values (one per scheme), every option
+    checked before any model loads: tasks, formats, calibration text, kernel support."""
+    tasks = parse_tasks(values.get("task"))
+    configs = []
+    for scheme in schemes_from_values(values):
+        if values.get("backend") == "kernel":
+            from fpbench.kernels.linear import check_kernel_scheme
+
+            check_kernel_scheme(scheme)
+        scheme, scheme_values = calibrated_scheme(scheme, values, values.get("data_dir"))
+        configs.append(RunConfig(
+            scheme=scheme, tasks=tasks, model=values.get("model"), limit=values.get("limit"),
+            seqlen=values.get("seqlen"), data_dir=values.get("data_dir"), seed=values.get("seed", 0),
+            include_head=bool(values.get("include_head")), out_dir=values.get("out") or default_of("out"),
+            progress=not values.get("no_progress"), options=run_options(scheme_values),
+            backend=values.get("backend") or default_of("backend")))
+    return configs
+
+
 def run(config: RunConfig) -> list[dict]:
     tasks = [get_task(name) for name in config.tasks]  # fail on a bad task before loading
     torch.manual_seed(config.seed)
     loaded = load_model(config.model)
     quantized = quantize_model(loaded.model, config.scheme, include_head=config.include_head,
-                               progress=config.progress, loaded=loaded, config=config)
+                               progress=config.progress, loaded=loaded, calibration=config.calibration,
+                               gptq=config.stage("gptq"), act_calib=config.stage("act_calib"),
+                               act_seqlen=config.seqlen)
     if config.backend == "kernel":
         from fpbench.kernels.linear import use_kernel_linears
 
         use_kernel_linears(loaded.model, quantized.weights)
+    family_options = {k: v for k, v in config.options.items() if k in _FAMILY_OPTION_NAMES}
     options = EvalOptions(limit=config.limit, seqlen=config.seqlen, data_dir=config.data_dir,
                           seed=config.seed, out_dir=config.out_dir, progress=config.progress,
+                          batch_size=config.options.get("batch_size"),
                           # run identity lets families name their per-item outputs (samples, summaries)
-                          extra=dict(config.extra) | {"run_key": config.key(), "scheme": config.scheme.name})
+                          extra=family_options | {"run_key": config.key(), "scheme": config.scheme.name})
     base = {
         "model": loaded.name, "model_source": loaded.source, **config.scheme.fields(),
         "include_head": config.include_head, "seed": config.seed, "limit": config.limit,
         "backend": config.backend,
-        "run_key": config.key(), "options": dict(config.extra),
+        "run_key": config.key(), "options": dict(config.options),
         "quantize_s": round(quantized.quantize_seconds, 3),
         "bits_per_weight": round(model_bits_per_weight(quantized, config.include_head), 4),
         "caveat": loaded.caveat, **environment(),

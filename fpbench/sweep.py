@@ -37,6 +37,8 @@ from fpbench import __version__
 from fpbench import runner as runner_module
 from fpbench.errors import FpbenchError
 from fpbench.records.store import SWEEPS_JSONL, ResultStore
+from fpbench.options import (DEFAULT_ACT_GRANULARITY, default_granularity, run_field_keys, run_options,
+                             sweep_keys)
 from fpbench.runner import RunConfig
 from fpbench.quant.scheme import Granularity, Scheme
 from fpbench.eval.base import get_task
@@ -54,49 +56,13 @@ CONFIG_KEYS = {
     "seed": "a single seed (default 0)",
     "include_head": "also quantize the output head (default false)",
     "data_dir": "folder of local dataset copies (default: FPBENCH_DATA_DIR)",
-    "options": "mapping passed to every run's RunConfig.extra; keys from EXTRA_KEYS",
+    "options": "stage options for every run (GPTQ, generation, zero-shot...): keys of fpbench.options",
 }
 
-def _positive_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
-
-
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
-
-
-# Options that travel in RunConfig.extra (part of the run key; read by the code that
-# understands them). Allowed in a scheme mapping and in the top-level ``options``; any
-# other key is an error. Add a row here when a family or algorithm reads a new option.
-# key -> (check(value) -> bool, what it holds)
-EXTRA_KEYS = {
-    # GPTQ (fpbench/gptq.py)
-    "calib_samples": (_positive_int, "GPTQ: number of random calibration windows"),
-    "calib_seqlen": (lambda v: _positive_int(v) and v > 1, "GPTQ: tokens per calibration window"),
-    "damp": (_number, "GPTQ: damping added to diag(H), as a fraction of its mean"),
-    "gptq_block": (_positive_int, "GPTQ: columns per lazy batch update"),
-    "act_order": (lambda v: isinstance(v, bool), "GPTQ: quantize columns by decreasing diag(H)"),
-    "static_groups": (lambda v: isinstance(v, bool), "GPTQ with groups: all group scales from the original weights"),
-    # static activation scales (fpbench/act_quant.py)
-    "act_calib_samples": (_positive_int, "tensor-static activations: calibration windows"),
-    # generative tasks (fpbench/eval/codegen.py, summarization.py)
-    "samples": (_positive_int, "code tasks: completions per problem (pass@k for k <= samples)"),
-    "temperature": (_number, "generative tasks: sampling temperature (0 = greedy)"),
-    "max_new_tokens": (_positive_int, "generative tasks: generated tokens per answer"),
-    "prompt_mode": (lambda v: v in ("auto", "completion", "chat"), "generative tasks: auto, completion or chat"),
-    "batch_size": (_positive_int, "generative tasks: sequences per generate call"),
-    "timeout_s": (lambda v: _number(v) and v > 0, "code tasks: seconds per program execution"),
-    # zero-shot tasks (fpbench/eval/zeroshot.py)
-    "zeroshot_source": (lambda v: v in ("auto", "hub", "local"), "zero-shot data: auto, hub or local"),
-    "bootstrap_iters": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-                        "zero-shot: bootstrap iterations for the standard error"),
-}
-
-# Scheme-mapping keys that are RunConfig fields: how a scheme's layers compute.
-RUN_FIELD_KEYS = {
-    "backend": (lambda v: v in ("simulate", "kernel"),
-                "simulate (dequantized fp32 weights) or kernel (packed weights on the compiled CPU kernels)"),
-}
+# Keys of a scheme mapping or of ``options``: the stage options of the options table;
+# scheme-mapping keys that set a field of the run (backend). Both come from fpbench.options.
+EXTRA_KEYS = sweep_keys()
+RUN_FIELD_KEYS = run_field_keys()
 
 
 # Rough per-stage seconds for the dry-run estimate when the results store has no timing
@@ -115,7 +81,7 @@ class SchemeSpec:
     """One entry of ``schemes``: the Scheme, its RunConfig fields and its extra options."""
 
     scheme: Scheme
-    extra: tuple = ()  # sorted (key, value) pairs for RunConfig.extra
+    extra: tuple = ()  # sorted (key, value) pairs: stage options of this scheme
     run_fields: tuple = ()  # sorted (key, value) pairs for RunConfig fields (backend)
 
     @property
@@ -164,15 +130,13 @@ def _scheme_fields() -> set[str]:
 
 def _check_options(options: dict, table: dict) -> None:
     for key, value in options.items():
-        check, meaning = table[key]
-        if not check(value):
-            raise FpbenchError(f"bad value {value!r} for {key} ({meaning})")
+        table[key].check(value)
 
 
 def parse_scheme_entry(entry) -> SchemeSpec:
     """A scheme name, or a mapping of scheme keys (``name`` may give a base name). Keys go
     to the Scheme when it has such a field, else to RunConfig fields (RUN_FIELD_KEYS), else
-    to RunConfig.extra (EXTRA_KEYS)."""
+    to the run's stage options (EXTRA_KEYS)."""
     if isinstance(entry, str):
         return _with_default_calib(SchemeSpec(Scheme.parse(entry)))
     if not isinstance(entry, dict) or not entry:
@@ -188,6 +152,10 @@ def parse_scheme_entry(entry) -> SchemeSpec:
     extra = {k: v for k, v in entry.items() if k in EXTRA_KEYS and k not in scheme_keys}
     _check_options(run_fields, RUN_FIELD_KEYS)
     _check_options(extra, EXTRA_KEYS)
+    if "format" in direct and "granularity" not in direct:
+        direct["granularity"] = default_granularity(direct["format"])
+    if direct.get("act_format") and not direct.get("act_granularity"):
+        direct["act_granularity"] = DEFAULT_ACT_GRANULARITY
     if isinstance(direct.get("granularity"), str):
         direct["granularity"] = Granularity.parse(direct["granularity"])
     elif isinstance(direct.get("granularity"), int):
@@ -201,8 +169,9 @@ def parse_scheme_entry(entry) -> SchemeSpec:
         raise FpbenchError("a scheme mapping needs 'format' (or 'name')")
     else:
         scheme = Scheme(**direct)
-    if run_fields.get("backend") == "simulate":
-        del run_fields["backend"]  # the default: same run (and run key) as leaving it out
+    # A default (backend: simulate, damp: 0.01) is the same run (and key) as leaving it out.
+    run_fields = {k: v for k, v in run_fields.items() if v != RUN_FIELD_KEYS[k].field_default}
+    extra = run_options(extra)
     return _with_default_calib(SchemeSpec(scheme, tuple(sorted(extra.items())), tuple(sorted(run_fields.items()))))
 
 
@@ -365,7 +334,7 @@ def expand(config: SweepConfig, out_dir: str = "results", progress: bool = True)
                         scheme=spec.scheme, tasks=tasks, model=None if model == "default" else model,
                         limit=limit, seqlen=config.seqlen, data_dir=config.data_dir, seed=seed,
                         include_head=config.include_head, out_dir=str(out_dir), progress=progress,
-                        extra=dict(config.options) | dict(spec.extra), **dict(spec.run_fields),
+                        options=run_options(dict(config.options) | dict(spec.extra)), **dict(spec.run_fields),
                     ), spec.label))
     return runs
 

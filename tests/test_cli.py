@@ -1,6 +1,10 @@
 import json
+import os
+import re
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -43,7 +47,8 @@ def test_run_writes_records_csv_and_report(tiny_model_dir, data_dir, tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--format", "fp7_e9m9", "--granularity", "channel"], "format 'fp7_e9m9'"),
-    (["--format", "int4"], "needs a granularity"),
+    (["--format", "int4", "--task", ""], "no task given"),
+    (["--format", "int4", "--task", ",,"], "no task given"),
     (["--format", "int4", "--granularity", "group:0"], "granularity"),
     (["--format", "fp16", "--task", "nosuchtask"], "unknown task 'nosuchtask'"),
 ])
@@ -58,7 +63,7 @@ def test_bad_input_is_one_line_and_exit_2(args, message):
 
 def test_installed_entry_point_reports_errors_without_traceback():
     proc = subprocess.run([sys.executable, "-m", "fpbench.cli", "run", "--format", "int4",
-                           "--task", "wikitext2"], capture_output=True, text=True)
+                           "--granularity", "group:0", "--task", "wikitext2"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and "Traceback" not in proc.stderr
 
@@ -77,3 +82,71 @@ def test_default_model_end_to_end(data_dir, tmp_path):
     assert abs(ppl["int4_asym/g32/rtn"] - ppl["fp32"]) / ppl["fp32"] < 0.01
     assert ppl["int4/channel/rtn"] > 1.2 * ppl["fp32"]
     assert "Q4_1" in (tmp_path / "REPORT.md").read_text()
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_commands() -> list[str]:
+    """Every `fpbench ...` command in the README's code blocks, continuation lines joined
+    and trailing comments dropped."""
+    commands, in_block, pending = [], False, ""
+    for line in README.read_text().splitlines():
+        if line.lstrip().startswith("```"):
+            in_block, pending = not in_block, ""
+            continue
+        if not in_block:
+            continue
+        text = pending + line.strip()
+        if text.endswith("\\"):
+            pending = text[:-1] + " "
+            continue
+        pending = ""
+        text = re.sub(r"\s+#.*$", "", text)
+        if text.startswith("fpbench "):
+            commands.append(text)
+    return commands
+
+
+def test_readme_has_commands():
+    commands = readme_commands()
+    assert len(commands) > 20 and "fpbench run --format fp6 --task humaneval" in commands
+
+
+@pytest.mark.parametrize("command", readme_commands())
+def test_every_readme_command_parses(command, data_dir, tmp_path, monkeypatch):
+    """`run` and `sweep` commands are checked in full with --dry-run (formats, tasks,
+    calibration data, kernel support; no model loads); the others parse their options."""
+    monkeypatch.chdir(README.parent)
+    args = shlex.split(command.replace("DATA", str(data_dir)).replace("${SLURM_ARRAY_TASK_ID}", "1").replace("$K", "1"))[1:]
+    if args[0] in ("run", "sweep"):
+        if "--out" not in args:
+            args += ["--out", str(tmp_path / "out")]
+        result = CliRunner().invoke(main, args + ["--dry-run"])
+        assert result.exit_code == 0, f"{command}\n{result.output}"
+        return
+    if args[0] == "report":  # results folders named in the README: empty stand-ins
+        monkeypatch.chdir(tmp_path)
+        for folder in (a for a in args[1:] if not a.startswith("-") and args[args.index(a) - 1] != "--out"):
+            (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+    ctx = main.make_context("fpbench", list(args), resilient_parsing=False)
+    with ctx:
+        name, sub, rest = main.resolve_command(ctx, ctx.protected_args + ctx.args)
+        if name == "lm-eval":
+            return  # every argument belongs to lm-eval's own parser
+        while isinstance(sub, type(main)) and rest:
+            sub_ctx = sub.make_context(name, list(rest), parent=ctx)
+            name, sub, rest = sub.resolve_command(sub_ctx, sub_ctx.protected_args + sub_ctx.args)
+        sub.make_context(name, list(rest), parent=ctx)
+
+
+@pytest.mark.slow
+def test_headline_command_as_typed(tmp_path, monkeypatch):
+    """`fpbench run --format fp6 --task humaneval --limit 2` runs as typed: per-channel
+    scales by default, two problems on the embedded model, executed in the sandbox."""
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["run", "--format", "fp6", "--task", "humaneval", "--limit", "2"])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (tmp_path / "results" / "results.jsonl").read_text().splitlines()]
+    assert {r["scheme"] for r in records} == {"fp6_e3m2/channel/rtn"}
+    assert {r["metric"] for r in records} >= {"pass@1"} and all(r["n"] == 2 for r in records)

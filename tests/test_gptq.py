@@ -235,17 +235,3 @@ def test_cli_gptq_without_calibration_data_is_one_line_error(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "ptb" in lines[0] and "--data-dir" in lines[0]
-
-
-def test_cli_gptq_options_name_the_scheme(tmp_path):
-    """--calib joins the scheme name (a file by its base name); only options that differ
-    from the defaults travel in extra, as a sweep entry would write them."""
-    from fpbench.spec import gptq_setup
-    from fpbench.quant.gptq import DEFAULT_BLOCK_SIZE, DEFAULT_DAMP
-
-    text = tmp_path / "mine.txt"
-    text.write_text("some calibration text " * 50)
-    scheme, extra = gptq_setup(Scheme.parse("int4/g128/gptq"), None, str(text), 16, 512,
-                                DEFAULT_DAMP, DEFAULT_BLOCK_SIZE, True, False)
-    assert scheme.name == "int4/g128/gptq@mine.txt"
-    assert extra == {"calib_samples": 16, "calib_seqlen": 512, "act_order": True, "calib_path": str(text.resolve())}

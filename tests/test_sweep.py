@@ -74,7 +74,6 @@ def no_model_load(monkeypatch):
     ({"schemes": ["int4/g0/rtn"]}, "granularity"),
     ({"schemes": [{"format": "int4", "granularity": "group:abc"}]}, "group:G"),
     ({"schemes": [{"format": "int4", "granularity": 128}]}, "group:128"),
-    ({"schemes": [{"format": "int4"}]}, "needs a granularity"),
     ({"schemes": [{"format": "int4", "granularity": "channel", "algo": "awq"}]}, "unknown algorithm"),
     ({"schemes": [{"format": "int8", "granularity": "channel", "act_format": "int77x"}]}, "int77x"),
     ({"schemes": [{"format": "int8", "granularity": "channel", "gptq_block": -1}]}, "gptq_block"),
@@ -110,7 +109,7 @@ def test_invalid_yaml_and_missing_file(tmp_path):
         load_config(tmp_path / "absent.yaml")
 
 
-def test_scheme_mapping_keys_go_to_scheme_runconfig_or_extra(tmp_path, fake):
+def test_scheme_mapping_keys_go_to_scheme_runconfig_or_options(tmp_path, fake):
     path = write_config(tmp_path / "c.yaml", schemes=[
         "int4/g128/rtn",
         {"format": "int4", "granularity": "group:128", "algo": "gptq", "damp": 0.01, "act_order": True},
@@ -124,8 +123,9 @@ def test_scheme_mapping_keys_go_to_scheme_runconfig_or_extra(tmp_path, fake):
     assert [r.scheme.name for r in runs] == [
         "int4/g128/rtn", "int4/g128/gptq@wikitext2",  # GPTQ names its default calibration source
         "fp6_e3m2/channel/rtn", "int8/channel/rtn/a:fp8_e4m3-token-dynamic", "int8/channel/rtn"]
-    assert runs[1].extra == {"batch_size": 2, "damp": 0.01, "act_order": True}
-    assert runs[2].backend == "kernel" and runs[2].extra == {"batch_size": 2}
+    # damp: 0.01 is the default: the same run (and key) as leaving it out.
+    assert runs[1].options == {"act_order": True, "batch_size": 2}
+    assert runs[2].backend == "kernel" and runs[2].options == {"batch_size": 2}
     assert runs[3].scheme.act_format == "fp8_e4m3" and runs[3].backend == "simulate"
     # backend: simulate is the default: the same run as leaving it out (a duplicate here).
     assert runs[4].key() == expand(load_config(write_config(

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import sysconfig
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -160,3 +161,16 @@ def calibration_windows(tokenizer, source: str, n_samples: int = DEFAULT_CALIB_S
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen + 1, (n_samples,), generator=generator)
     return torch.stack([ids[start:start + seqlen] for start in starts.tolist()])
+
+
+@dataclass(frozen=True)
+class CalibrationSource:
+    """Where a run's calibration text comes from (a source name or a file path), with the
+    run's seed and data folder: what quantization needs to know of the run."""
+
+    source: str
+    seed: int = 0
+    data_dir: str | None = None
+
+    def windows(self, tokenizer, n_samples: int, seqlen: int, max_length: int | None = None) -> torch.LongTensor:
+        return calibration_windows(tokenizer, self.source, n_samples, seqlen, self.seed, self.data_dir, max_length)

@@ -34,12 +34,13 @@ from __future__ import annotations
 import logging
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fpbench.quant.calibration import DEFAULT_CALIB_SAMPLES, DEFAULT_CALIB_SEQLEN, calibration_windows
+from fpbench.quant.calibration import DEFAULT_CALIB_SAMPLES, DEFAULT_CALIB_SEQLEN, CalibrationSource
 from fpbench.errors import FpbenchError
 from fpbench.quant.formats import BaselineFormat, NumberFormat, get_format
 from fpbench.quant.weights import QuantizedWeight, compute_scales, group_count, quantize_weight
@@ -300,29 +301,32 @@ def gptq_model(model: nn.Module, layers: dict[str, nn.Linear], scheme: Scheme,
     return weights
 
 
+@dataclass(frozen=True)
+class GptqOptions:
+    """GPTQ's settings (``fpbench.options`` exposes each as a flag and a sweep key)."""
+
+    calib_samples: int = DEFAULT_CALIB_SAMPLES  # random calibration windows
+    calib_seqlen: int = DEFAULT_CALIB_SEQLEN  # tokens per window (lowered to the model's limit)
+    damp: float = DEFAULT_DAMP
+    gptq_block: int = DEFAULT_BLOCK_SIZE
+    act_order: bool = False
+    static_groups: bool = False
+
+
 def quantize_model_gptq(model: nn.Module, layers: dict[str, nn.Linear], scheme: Scheme,
-                        progress: bool = True, loaded=None, config=None,
-                        calibration_ids: torch.Tensor | None = None,
-                        **other_stage_options) -> dict[str, QuantizedWeight]:
-    """Entry point for ``model_quant.quantize_model``: options from ``config.extra``
-    (``calib_samples``, ``calib_seqlen``, ``damp``, ``gptq_block``, ``act_order``,
-    ``static_groups``); calibration windows from ``config.extra["calib_path"]`` or
-    ``scheme.calib`` unless given. Options meant for other stages are ignored."""
-    extra = dict(config.extra) if config is not None else {}
+                        options: GptqOptions = GptqOptions(), progress: bool = True,
+                        loaded=None, calibration: CalibrationSource | None = None,
+                        calibration_ids: torch.Tensor | None = None) -> dict[str, QuantizedWeight]:
+    """Entry point for ``quant.model.quantize_model``: calibration windows drawn from
+    ``calibration`` (default: the scheme's source) unless ``calibration_ids`` are given."""
     if calibration_ids is None:
         if loaded is None:
             raise FpbenchError("GPTQ needs calibration data: pass loaded= (with a tokenizer) or calibration_ids=")
-        calibration_ids = calibration_windows(
-            loaded.tokenizer, extra.get("calib_path") or scheme.calib_source,
-            n_samples=extra.get("calib_samples") or DEFAULT_CALIB_SAMPLES,
-            seqlen=extra.get("calib_seqlen") or DEFAULT_CALIB_SEQLEN,
-            seed=config.seed if config is not None else 0,
-            data_dir=config.data_dir if config is not None else None,
-            max_length=loaded.max_length)
-    damp = extra.get("damp", DEFAULT_DAMP)
+        calibration = calibration or CalibrationSource(scheme.calib_source)
+        calibration_ids = calibration.windows(loaded.tokenizer, options.calib_samples, options.calib_seqlen,
+                                              loaded.max_length)
+    damp = options.damp
     if not (isinstance(damp, (int, float)) and math.isfinite(damp) and damp >= 0):
         raise FpbenchError(f"--damp must be a non-negative number (got {damp!r}); default {DEFAULT_DAMP}")
-    return gptq_model(model, layers, scheme, calibration_ids, damp=damp,
-                      block_size=extra.get("gptq_block") or DEFAULT_BLOCK_SIZE,
-                      act_order=bool(extra.get("act_order")),
-                      static_groups=bool(extra.get("static_groups")), progress=progress)
+    return gptq_model(model, layers, scheme, calibration_ids, damp=damp, block_size=options.gptq_block,
+                      act_order=options.act_order, static_groups=options.static_groups, progress=progress)

@@ -17,9 +17,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fpbench.errors import FpbenchError
-from fpbench.quant.activations import ActQuantizers, attach_act_quantizers, calibrate
-from fpbench.quant.weights import QuantizedWeight, quantize_weight
+from fpbench.quant.activations import DEFAULT_ACT_CALIB_SAMPLES, ActQuantizers, attach_act_quantizers, calibrate
+from fpbench.quant.calibration import DEFAULT_CALIB_SEQLEN, CalibrationSource
+from fpbench.quant.formats import get_format
+from fpbench.quant.gptq import GptqOptions, quantize_model_gptq
 from fpbench.quant.scheme import Scheme
+from fpbench.quant.weights import QuantizedWeight, quantize_weight
 
 
 @dataclass
@@ -46,14 +49,28 @@ def _set_weight(module: nn.Linear, weight: torch.Tensor) -> None:
     module.weight = nn.Parameter(weight, requires_grad=False)
 
 
+@dataclass(frozen=True)
+class ActCalibOptions:
+    """Static activation scales (``tensor-static``): how many windows calibrate them."""
+
+    act_calib_samples: int = DEFAULT_ACT_CALIB_SAMPLES
+
+
 @torch.no_grad()
-def quantize_model(model: nn.Module, scheme: Scheme, include_head: bool = False,
-                   progress: bool = True, **algo_options) -> QuantizedModel:
-    """Quantize ``model`` in place according to ``scheme``; returns codes and timing."""
+def quantize_model(model: nn.Module, scheme: Scheme, include_head: bool = False, progress: bool = True,
+                   loaded=None, calibration: CalibrationSource | None = None,
+                   gptq: GptqOptions | None = None, act_calib: ActCalibOptions | None = None,
+                   act_seqlen: int | None = None, calib_windows: torch.Tensor | None = None,
+                   calibration_ids: torch.Tensor | None = None) -> QuantizedModel:
+    """Quantize ``model`` in place according to ``scheme``; returns codes and timing.
+
+    Calibration text (GPTQ, static activation scales) comes from ``calibration`` (default:
+    the scheme's source) tokenized with ``loaded.tokenizer``, or is given directly:
+    ``calibration_ids`` for GPTQ, ``calib_windows`` for activation scales."""
     start = time.perf_counter()
     result = QuantizedModel(model, scheme)
+    calibration = calibration or CalibrationSource(scheme.calib_source)
     if scheme.is_baseline:
-        from fpbench.quant.formats import get_format
         fmt = get_format(scheme.format)
         for module in target_linears(model, include_head).values():
             _set_weight(module, fmt.round(module.weight.data))
@@ -66,10 +83,9 @@ def quantize_model(model: nn.Module, scheme: Scheme, include_head: bool = False,
             _set_weight(module, qweight.dequantize().to(module.weight.dtype))
             result.weights[name] = qweight
     elif scheme.algo == "gptq":
-        from fpbench.quant.gptq import quantize_model_gptq
-
         result.weights = quantize_model_gptq(model, target_linears(model, include_head), scheme,
-                                             progress=progress, **algo_options)
+                                             gptq or GptqOptions(), progress=progress, loaded=loaded,
+                                             calibration=calibration, calibration_ids=calibration_ids)
     else:
         raise FpbenchError(f"algorithm {scheme.algo!r} is not available; use --algo rtn or gptq")
     if scheme.act_format is not None:
@@ -78,31 +94,20 @@ def quantize_model(model: nn.Module, scheme: Scheme, include_head: bool = False,
         result.act_quantizers = attach_act_quantizers(layers, scheme.act_format, scheme.act_granularity,
                                                       scheme.act_clip)
         if scheme.act_granularity == "tensor-static":
-            calibrate(model, result.act_quantizers, _act_calibration_windows(scheme, algo_options), progress)
+            if calib_windows is None:
+                calib_windows = _act_calibration_windows(loaded, calibration, act_calib or ActCalibOptions(),
+                                                         act_seqlen)
+            calibrate(model, result.act_quantizers, calib_windows, progress)
     result.quantize_seconds = time.perf_counter() - start
     return result
 
 
-def _act_calibration_windows(scheme: Scheme, options: dict) -> torch.Tensor:
-    """Token windows for static activation scales: ``calib_windows`` if given, else drawn
-    from the scheme's calibration source (``Scheme.calib_source``) with the
-    run's seed and data folder; ``act_calib_samples`` in the run's extra options sets their
-    number, and they are as long as the evaluation windows so that token positions (and
+def _act_calibration_windows(loaded, calibration: CalibrationSource, options: ActCalibOptions,
+                             seqlen: int | None) -> torch.Tensor:
+    """Windows as long as the evaluation windows (``seqlen``), so that token positions (and
     their position-dependent outliers) match."""
-    if options.get("calib_windows") is not None:
-        return options["calib_windows"]
-    from fpbench.quant.activations import DEFAULT_ACT_CALIB_SAMPLES
-    from fpbench.quant.calibration import DEFAULT_CALIB_SEQLEN, calibration_windows
-
-    loaded, config = options.get("loaded"), options.get("config")
     if loaded is None:
         raise FpbenchError("tensor-static activation scales need calibration text: pass loaded= "
                            "(a LoadedModel) or calib_windows= to quantize_model, or use token-dynamic")
-    extra = dict(getattr(config, "extra", None) or {})
-    seqlen = getattr(config, "seqlen", None) or DEFAULT_CALIB_SEQLEN
-    return calibration_windows(
-        loaded.tokenizer, extra.get("calib_path") or scheme.calib_source,
-        n_samples=extra.get("act_calib_samples") or DEFAULT_ACT_CALIB_SAMPLES, seqlen=seqlen,
-        seed=getattr(config, "seed", 0), data_dir=getattr(config, "data_dir", None),
-        max_length=loaded.max_length,
-    )
+    return calibration.windows(loaded.tokenizer, options.act_calib_samples, seqlen or DEFAULT_CALIB_SEQLEN,
+                               loaded.max_length)
