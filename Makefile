@@ -11,12 +11,15 @@ export TOKENIZERS_PARALLELISM ?= false
 # datasets missing there come from the Hugging Face hub when it is reachable.
 FPBENCH_DATA_DIR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
 export FPBENCH_DATA_DIR
-# The sweeps `make reproduce` runs, in this order, each with the limits in its file:
-# perplexity grid, GPTQ vs RTN, zero-shot (lm-eval), generative (HumanEval, CNN/DM).
-# One of them alone: make reproduce REPRODUCE_CONFIGS=configs/gptq.yaml
-REPRODUCE_CONFIGS ?= configs/default.yaml configs/gptq.yaml configs/zeroshot.yaml configs/generative.yaml
-# `make reproduce-full` runs these without limits: all 164 HumanEval problems, 100 CNN/DM articles.
-FULL_CONFIGS ?= configs/generative.yaml
+# `make reproduce` (quick tier, about 15 minutes on 2 cores): every family on small limits,
+# into a fresh results/ (git-ignored; reruns resume from it), then a reproduction check
+# against the committed reference/. One sweep alone: make reproduce REPRODUCE_CONFIGS=configs/quick/gptq.yaml
+REPRODUCE_CONFIGS ?= configs/quick/perplexity.yaml configs/quick/gptq.yaml configs/quick/zeroshot.yaml configs/quick/generative.yaml
+# `make reproduce-full`: the full grid with each config's limits, then the generative
+# table on the full test sets (164 HumanEval problems, 100 CNN/DM articles), into
+# results-full/, checked against reference-full/. Several hours on 2 cores.
+FULL_CONFIGS ?= configs/default.yaml configs/gptq.yaml configs/zeroshot.yaml
+FULL_UNLIMITED_CONFIGS ?= configs/generative.yaml
 
 .PHONY: install test test-fast reproduce reproduce-full kernels bench clean
 
@@ -40,16 +43,16 @@ test: install
 test-fast: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
 
-# The sweeps of REPRODUCE_CONFIGS on the embedded default model; writes results/
-# (results.jsonl, results.csv, REPORT.md, tables/, plots/). Reruns skip finished runs.
+# The sweeps of REPRODUCE_CONFIGS, the report, and the reproduction check (exit 1 when a
+# metric differs from reference/ beyond its tolerance; the report is written either way).
 reproduce: install
 	set -e; for config in $(REPRODUCE_CONFIGS); do $(BIN)/fpbench sweep $$config --out results; done
-	$(BIN)/fpbench report results
+	$(BIN)/fpbench report results --reference reference
 
-# FULL_CONFIGS without limits (full test sets), into results-full/.
 reproduce-full: install
-	set -e; for config in $(FULL_CONFIGS); do $(BIN)/fpbench sweep $$config --limit none --out results-full; done
-	$(BIN)/fpbench report results-full
+	set -e; for config in $(FULL_CONFIGS); do $(BIN)/fpbench sweep $$config --out results-full; done
+	set -e; for config in $(FULL_UNLIMITED_CONFIGS); do $(BIN)/fpbench sweep $$config --limit none --out results-full; done
+	$(BIN)/fpbench report results-full --reference reference-full
 
 # Build the compiled CPU kernels now (otherwise they build on first use), outside pip.
 kernels: install

@@ -233,7 +233,11 @@ def sweep(config_path, shard, dry_run, force, out_dir, limit_override, data_dir,
 @click.option("--baseline", default=None, metavar="SCHEME",
               help="Row the Δ columns compare against. Default: fp16 (else bf16, fp32).")
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
-def report(results_paths, output_format, out_dir, baseline, no_plots):
+@click.option("--reference", "reference_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Compare every record with the record of the same run in this results folder "
+                   "(e.g. the committed reference/): a verdict per metric, written to REPORT.md; "
+                   "exit code 1 when a metric differs beyond its tolerance.")
+def report(results_paths, output_format, out_dir, baseline, no_plots, reference_dir):
     """Rebuild every table and plot from stored records: OUT/REPORT.md, OUT/tables/*.csv,
     OUT/plots/*.png, OUT/results.csv.
 
@@ -242,6 +246,7 @@ def report(results_paths, output_format, out_dir, baseline, no_plots):
       fpbench report results
       fpbench report results --format csv
       fpbench report shard1/ shard2/ shard3/ --out results   # merge shards, then report
+      fpbench report results --reference reference
     """
     from fpbench.records.report import make_report, tables_text
 
@@ -252,6 +257,27 @@ def report(results_paths, output_format, out_dir, baseline, no_plots):
     made = make_report(out_dir, sources=list(results_paths), baseline=baseline, plots=not no_plots)
     click.echo(tables_text(made["tables"], output_format))
     click.echo(f"report: {made['report']} ({len(made['written'])} tables and plots beside it)")
+    if reference_dir:
+        _reproduction_check(out_dir, reference_dir, made["report"])
+
+
+def _reproduction_check(out_dir: str, reference_dir: str, report_path) -> None:
+    from fpbench.records.compare import compare, comparison_markdown
+    from fpbench.records.store import ResultStore
+
+    comparison = compare(ResultStore(out_dir).read(), ResultStore(reference_dir).read())
+    section = comparison_markdown(comparison, reference_dir)
+    with open(report_path, "a", encoding="utf-8") as fh:
+        fh.write("\n" + section)
+    for row in comparison.rows:
+        if row["verdict"] == "differs":
+            click.echo(f"differs: {row['scheme']} {row['task']} {row['metric']}: {row['value']:.6g} vs "
+                       f"reference {row['reference']:.6g} (tolerance {row['tolerance']})")
+    click.echo(comparison.summary())
+    if comparison.differs:
+        click.echo(f"error: {comparison.differs} metric(s) differ from {reference_dir} beyond tolerance "
+                   f"(see the Reproduction check in {report_path})", err=True)
+        sys.exit(1)
 
 
 @main.command("lm-eval", context_settings=dict(ignore_unknown_options=True, allow_extra_args=True,

@@ -470,10 +470,11 @@ def run_sweep(config: SweepConfig, out_dir: str = "results", shard: tuple[int, i
     pending = [p for p in planned if p.pending_tasks]
     summary = SweepSummary(runs=len(planned), skipped=len(planned) - len(pending),
                            estimate_s=sum(p.estimate_s for p in pending))
+    echo(f"sweep {config.name}: {estimate_text(planned)}")
     remaining_estimate = summary.estimate_s
     spent_actual = spent_estimate = 0.0
     bar = tqdm(pending, desc=f"sweep {config.name}", unit="run", disable=not progress or not pending, position=0)
-    for item in bar:
+    for number, item in enumerate(bar, 1):
         # ETA: the remaining estimate, corrected by how fast the finished runs went.
         speed = spent_actual / spent_estimate if spent_estimate else 1.0
         bar.set_postfix_str(f"{item.label} | eta ~{_duration(remaining_estimate * speed)}")
@@ -498,6 +499,9 @@ def run_sweep(config: SweepConfig, out_dir: str = "results", shard: tuple[int, i
         spent_actual += seconds
         spent_estimate += item.estimate_s
         remaining_estimate -= item.estimate_s
+        (bar.write if progress else echo)(
+            f"[{number}/{len(pending)}] {item.label} on {','.join(item.pending_tasks)}: {status} "
+            f"in {_duration(seconds)} (estimated {_duration(item.estimate_s)})")
         summary.rows.append({"model": item.model, "scheme": item.label, "seed": item.config.seed,
                              "tasks": ",".join(item.pending_tasks), "seconds": round(seconds, 1),
                              "estimate": round(item.estimate_s, 1), "status": status})

@@ -149,7 +149,7 @@ def test_resources_are_checked_before_any_model_loads(tmp_path, fake, no_model_l
 
 
 def test_repo_configs_are_valid():
-    for path in sorted((REPO / "configs").glob("*.yaml")):
+    for path in sorted((REPO / "configs").rglob("*.yaml")):
         config = load_config(path)
         assert config.schemes and config.tasks, path
     default = load_config(REPO / "configs" / "default.yaml")
