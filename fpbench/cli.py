@@ -96,6 +96,9 @@ def run(**values):
     from fpbench.runner import plan_runs, run as run_one
 
     configs = plan_runs(values)
+    for config in configs:
+        if values["latency"] and "latency" not in config.tasks:
+            click.echo(f"note: {config.scheme.name} runs simulated only (no kernel): no latency measured", err=True)
     if values["dry_run"]:
         for config in configs:
             click.echo(f"{config.scheme.name}  tasks={','.join(config.tasks)}  key={config.key()}"

@@ -112,6 +112,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("include_head", "Also quantize the output head (lm_head).", "run", default=False, sweep=False),
     Option("backend", "simulate: dequantized fp32 weights; kernel: packed weights on the compiled CPU "
            "kernels (built on first use).", "run", type=click.Choice(BACKENDS), default="simulate"),
+    Option("latency", "Also time the run's own model on this CPU (the 'latency' task: decode ms/token and "
+           "tokens/s at batch 1, prefill tokens/s, weight MB). Always on with --backend kernel; schemes "
+           "simulated without a kernel have no latency.", "run", default=False),
     # --- the scheme (its name is the key)
     Option("format", "Weight format: fp16, bf16, fp32, int8, int4, int4_asym, fp8_e4m3, fp8_e5m2, fp6 "
            "(= fp6_e3m2), fp6_e2m3, fp4_e2m1, any fpN_eXmY or intN (see `fpbench formats`).", "scheme",

@@ -25,11 +25,13 @@ from fpbench.models import load_model
 from fpbench.quant.weights import bits_per_weight
 from fpbench.records.store import ResultStore
 from fpbench.quant.scheme import Scheme
-from fpbench.eval.base import EvalOptions, evaluate_task, get_task
+from fpbench.eval.base import EvalOptions, Metric, evaluate_task, get_task
+from fpbench.eval.latency import LatencySettings, latency_path, measure, prepare, weight_bytes
 from fpbench.errors import FpbenchError
 from fpbench.options import STAGES, calibrated_scheme, default_of, run_options, schemes_from_values, stage_options
 from fpbench.quant.calibration import CalibrationSource
 
+LATENCY_TASK = "latency"
 # Options the task families read (generative and zero-shot stages).
 _FAMILY_OPTION_NAMES = {f.name for stage in ("generation", "zeroshot") for f in fields(STAGES[stage])}
 
@@ -123,6 +125,15 @@ def parse_tasks(text: str | None) -> list[str]:
     return tasks
 
 
+def with_latency(tasks: list[str], scheme: Scheme, backend: str, requested: bool) -> list[str]:
+    """Tasks plus "latency" when asked for (--latency, or any --backend kernel run) and the
+    scheme runs on a real kernel; a simulated-only scheme gets no latency task."""
+    tasks = [t for t in tasks if t != LATENCY_TASK or latency_path(scheme, backend)]
+    if (requested or backend == "kernel") and latency_path(scheme, backend) and LATENCY_TASK not in tasks:
+        tasks.append(LATENCY_TASK)
+    return tasks
+
+
 def plan_runs(values: dict) -> list[RunConfig]:
     """The runs `fpbench run` makes from its option values (one per scheme), every option
     checked before any model loads: tasks, formats, calibration text, kernel support."""
@@ -134,13 +145,39 @@ def plan_runs(values: dict) -> list[RunConfig]:
 
             check_kernel_scheme(scheme)
         scheme, scheme_values = calibrated_scheme(scheme, values, values.get("data_dir"))
+        backend = values.get("backend") or default_of("backend")
         configs.append(RunConfig(
-            scheme=scheme, tasks=tasks, model=values.get("model"), limit=values.get("limit"),
+            scheme=scheme, tasks=with_latency(tasks, scheme, backend, bool(values.get("latency"))),
+            model=values.get("model"), limit=values.get("limit"),
             seqlen=values.get("seqlen"), data_dir=values.get("data_dir"), seed=values.get("seed", 0),
             include_head=bool(values.get("include_head")), out_dir=values.get("out") or default_of("out"),
             progress=not values.get("no_progress"), options=run_options(scheme_values),
-            backend=values.get("backend") or default_of("backend")))
+            backend=backend))
     return configs
+
+
+def latency_metrics(loaded, quantized, config: RunConfig) -> list[Metric]:
+    """The latency task on the run's own model: see ``fpbench.eval.latency``."""
+    path = latency_path(config.scheme, config.backend)
+    if path is None:
+        raise FpbenchError(f"scheme {config.scheme.name} runs simulated only (no kernel): it has no latency; "
+                           "use --backend kernel or drop the latency task")
+    layer_names = list(target_linears(loaded.model, config.include_head))
+    model = prepare(loaded.model, path, layer_names, quantized.weights)
+    settings = LatencySettings()
+    timing = measure(model, model.config.vocab_size, loaded.max_length, settings)
+    modules = dict(model.named_modules())
+    isa = getattr(modules[layer_names[0]], "isa", None) if layer_names else None
+    details = {"latency_path": path, "kernel_isa": isa or f"torch {torch.backends.cpu.get_cpu_capability()}",
+               "weight_bytes": weight_bytes(model, layer_names), "batch": 1,
+               "prompt_tokens": settings.prompt_tokens, "new_tokens": settings.new_tokens,
+               "prefill_tokens": timing["prefill_tokens"], "repeats": settings.repeats}
+    values = {"decode_ms_per_token": timing["decode_ms_per_token"],
+              "decode_tokens_per_s": timing["decode_tokens_per_s"],
+              "prefill_tokens_per_s": timing["prefill_tokens_per_s"],
+              "weight_mb": details["weight_bytes"] / 1e6}
+    return [Metric(name, value, settings.new_tokens if name.startswith("decode") else 1, dict(details))
+            for name, value in values.items()]
 
 
 def run(config: RunConfig) -> list[dict]:
@@ -174,7 +211,10 @@ def run(config: RunConfig) -> list[dict]:
     records = []
     for task in tasks:
         started = time.perf_counter()
-        metrics = evaluate_task(loaded, task, options)
+        if task["family"] == "latency":
+            metrics = latency_metrics(loaded, quantized, config)
+        else:
+            metrics = evaluate_task(loaded, task, options)
         task_seconds = time.perf_counter() - started
         task_records = [
             base | {"task": task["name"], "task_key": config.task_key(task["name"]),

@@ -39,7 +39,7 @@ from fpbench.errors import FpbenchError
 from fpbench.records.store import SWEEPS_JSONL, ResultStore
 from fpbench.options import (DEFAULT_ACT_GRANULARITY, default_granularity, run_field_keys, run_options,
                              sweep_keys)
-from fpbench.runner import RunConfig
+from fpbench.runner import RunConfig, with_latency
 from fpbench.quant.scheme import Granularity, Scheme
 from fpbench.eval.base import get_task
 
@@ -56,6 +56,8 @@ CONFIG_KEYS = {
     "seed": "a single seed (default 0)",
     "include_head": "also quantize the output head (default false)",
     "data_dir": "folder of local dataset copies (default: FPBENCH_DATA_DIR)",
+    "latency": "true: also run the 'latency' task (decode and prefill speed on this CPU) for every scheme "
+               "that runs on a kernel (a scheme mapping may say latency: true too)",
     "options": "stage options for every run (GPTQ, generation, zero-shot...): keys of fpbench.options",
 }
 
@@ -73,6 +75,7 @@ DEFAULT_LOAD_S = 5.0
 DEFAULT_QUANTIZE_S = {"rtn": 15.0, "gptq": 300.0}
 DEFAULT_ITEM_S = {"perplexity": 15.0}
 DEFAULT_ITEM_S_OTHER = 5.0
+DEFAULT_LATENCY_S = 30.0  # the latency task: warm-up, three decode passes, three prefills
 DEFAULT_ITEMS = 100  # items assumed for a task without a limit and without history
 
 
@@ -103,6 +106,7 @@ class SweepConfig:
     include_head: bool = False
     data_dir: str | None = None
     options: dict = field(default_factory=dict)
+    latency: bool = False
     digest: str = ""  # hash of the file's content, for the sweep log
 
 
@@ -308,13 +312,16 @@ def load_config(path: str | Path, limit_override: str | None = None,
         _check_options(options, EXTRA_KEYS)
     except FpbenchError as exc:
         raise _fail(path, f"options: {exc}") from exc
+    latency = raw.get("latency", False)
+    if not isinstance(latency, bool):
+        raise _fail(path, f"latency must be true or false, not {latency!r}")
     data_dir = data_dir_override or raw.get("data_dir")
     if data_dir is not None and not Path(str(data_dir)).expanduser().is_dir():
         raise _fail(path, f"data_dir {data_dir} is not a folder")
     return SweepConfig(
         name=str(raw.get("name") or path.stem), path=str(path), models=models, schemes=specs,
         tasks=tasks, limits=limits, seqlen=seqlen, seeds=seeds, include_head=include_head,
-        data_dir=str(data_dir) if data_dir else None, options=options,
+        data_dir=str(data_dir) if data_dir else None, options=options, latency=latency,
         digest=hashlib.sha256(text.encode()).hexdigest()[:16],
     )
 
@@ -329,12 +336,21 @@ def expand(config: SweepConfig, out_dir: str = "results", progress: bool = True)
                 by_limit: dict = {}
                 for task in config.tasks:
                     by_limit.setdefault(config.limits[task], []).append(task)
+                run_fields = dict(spec.run_fields)
+                latency = bool(run_fields.pop("latency", False)) or config.latency
+                backend = run_fields.get("backend", RUN_FIELD_KEYS["backend"].field_default)
+                if latency or backend == "kernel":
+                    # the latency task has no limit: a run of its own when the others have one
+                    by_limit.setdefault(None, [])
                 for limit, tasks in by_limit.items():
+                    tasks = with_latency(tasks, spec.scheme, backend, latency) if limit is None else tasks
+                    if not tasks:
+                        continue
                     runs.append((RunConfig(
                         scheme=spec.scheme, tasks=tasks, model=None if model == "default" else model,
                         limit=limit, seqlen=config.seqlen, data_dir=config.data_dir, seed=seed,
                         include_head=config.include_head, out_dir=str(out_dir), progress=progress,
-                        options=run_options(dict(config.options) | dict(spec.extra)), **dict(spec.run_fields),
+                        options=run_options(dict(config.options) | dict(spec.extra)), **run_fields,
                     ), spec.label))
     return runs
 
@@ -361,6 +377,7 @@ class Estimator:
 
     def __init__(self, records: list[dict]):
         self.item_s: dict = {}  # (model, task) -> [seconds per item]
+        self.task_s: dict = {}  # (model, task) -> [seconds per task], for tasks without items
         self.quantize_s: dict = {}  # (model, algo) -> [seconds]
         seen_tasks = set()
         for r in records:
@@ -368,6 +385,8 @@ class Estimator:
             if (r.get("task_key") or r.get("run_key"), task) in seen_tasks:
                 continue  # one timing per task, not one per metric
             seen_tasks.add((r.get("task_key") or r.get("run_key"), task))
+            if isinstance(r.get("task_s"), (int, float)):
+                self.task_s.setdefault((model, task), []).append(r["task_s"])
             if isinstance(r.get("task_s"), (int, float)) and isinstance(r.get("n"), (int, float)) and r["n"] > 0:
                 self.item_s.setdefault((model, task), []).append(r["task_s"] / r["n"])
             if isinstance(r.get("quantize_s"), (int, float)):
@@ -389,6 +408,11 @@ class Estimator:
         seconds = DEFAULT_LOAD_S + (statistics.median(history) if history
                                     else DEFAULT_QUANTIZE_S.get(config.scheme.algo, 10.0))
         for task in tasks:
+            if get_task(task)["family"] == "latency":  # a fixed amount of work, whatever the limit
+                history = self.task_s.get((model, task))
+                from_history = from_history and bool(history)
+                seconds += statistics.median(history) if history else DEFAULT_LATENCY_S
+                continue
             per_item = self.item_s.get((model, task))
             if per_item:
                 per_item = statistics.median(per_item)

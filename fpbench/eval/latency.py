@@ -1,0 +1,137 @@
+"""Latency of a run's own quantized model, on this machine: the "latency" task.
+
+Measured where a scheme really runs, never estimated:
+
+- ``fpbench-kernel``: the quantized linears on fpbench's compiled kernels (``--backend kernel``);
+- ``torch-fp32`` / ``torch-bf16``: torch's own dense kernels for the baselines (fp32 and
+  fp16 weights compute in fp32 on a CPU, bf16 in bf16);
+- ``torch-int8``: torch's weight-only INT8 kernel (``_weight_int8pack_mm``, bf16
+  activations) for ``int8/channel``, a peer of fpbench's kernels.
+
+A scheme with none of these (activation quantization, or weights simulated in fp32 with
+no kernel) has no latency: :func:`latency_path` returns None and no record is written.
+
+What is timed, at batch 1 with the HF forward and its KV cache: ``decode_ms_per_token``,
+the mean time of one decode step over ``new_tokens`` greedy steps after a fixed
+``prompt_tokens``-token prompt (median over ``repeats``, a warm-up pass excluded), and
+``prefill_tokens_per_s`` over a ``prefill_tokens``-token prompt (median of ``repeats``).
+``weight_mb`` counts the bytes the quantized linear layers hold for their weights
+(packed codes, scales, zero points; not biases), so it tracks the format's real size.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fpbench.errors import FpbenchError
+
+PATHS = ("fpbench-kernel", "torch-fp32", "torch-bf16", "torch-int8")
+
+
+@dataclass(frozen=True)
+class LatencySettings:
+    prompt_tokens: int = 16
+    new_tokens: int = 32
+    prefill_tokens: int = 512
+    repeats: int = 3
+
+
+def latency_path(scheme, backend: str) -> str | None:
+    """Where this scheme's linears run for real, or None (simulated only)."""
+    if scheme.act_format is not None:
+        return None
+    if backend == "kernel":
+        return "fpbench-kernel"
+    if scheme.is_baseline:
+        return "torch-bf16" if scheme.format == "bf16" else "torch-fp32"
+    if scheme.format == "int8" and scheme.granularity is not None and scheme.granularity.kind == "channel" \
+            and getattr(scheme, "scale_format", "fp16") in ("fp16", "fp32", "bf16"):
+        return "torch-int8"
+    return None
+
+
+class TorchInt8Linear(nn.Module):
+    """torch's weight-only INT8 CPU kernel: int8 codes [N, K], one scale per row, bf16 x."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("codes", codes.to(torch.int8).contiguous())
+        self.register_buffer("scales", scales.reshape(-1).to(torch.bfloat16).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        out = torch._weight_int8pack_mm(flat, self.codes, self.scales)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+def prepare(model: nn.Module, path: str, layer_names, weights: dict | None = None) -> nn.Module:
+    """The model to time for ``path`` (a copy when the dtype or layers change)."""
+    if path in ("fpbench-kernel", "torch-fp32"):
+        return model
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    if path == "torch-int8":
+        modules = dict(model.named_modules())
+        for name in layer_names:
+            parent, _, leaf = name.rpartition(".")
+            old = modules[name]
+            qweight = weights[name]
+            setattr(modules[parent] if parent else model, leaf,
+                    TorchInt8Linear(qweight.codes, qweight.scales, old.bias))
+    return model
+
+
+def weight_bytes(model: nn.Module, layer_names) -> int:
+    modules = dict(model.named_modules())
+    total = 0
+    for name in layer_names:
+        for tensor_name, tensor in list(modules[name].named_parameters()) + list(modules[name].named_buffers()):
+            if tensor_name != "bias" and tensor is not None:
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+@torch.no_grad()
+def _decode_ms_per_token(model, prompt: torch.Tensor, new_tokens: int) -> float:
+    out = model(input_ids=prompt, use_cache=True)
+    past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    steps = []
+    for _ in range(new_tokens):
+        started = time.perf_counter()
+        out = model(input_ids=token, past_key_values=past, use_cache=True)
+        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        steps.append(time.perf_counter() - started)
+    return 1e3 * sum(steps) / len(steps)
+
+
+@torch.no_grad()
+def _prefill_s(model, ids: torch.Tensor) -> float:
+    started = time.perf_counter()
+    model(input_ids=ids, use_cache=False)
+    return time.perf_counter() - started
+
+
+def measure(model: nn.Module, vocab_size: int, max_length: int | None,
+            settings: LatencySettings = LatencySettings()) -> dict:
+    """Decode ms/token, tokens/s and prefill tokens/s of ``model`` at batch 1."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise FpbenchError("the latency task times decoder-only models; drop 'latency' for this model")
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, vocab_size, (1, settings.prompt_tokens), generator=generator)
+    prefill_tokens = min(settings.prefill_tokens, max_length or settings.prefill_tokens)
+    long_prompt = torch.randint(0, vocab_size, (1, prefill_tokens), generator=generator)
+    _decode_ms_per_token(model, prompt, 2)  # warm-up: first-call allocations, kernel loading
+    _prefill_s(model, long_prompt)
+    decode_ms = statistics.median(_decode_ms_per_token(model, prompt, settings.new_tokens)
+                                  for _ in range(settings.repeats))
+    prefill_s = statistics.median(_prefill_s(model, long_prompt) for _ in range(settings.repeats))
+    return {"decode_ms_per_token": decode_ms, "decode_tokens_per_s": 1e3 / decode_ms,
+            "prefill_tokens_per_s": prefill_tokens / prefill_s, "prefill_tokens": prefill_tokens}

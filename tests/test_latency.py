@@ -1,0 +1,57 @@
+"""The latency task: measured on the run's own model where the scheme really runs
+(torch dense, torch's int8 kernel, fpbench's kernels), absent where it is simulated."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fpbench.cli import main
+from fpbench.eval.latency import TorchInt8Linear, latency_path, measure, weight_bytes
+from fpbench.quant.scheme import Scheme
+from fpbench.quant.weights import quantize_weight
+from fpbench.quant.scheme import Granularity
+
+
+@pytest.mark.parametrize("name, backend, path", [
+    ("fp16", "simulate", "torch-fp32"), ("fp32", "simulate", "torch-fp32"), ("bf16", "simulate", "torch-bf16"),
+    ("int8/channel/rtn", "simulate", "torch-int8"), ("fp6_e3m2/channel/rtn", "kernel", "fpbench-kernel"),
+    ("int4/g128/rtn", "simulate", None), ("fp8_e4m3/channel/rtn", "simulate", None),
+    ("int8/channel/rtn/a:int8-token-dynamic", "simulate", None),
+])
+def test_latency_only_where_a_kernel_runs(name, backend, path):
+    assert latency_path(Scheme.parse(name), backend) == path
+
+
+def test_torch_int8_linear_matches_the_dequantized_weight():
+    qweight = quantize_weight(torch.randn(48, 64), "int8", Granularity("channel"))
+    layer = TorchInt8Linear(qweight.codes, qweight.scales, None)
+    x = torch.randn(3, 64)
+    reference = x.bfloat16().double() @ (qweight.codes.double() * qweight.scales.bfloat16().double()).T
+    assert torch.allclose(layer(x).double(), reference, rtol=2e-2, atol=2e-2)
+
+
+def test_measure_reports_positive_rates(tiny_loaded):
+    timing = measure(tiny_loaded.model, tiny_loaded.model.config.vocab_size, 64)
+    assert timing["decode_ms_per_token"] > 0 and timing["prefill_tokens"] == 64
+    assert timing["decode_tokens_per_s"] == pytest.approx(1e3 / timing["decode_ms_per_token"])
+
+
+def test_latency_records_beside_accuracy(tiny_model_dir, data_dir, tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, [
+        "run", "--model", str(tiny_model_dir), "--scheme", "bf16", "--scheme", "int8/channel/rtn",
+        "--scheme", "int4/g128/rtn", "--latency", "--task", "wikitext2", "--limit", "1", "--seqlen", "32",
+        "--data-dir", str(data_dir), "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "int4/g128/rtn runs simulated only" in result.output
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    latency = {(r["scheme"], r["metric"]): r for r in records if r["task"] == "latency"}
+    assert {s for s, _ in latency} == {"bf16", "int8/channel/rtn"}
+    assert latency["bf16", "decode_tokens_per_s"]["latency_path"] == "torch-bf16"
+    assert latency["int8/channel/rtn", "decode_tokens_per_s"]["latency_path"] == "torch-int8"
+    # the int8 weights take half the bytes of the bf16 ones (plus one bf16 scale per row)
+    ratio = latency["int8/channel/rtn", "weight_mb"]["value"] / latency["bf16", "weight_mb"]["value"]
+    assert 0.5 < ratio < 0.55
+    assert all(r["value"] > 0 for r in latency.values())
