@@ -27,7 +27,7 @@ from fpbench.records.schema import RESULT, SWEEP, check, validate
 RESULTS_JSONL = "results.jsonl"
 RESULTS_CSV = "results.csv"
 SWEEPS_JSONL = "sweeps.jsonl"  # one line per sweep invocation: config, shard, counts, wall time
-LOG_KINDS = {RESULTS_JSONL: RESULT, SWEEPS_JSONL: SWEEP}  # the files a results folder holds
+LOG_KINDS = {RESULTS_JSONL: RESULT, SWEEPS_JSONL: SWEEP.name}  # the files a results folder holds
 # Records nest three levels at most (decode_step_ms: {rows: {form: ms}}). Deeper lines are
 # refused before json.loads, which would recurse once per level and, at a line of 100,000
 # "[", raise RecursionError instead of skipping the line.
@@ -57,9 +57,15 @@ def _append_locked(path: Path, payload: str) -> None:
 
 
 def _lines(records: list[dict], kind: str, dump=None) -> str:
+    """The JSON lines of valid records; a record the reader would skip is an error here."""
+    lines = []
     for record in records:
         check(record, kind)
-    return "".join((dump or record_identity)(r) + "\n" for r in records)
+        lines.append((dump or record_identity)(record))
+        if too_deep(lines[-1]):
+            raise FpbenchError(f"refusing to write a {kind} record nested deeper than {MAX_NESTING} levels "
+                               "(readers skip such lines); flatten what the writer puts in it")
+    return "".join(line + "\n" for line in lines)
 
 
 def append_jsonl(path: str | os.PathLike, records: list[dict], kind: str) -> None:
