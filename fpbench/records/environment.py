@@ -35,11 +35,11 @@ def checkout_root(start: Path) -> Path | None:
     return None
 
 
-def git_revision(start: Path = PACKAGE_DIR) -> str | None:
-    """Short commit hash of the checkout holding ``start``; None outside a checkout, without
-    git, or when git fails. git's own messages (``fatal: not a git repository``) go to
-    DEVNULL: a run's output is the run's, not git's."""
-    root = checkout_root(start)
+def git_revision(start: Path | None = None) -> str | None:
+    """Short commit hash of the checkout holding ``start`` (default: this package); None
+    outside a checkout, without git, or when git fails. git's own messages (``fatal: not a
+    git repository``) go to DEVNULL: a run's output is the run's, not git's."""
+    root = checkout_root(PACKAGE_DIR if start is None else start)
     if root is None:
         return None
     try:
