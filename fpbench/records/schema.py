@@ -149,7 +149,8 @@ def validate(record, kind: str = RESULT) -> str | None:
     schema = kind_of(record, kind)
     missing = [name for name in schema.required if name not in record]
     if missing:
-        return f"{schema.name} field(s) {', '.join(map(repr, missing[:3]))}{', ...' if len(missing) > 3 else ''} missing"
+        names = ", ".join(map(repr, missing[:3])) + (", ..." if len(missing) > 3 else "")
+        return f"{schema.name} field(s) {names} missing"
     for name, types in schema.fields.items():
         if name in record and not _is(record[name], types):
             value = record[name]
