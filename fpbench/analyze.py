@@ -23,7 +23,6 @@ inf/NaN (their top binade holds no finite values), the rest use every code.
 
 from __future__ import annotations
 
-import datetime as dt
 import math
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from fpbench.quant.model import target_linears
 from fpbench.quant.qerror import (Gaussian, Laplace, RowSamples, Sample, StudentT, best_clip, positive_grid, row_errors,
                      sqnr_db)
 from fpbench.quant.weights import CLIP_RATIOS
+from fpbench.records.environment import utc_now
 from fpbench.records.store import ResultStore
 
 FORMATS_8BIT = ("int8", "fp8_e2m5", "fp8_e3m4", "fp8_e4m3", "fp8_e5m2")
@@ -62,10 +62,6 @@ def distributions():
 
 def _family(name: str) -> str:
     return "fp" if isinstance(get_format(name), FloatFormat) else "int"
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 # -- synthetic ---------------------------------------------------------------------------
@@ -140,11 +136,12 @@ def run_synthetic(out_dir, formats=FORMATS_8BIT + FORMATS_LOW_BIT) -> tuple[pd.D
     frame.to_csv(paths[0], index=False)
     table.to_csv(paths[1])
     plot_synthetic(frame, paths[2])
-    now = _now()
+    now = utc_now()
+    # float()/int(): pandas hands out numpy scalars, which are not JSON numbers.
     records = [{"model": "synthetic", "scheme": row.format, "task": "analyze-synthetic",
-                "metric": f"sqnr_db:{row.distribution}", "value": row.sqnr_db, "n": None, "limit": None,
-                "distribution": row.distribution, "format": row.format, "bits": row.bits,
-                "best_clip_std": row.best_clip_std, "mse": row.mse, "bits_per_weight": None,
+                "metric": f"sqnr_db:{row.distribution}", "value": float(row.sqnr_db), "n": None, "limit": None,
+                "distribution": row.distribution, "format": row.format, "bits": int(row.bits),
+                "best_clip_std": float(row.best_clip_std), "mse": float(row.mse), "bits_per_weight": None,
                 "quantize_s": None, "time": now} for row in frame.itertuples()]
     ResultStore(out_dir).append(records)
     return frame, table, paths
@@ -309,7 +306,7 @@ def run_layers(loaded, windows: torch.Tensor, out_dir, formats=FORMATS_8BIT, inc
     summary.to_csv(paths[1], index=False)
     plot_layers(frame, summary, paths[2], f"{loaded.name}: {frame['layer'].nunique()} linear layers, "
                                           f"{windows.numel()} calibration tokens")
-    now = _now()
+    now = utc_now()
     common = {"model": loaded.name, "model_source": loaded.source, "task": "analyze-layers", "limit": None,
               "calib": calib, "calib_samples": int(windows.shape[0]), "calib_seqlen": int(windows.shape[1]),
               "caveat": loaded.caveat, "bits_per_weight": None, "quantize_s": None, "time": now}
@@ -317,7 +314,7 @@ def run_layers(loaded, windows: torch.Tensor, out_dir, formats=FORMATS_8BIT, inc
     for row in summary.itertuples():
         for metric in ("win_fraction", "median_sqnr_db"):
             records.append(common | {"scheme": row.format, "format": row.format, "kind": row.kind,
-                                     "metric": f"{metric}:{row.kind}", "value": getattr(row, metric),
-                                     "n": row.layers})
+                                     "metric": f"{metric}:{row.kind}", "value": float(getattr(row, metric)),
+                                     "n": int(row.layers)})
     ResultStore(out_dir).append(records)
     return frame, summary, paths

@@ -6,15 +6,10 @@ the result records and appends them to the results store.
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
-import platform
-import subprocess
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
-from functools import lru_cache
-from pathlib import Path
 
 import torch
 
@@ -23,6 +18,7 @@ from fpbench.quant.formats import get_format
 from fpbench.quant.model import quantize_model, target_linears
 from fpbench.models import load_model
 from fpbench.quant.weights import bits_per_weight
+from fpbench.records.environment import environment, utc_now
 from fpbench.records.store import ResultStore
 from fpbench.quant.scheme import Scheme
 from fpbench.eval.base import EvalOptions, Metric, evaluate_task, get_task
@@ -75,31 +71,6 @@ class RunConfig:
     def calibration(self) -> CalibrationSource:
         return CalibrationSource(self.options.get("calib_path") or self.scheme.calib_source, self.seed,
                                  self.data_dir)
-
-
-@lru_cache(maxsize=1)
-def environment() -> dict:
-    """Versions, git revision, CPU: what a reader needs to trust or rerun a number."""
-    import transformers
-
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        rev = None
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "fpbench_version": __version__, "torch_version": torch.__version__,
-        "transformers_version": transformers.__version__, "python_version": platform.python_version(),
-        "git_rev": rev, "cpu": cpu, "threads": torch.get_num_threads(),
-    }
 
 
 def model_bits_per_weight(quantized, include_head: bool) -> float:
@@ -220,7 +191,7 @@ def run(config: RunConfig) -> list[dict]:
             base | {"task": task["name"], "task_key": config.task_key(task["name"]),
                     "family": task["family"], "metric": m.metric,
                     "value": m.value, "n": m.n, "task_s": round(task_seconds, 3), **m.details,
-                    "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+                    "time": utc_now()}
             for m in metrics
         ]
         store.append(task_records)  # each task's records land as soon as they exist

@@ -23,7 +23,6 @@ afterwards by ``fpbench report DIR1 DIR2 ... --out DIR``.
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import hashlib
 import statistics
 import time
@@ -36,6 +35,7 @@ from tqdm.auto import tqdm
 from fpbench import __version__
 from fpbench import runner as runner_module
 from fpbench.errors import FpbenchError
+from fpbench.records.environment import utc_now
 from fpbench.records.store import SWEEPS_JSONL, ResultStore
 from fpbench.options import (DEFAULT_ACT_GRANULARITY, default_granularity, run_field_keys, run_options,
                              sweep_keys)
@@ -488,7 +488,7 @@ class SweepSummary:
 def run_sweep(config: SweepConfig, out_dir: str = "results", shard: tuple[int, int] | None = None,
               force: bool = False, progress: bool = True, echo=print) -> SweepSummary:
     """Run every pending task of this shard's runs; failures are reported, not fatal."""
-    started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    started_at = utc_now()
     started = time.perf_counter()
     planned = plan(config, out_dir, shard, force, progress)
     pending = [p for p in planned if p.pending_tasks]
@@ -537,7 +537,7 @@ def run_sweep(config: SweepConfig, out_dir: str = "results", shard: tuple[int, i
         "ran": summary.ran, "skipped": summary.skipped, "failed": len(summary.failed),
         "records": summary.records, "wall_s": round(summary.wall_s, 1),
         "estimate_s": round(summary.estimate_s, 1), "started": started_at,
-        "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "finished": utc_now(),
         "fpbench_version": __version__,
     })
     return summary

