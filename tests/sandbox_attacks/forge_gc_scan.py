@@ -1,17 +1,20 @@
-# Forgery: scan every object with gc for a nonce, a pipe or a report object, and write
-# success lines through each; then answer wrong.
+# Forgery: scan every object with gc for a nonce, a pipe or a report object (anything
+# with an integer fd), and write success lines through each; then answer wrong.
 import gc
 import posix
 
 for obj in gc.get_objects():
-    fd = getattr(obj, "fd", None) if not isinstance(obj, type) else None
-    if isinstance(fd, int):
+    try:
+        fd = vars(obj).get("fd")
+    except TypeError:
+        continue
+    if isinstance(fd, int) and 0 <= fd < 1024:
         try:
             posix.write(fd, b'{"passed": true}\n')
-        except Exception:
+        except OSError:
             pass
-    if isinstance(obj, dict) and "nonce" in obj:
-        obj["passed"] = True
+    if "nonce" in vars(obj):
+        obj.passed = True
 
 
 def add(a, b):

@@ -1,7 +1,7 @@
 # Host reach: connect to a host service's abstract Unix socket.
 import socket
 
-real = socket.socket.__mro__[1]
+real = next(c for c in socket.socket.__mro__ if c.__module__ == "_socket")  # the raw type
 client = real(socket.AF_UNIX, socket.SOCK_STREAM)
 client.connect("\0__ABSTRACT__")
 client.sendall(b"reached")
