@@ -3,8 +3,8 @@
 
 It locks itself down (namespaces, a private root, Landlock, rlimits), then forks:
 
-- the *candidate* process (the fork) drops to an unprivileged uid with no capabilities,
-  runs the program's untrusted part (prompt + completion) and then only answers calls:
+- the *candidate* process (the fork) empties every capability set (as root, after moving
+  to an unprivileged uid of its own), runs the program's untrusted part (prompt + completion) and then only answers calls:
   a JSON line with a function name and arguments in, a JSON line with the value out. It
   holds no channel to the harness.
 - the *judge* process (this one) never runs untrusted code. It runs the trusted part
@@ -22,7 +22,6 @@ import builtins
 import ctypes
 import json
 import os
-import platform
 import resource
 import shutil
 import signal
@@ -126,9 +125,10 @@ def private_root(report: Report, workdir: str, readable: list[str], quota_bytes:
 
 
 def landlock(report: Report, workdir: str, readable: list[str]) -> None:
-    numbers = LANDLOCK_SYSCALLS.get(platform.machine())
+    machine = os.uname().machine
+    numbers = LANDLOCK_SYSCALLS.get(machine)
     if numbers is None:
-        report.notes.append(f"landlock: syscall numbers unknown on {platform.machine()}")
+        report.notes.append(f"landlock: syscall numbers unknown on {machine}")
         return
     create, add_rule, restrict = numbers
     abi = libc.syscall(create, None, ctypes.c_size_t(0), ctypes.c_uint32(1))  # LANDLOCK_CREATE_RULESET_VERSION
