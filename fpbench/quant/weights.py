@@ -188,20 +188,36 @@ def tensor_scale_of(w: torch.Tensor, fmt: NumberFormat) -> torch.Tensor | None:
     return None
 
 
-def quantize_weight(w: torch.Tensor, fmt: NumberFormat | str, granularity: Granularity | None,
-                    clip: str = "none", scale_format: str | None = None) -> QuantizedWeight:
-    """RTN: scales from the weight itself, then round every element to nearest.
-    A block format's granularity is its block (``None`` means that too)."""
+def _rtn(w: torch.Tensor, fmt: NumberFormat | str, granularity: Granularity | None, clip: str,
+         scale_format: str | None):
+    """RTN's scales and grid values, shared by ``quantize_weight`` and ``fake_quantize_weight``."""
     fmt = get_format(fmt) if isinstance(fmt, str) else fmt
     granularity = check_block_granularity(fmt, granularity)
     scale_format = scale_format_of(fmt, scale_format)
     tensor_scale = tensor_scale_of(w, fmt)
     scales, zero_points = compute_scales(w, fmt, granularity, clip, scale_format, tensor_scale)
     shape = tuple(w.shape)
-    values = grid_values(w.float(), fmt, expand_to_weight(effective_scales(scales, tensor_scale), granularity, shape),
-                         None if zero_points is None else expand_to_weight(zero_points, granularity, shape))
-    return QuantizedWeight(fmt.encode(values), scales, zero_points, fmt.name, granularity, scale_format,
-                           tensor_scale)
+    scale = expand_to_weight(effective_scales(scales, tensor_scale), granularity, shape)
+    zero = None if zero_points is None else expand_to_weight(zero_points, granularity, shape)
+    values = grid_values(w.float(), fmt, scale, zero)
+    weight = QuantizedWeight(None, scales, zero_points, fmt.name, granularity, scale_format, tensor_scale)
+    return fmt, weight, values, scale, zero
+
+
+def quantize_weight(w: torch.Tensor, fmt: NumberFormat | str, granularity: Granularity | None,
+                    clip: str = "none", scale_format: str | None = None) -> QuantizedWeight:
+    """RTN: scales from the weight itself, then round every element to nearest.
+    A block format's granularity is its block (``None`` means that too)."""
+    fmt, weight, values, _, _ = _rtn(w, fmt, granularity, clip, scale_format)
+    weight.codes = fmt.encode(values)
+    return weight
+
+
+def fake_quantize_weight(w: torch.Tensor, fmt: NumberFormat | str, granularity: Granularity | None,
+                         clip: str = "none", scale_format: str | None = None) -> torch.Tensor:
+    """``quantize_weight(...).dequantize()``, bit for bit, without building the codes."""
+    _, _, values, scale, zero = _rtn(w, fmt, granularity, clip, scale_format)
+    return values * scale if zero is None else (values - zero) * scale
 
 
 def bits_per_weight(fmt: NumberFormat, granularity: Granularity | None, shape,
