@@ -2,8 +2,8 @@
 
 One ``ActQuantizer`` per layer, registered as a forward pre-hook, rounds the layer's
 input onto the activation format before the matmul, so ``linear(Q(x), Q(W))`` is what a
-W8A8 kernel computes (in exact arithmetic). Two granularities (van Baalen et al., arXiv
-2303.17951, section 4):
+W8A8 kernel computes (in exact arithmetic). Three granularities (the first and last as
+in van Baalen et al., arXiv 2303.17951, section 4):
 
 - ``token-dynamic``: one scale per token (row of the flattened input), its absmax mapped
   onto the format's largest value, computed on the fly for every forward pass.
@@ -39,9 +39,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fpbench.errors import FpbenchError
-from fpbench.quant.formats import BaselineFormat, BlockFormat, IntFormat, NumberFormat, get_format
+from fpbench.quant.formats import BaselineFormat, IntFormat, NumberFormat, get_format
 from fpbench.quant.weights import compute_scales, effective_scales, expand_to_weight, fake_quantize, tensor_scale_of
-from fpbench.quant.scheme import ACT_GRANULARITIES, BLOCK_ACT_GRANULARITY, Granularity, check_block_granularity
+from fpbench.quant.scheme import BLOCK_ACT_GRANULARITY, Granularity, check_act_granularity, check_block_granularity
 
 # Candidate static clips for clip="mse": absmax * 2^(-k/4), k = 0..24 (1 down to 1/64).
 # Wider than the weights' CLIP_RATIOS because a per-tensor activation range is set by a
@@ -59,12 +59,7 @@ class ActQuantizer:
         self.format = get_format(fmt) if isinstance(fmt, str) else fmt
         if isinstance(self.format, BaselineFormat):
             raise FpbenchError(f"activation format {self.format.name} is a baseline; use int8, fp8_e4m3, ...")
-        if granularity not in ACT_GRANULARITIES:
-            raise FpbenchError(f"unknown activation granularity {granularity!r}; use one of {', '.join(ACT_GRANULARITIES)}")
-        if isinstance(self.format, BlockFormat) != (granularity == BLOCK_ACT_GRANULARITY):
-            raise FpbenchError(f"activation granularity {granularity} with {self.format.name}: "
-                               f"{BLOCK_ACT_GRANULARITY} is for block formats (MX, NVFP4), and is theirs only")
-        self.granularity = granularity
+        self.granularity = check_act_granularity(self.format, granularity)
         self.clip = clip
         self.scale: torch.Tensor | None = None  # static: one scale, set by calibration
         self.zero_point: torch.Tensor | None = None

@@ -56,6 +56,22 @@ def scale_format_of(fmt, scale_format: str | None) -> str | None:
     return scale_fmt.name
 
 
+def check_act_granularity(act, granularity: str | None) -> str:
+    """An activation granularity that fits the format: block formats take (and default to)
+    ``block-dynamic``, which is theirs only."""
+    act = get_format(act) if isinstance(act, str) else act
+    block = isinstance(act, BlockFormat)
+    if block and granularity is None:
+        granularity = BLOCK_ACT_GRANULARITY
+    if granularity not in ACT_GRANULARITIES:
+        raise FpbenchError(f"activation granularity {granularity!r}: use one of "
+                           f"{', '.join(ACT_GRANULARITIES)} (--act-granularity)")
+    if block != (granularity == BLOCK_ACT_GRANULARITY):
+        raise FpbenchError(f"activation granularity {granularity!r} with {act.name}: "
+                           f"{BLOCK_ACT_GRANULARITY} is for block formats (MX, NVFP4), and is theirs only")
+    return granularity
+
+
 def check_block_granularity(fmt, granularity: Granularity | None) -> Granularity | None:
     """A block format's granularity is its block (None means it too); others pass as given."""
     fmt = get_format(fmt) if isinstance(fmt, str) else fmt
@@ -159,15 +175,7 @@ class Scheme:
             raise FpbenchError(f"activation format {act.name} is a baseline (no quantization); "
                                "use int8, fp8_e4m3, fp8_e5m2, ... or drop --act-format")
         object.__setattr__(self, "act_format", act.name)
-        block = isinstance(act, BlockFormat)
-        if block and self.act_granularity is None:
-            object.__setattr__(self, "act_granularity", BLOCK_ACT_GRANULARITY)
-        if block != (self.act_granularity == BLOCK_ACT_GRANULARITY):
-            raise FpbenchError(f"activation granularity {self.act_granularity!r} with {act.name}: "
-                               f"{BLOCK_ACT_GRANULARITY} is for block formats (MX, NVFP4), and is theirs only")
-        if self.act_granularity not in ACT_GRANULARITIES:
-            raise FpbenchError(f"activation granularity {self.act_granularity!r}: use one of "
-                               f"{', '.join(ACT_GRANULARITIES)} (--act-granularity)")
+        object.__setattr__(self, "act_granularity", check_act_granularity(act, self.act_granularity))
         if self.act_clip not in CLIPS:
             raise FpbenchError(f"unknown activation clipping {self.act_clip!r}; use one of {', '.join(CLIPS)}")
         if self.act_clip == "mse" and self.act_granularity != "tensor-static":
