@@ -122,6 +122,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("granularity", f"Scale granularity: tensor, channel or group:G. Default: {DEFAULT_GRANULARITY} "
            "(a block format: its own block). Groups that do not divide a row leave a shorter last group.",
            "scheme", metavar="tensor|channel|group:G", sweep=False),
+    Option("scale_format", "Format the scales are stored in: fp16 (default), fp32, bf16, e8m0 (powers of "
+           "two), e4m3, or any float format (see README). Block formats (mxfp*, nvfp4) keep their own.",
+           "scheme", metavar="NAME", sweep=False),
     Option("algo", "Quantization algorithm.", "scheme", type=click.Choice(ALGOS), default="rtn", sweep=False),
     Option("clip", "Scale choice: absmax, or a per-group clipping search minimising MSE.", "scheme",
            type=click.Choice(CLIPS), default="none", sweep=False),
@@ -264,6 +267,14 @@ def default_granularity(format_name: str) -> str:
     return f"group:{block}" if block else DEFAULT_GRANULARITY
 
 
+def default_act_granularity(act_format: str) -> str:
+    """Per-token scales; a block format's own blocks (dynamic), the only kind it has."""
+    from fpbench.quant.formats import get_format
+    from fpbench.quant.scheme import BLOCK_ACT_GRANULARITY
+
+    return BLOCK_ACT_GRANULARITY if getattr(get_format(act_format), "block_size", None) else DEFAULT_ACT_GRANULARITY
+
+
 def schemes_from_values(values: dict) -> list:
     """The schemes a run's flags name: ``--scheme`` (repeatable), or ``--format`` with
     ``--granularity`` (default per-channel), ``--algo``, ``--clip``; then the ``--act-*``
@@ -278,7 +289,7 @@ def schemes_from_values(values: dict) -> list:
     elif format_name:
         granularity = values.get("granularity") or default_granularity(format_name)
         schemes = [Scheme(format_name, Granularity.parse(granularity), values.get("algo") or "rtn",
-                          values.get("clip") or "none")]
+                          values.get("clip") or "none", scale_format=values.get("scale_format"))]
     else:
         raise FpbenchError("no format given: pass --format NAME (see `fpbench formats`) or --scheme NAME")
     return [_with_activation(s, values) for s in schemes]
@@ -291,7 +302,7 @@ def _with_activation(scheme, values: dict):
         if scheme.act_format is not None:
             raise FpbenchError(f"scheme {scheme.name} already names its activation format; drop --act-*")
         if act_format and not act_granularity:
-            act_granularity = DEFAULT_ACT_GRANULARITY
+            act_granularity = default_act_granularity(act_format)
         scheme = scheme.with_(act_format=act_format, act_granularity=act_granularity, act_clip=act_clip)
     if scheme.act_format is not None and values.get("backend") == "kernel":
         raise FpbenchError("activation quantization runs with --backend simulate only; drop --backend kernel")

@@ -79,7 +79,8 @@ def model_bits_per_weight(quantized, include_head: bool) -> float:
     total_bits = total_weights = 0
     for module in target_linears(quantized.model, include_head).values():
         shape = tuple(module.weight.shape)
-        total_bits += bits_per_weight(fmt, quantized.scheme.granularity, shape) * module.weight.numel()
+        total_bits += bits_per_weight(fmt, quantized.scheme.granularity, shape,
+                                      quantized.scheme.scale_format) * module.weight.numel()
         total_weights += module.weight.numel()
     return total_bits / max(total_weights, 1)
 

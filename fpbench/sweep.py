@@ -37,8 +37,7 @@ from fpbench import runner as runner_module
 from fpbench.errors import FpbenchError
 from fpbench.records.environment import utc_now
 from fpbench.records.store import SWEEPS_JSONL, ResultStore
-from fpbench.options import (DEFAULT_ACT_GRANULARITY, default_granularity, run_field_keys, run_options,
-                             sweep_keys)
+from fpbench.options import default_act_granularity, default_granularity, run_field_keys, run_options, sweep_keys
 from fpbench.runner import RunConfig, with_latency
 from fpbench.quant.scheme import Granularity, Scheme
 from fpbench.eval.base import get_task
@@ -159,7 +158,7 @@ def parse_scheme_entry(entry) -> SchemeSpec:
     if "format" in direct and "granularity" not in direct:
         direct["granularity"] = default_granularity(direct["format"])
     if direct.get("act_format") and not direct.get("act_granularity"):
-        direct["act_granularity"] = DEFAULT_ACT_GRANULARITY
+        direct["act_granularity"] = default_act_granularity(direct["act_format"])
     if isinstance(direct.get("granularity"), str):
         direct["granularity"] = Granularity.parse(direct["granularity"])
     elif isinstance(direct.get("granularity"), int):

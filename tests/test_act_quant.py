@@ -168,3 +168,26 @@ def test_dynamic_quantization_error_matches_format_precision():
     step = x.abs().amax(dim=1, keepdim=True) / 127
     rms_error = ((out - x) / step).pow(2).mean().sqrt().item()
     assert rms_error == pytest.approx(1 / math.sqrt(12), rel=0.05)
+
+
+def test_block_activation_scheme_attaches_block_dynamic_quantizers():
+    model = tiny_llama(vocab_size=128)
+    scheme = Scheme("int8", Granularity("channel"), act_format="mxfp8_e4m3")
+    assert scheme.name == "int8/channel/rtn/a:mxfp8_e4m3-block-dynamic"
+    ids = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        result = quantize_model(model, scheme, progress=False)
+        assert {q.granularity for q in result.act_quantizers.values()} == {"block-dynamic"}
+        quantized = model(input_ids=ids).logits
+        result.act_quantizers.remove()
+        reference = model(input_ids=ids).logits
+    assert not torch.equal(quantized, reference)
+    assert (quantized - reference).abs().max() < 0.1 * reference.abs().max()
+
+
+def test_token_dynamic_scales_stay_fp32():
+    # Activation scales of int/fp formats are not rounded to fp16: a W8A8 kernel computes
+    # them in fp32 on the fly. 1/3 * 127 has no exact fp16 value.
+    x = torch.tensor([[1 / 3, 0.1, -0.2]])
+    out = ActQuantizer("int8", "token-dynamic").quantize(x)
+    assert out[0, 0].item() == pytest.approx(1 / 3, rel=1e-7)

@@ -8,10 +8,10 @@ from scipy import optimize, stats
 
 from conftest import tiny_llama
 from fpbench.quant.activations import ActQuantizer
-from fpbench.analyze import (FORMATS_8BIT, LAYER_KINDS, SYNTHETIC_CLIP_RANGE, layers_frame, layers_summary,
-                             run_synthetic, synthetic_frame, synthetic_table)
+from fpbench.analyze import (FORMATS_8BIT, LAYER_KINDS, SYNTHETIC_CLIP_RANGE, block_frame, distributions, layers_frame,
+                             layers_summary, run_synthetic, synthetic_frame, synthetic_table)
 from fpbench.quant.model import target_linears
-from fpbench.quant.qerror import Gaussian, StudentT, mse, positive_grid, sqnr_db
+from fpbench.quant.qerror import Gaussian, Laplace, StudentT, mse, positive_grid, sqnr_db
 from fpbench.quant.weights import quantize_weight
 from fpbench.quant.scheme import Granularity
 
@@ -60,12 +60,16 @@ def test_synthetic_table_shows_fp_overtaking_int_as_tails_grow():
 
 
 def test_run_synthetic_writes_files_and_records(tmp_path):
-    frame, table, paths = run_synthetic(tmp_path, formats=("int8", "fp8_e4m3"))
+    frame, table, paths = run_synthetic(tmp_path, formats=("int8", "fp8_e4m3"), block_schemes=("mxfp4_e2m1/g32/rtn",))
     assert all(p.is_file() and p.stat().st_size > 0 for p in paths)
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
-    assert len(records) == len(frame) and {r["task"] for r in records} == {"analyze-synthetic"}
+    assert len(records) == len(frame) + len(distributions()) and {r["task"] for r in records} == {"analyze-synthetic"}
     gaussian_int8 = [r for r in records if r["scheme"] == "int8" and r["metric"] == "sqnr_db:gaussian"]
     assert gaussian_int8[0]["value"] == pytest.approx(table.loc["gaussian", "int8"])
+    assert gaussian_int8[0]["method"] == "exact"
+    mx = [r for r in records if r["scheme"] == "mxfp4_e2m1/g32/rtn" and r["metric"] == "sqnr_db:gaussian"][0]
+    assert mx["method"] == "monte-carlo" and mx["bits_per_weight"] == 4.25 and mx["n"] == 256 * 1024
+    assert mx["value"] == pytest.approx(table.loc["gaussian", "mxfp4_e2m1/g32/rtn (MC)"])
     from fpbench.records.report import write_report
 
     assert write_report(tmp_path).is_file()
@@ -118,3 +122,41 @@ def test_kurtosis_of_a_gaussian_tensor_is_three():
 def test_student_t_kurtosis_is_reported():
     assert StudentT(10.0).excess_kurtosis == pytest.approx(1.0)
     assert math.isinf(StudentT(3.0).excess_kurtosis)
+
+
+def test_block_frame_monte_carlo_is_the_rtn_error_and_orders_the_formats():
+    dists = [Gaussian(), Laplace(), StudentT(3.0)]
+    schemes = ("int4/g32/rtn", "fp4_e2m1/g32/rtn", "mxfp4_e2m1/g32/rtn", "nvfp4/g16/rtn")
+    shape = (64, 1024)
+    frame = block_frame(schemes, dists, shape=shape, seed=1).set_index(["distribution", "scheme"])
+    # The estimate is RTN's own error on the seeded draw, recomputed here in float64.
+    x = torch.from_numpy(Gaussian().sample(64 * 1024, np.random.default_rng(1)).reshape(shape)).float()
+    deq = quantize_weight(x, "mxfp4_e2m1", None).dequantize().double()
+    expected = 10 * math.log10(x.double().pow(2).sum().item() / (deq - x.double()).pow(2).sum().item())
+    assert frame.loc[("gaussian", "mxfp4_e2m1/g32/rtn"), "sqnr_db"] == pytest.approx(expected, abs=1e-9)
+    assert (frame["method"] == "monte-carlo").all()
+    # Another seed moves the estimate by little (sampling noise of 2^16 values) where the
+    # error has a finite variance; Student-t3's infinite fourth moment makes it noisy.
+    again = block_frame(schemes, dists, shape=shape, seed=2).set_index(["distribution", "scheme"])
+    light = (again["sqnr_db"] - frame["sqnr_db"]).abs().drop("student_t3", level="distribution")
+    assert light.max() < 0.15
+    for dist in ("gaussian", "laplace"):
+        sqnr = frame.loc[dist, "sqnr_db"]
+        # Power-of-two (E8M0) scales cost MXFP4 against FP4 with fp16 scales of the same block
+        # (the grid's top sits anywhere in [4, 8) x 2^e instead of at the block's absmax);
+        # NVFP4's E4M3 scales over blocks of 16 win it back.
+        assert sqnr["mxfp4_e2m1/g32/rtn"] < sqnr["fp4_e2m1/g32/rtn"] - 0.5
+        assert sqnr["nvfp4/g16/rtn"] > sqnr["mxfp4_e2m1/g32/rtn"] + 1.0
+    # Heavier tails hurt INT4 more than FP4 (the exact analysis' finding, per block too).
+    int_drop = frame.loc[("gaussian", "int4/g32/rtn"), "sqnr_db"] - frame.loc[("student_t3", "int4/g32/rtn"), "sqnr_db"]
+    fp_drop = (frame.loc[("gaussian", "fp4_e2m1/g32/rtn"), "sqnr_db"]
+               - frame.loc[("student_t3", "fp4_e2m1/g32/rtn"), "sqnr_db"])
+    assert int_drop > fp_drop + 1.0
+
+
+@pytest.mark.parametrize("dist", [Gaussian(), Laplace(), StudentT(5.0)])
+def test_samplers_have_unit_variance_and_the_right_tails(dist):
+    draws = dist.sample(400_000, np.random.default_rng(0))
+    assert draws.var() == pytest.approx(1.0, abs=0.03)
+    m0, _, _ = dist.partial(np.array([1.0]))
+    assert (np.abs(draws) < 1.0).mean() == pytest.approx(m0[0], abs=0.005)

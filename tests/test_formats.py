@@ -154,3 +154,27 @@ def test_parse_and_errors():
             get_format(bad)
     with pytest.raises(FpbenchError, match="no NaN code"):
         get_format("fp6_e3m2").encode(torch.tensor([float("nan")]))
+
+
+def test_block_formats_are_table_rows():
+    rows = {row["format"]: row for row in format_table()}
+    assert rows["e8m0"]["finite_values"] == 255 and rows["e8m0"]["max"] == 2.0**127
+    assert rows["mxfp4_e2m1"]["family"] == "block" and rows["mxfp4_e2m1"]["bits"] == 4
+    assert rows["nvfp4"]["finite_values"] == 16
+    assert get_format("mxfp4").name == "mxfp4_e2m1" and get_format("e4m3").name == "fp8_e4m3"
+    ceil = get_format("MXFP6_E3M2:ceil")
+    assert ceil.name == "mxfp6_e3m2:ceil" and ceil.scale_rule == "ceil" and ceil.block_size == 32
+    for bad in ["int4:ceil", "nvfp4:ceil", "mxfp5:ceil"]:
+        with pytest.raises(FpbenchError, match="format"):
+            get_format(bad)
+
+
+@pytest.mark.parametrize("name", ["mxfp8_e4m3", "mxfp6_e2m3", "mxfp4_e2m1", "nvfp4"])
+def test_block_format_rounds_as_its_element(name):
+    fmt = get_format(name)
+    x = SOURCES["float16"]
+    assert np.array_equal(fmt.round(x).numpy(), fmt.element.round(x).numpy(), equal_nan=True)
+    mxint8 = get_format("mxint8")
+    ref = np.clip(np.round(x.numpy().astype(np.float64) * 64), -127, 127) / 64
+    finite = torch.isfinite(x).numpy()
+    assert np.array_equal(mxint8.round(x).numpy()[finite], ref[finite].astype(np.float32))

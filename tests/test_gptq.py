@@ -235,3 +235,27 @@ def test_cli_gptq_without_calibration_data_is_one_line_error(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "ptb" in lines[0] and "--data-dir" in lines[0]
+
+
+@pytest.mark.parametrize("scale_format", ["fp32", "bf16", "e8m0"])
+def test_scale_format_reaches_gptq_scales(layer, scale_format):
+    """Scales are rounded to the scheme's scale format where GPTQ chooses them; with
+    H ∝ I the result is still RTN's, scale format included."""
+    weight, inputs, hessian = layer
+    gran = Granularity.parse("group:128")
+    rtn = quantize_weight(weight, "int4", gran, scale_format=scale_format)
+    same = gptq_quantize_weight(weight, 3.5 * torch.eye(COLS), "int4", gran, scale_format=scale_format)
+    assert torch.equal(same.codes, rtn.codes) and torch.equal(same.scales, rtn.scales)
+    gptq = gptq_quantize_weight(weight, hessian, "int4", gran, scale_format=scale_format)
+    rounded = get_format(scale_format).round(gptq.scales)
+    assert torch.equal(rounded, gptq.scales) and gptq.scale_format == get_format(scale_format).name
+    assert layer_objective(weight, gptq.dequantize(), inputs) < layer_objective(weight, rtn.dequantize(), inputs)
+
+
+def test_gptq_model_passes_the_scheme_scale_format():
+    model = tiny_llama(vocab_size=128)
+    windows = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    layers = target_linears(model)
+    weights = gptq_model(model, layers, Scheme.parse("int4/g32/gptq/s:bf16"), windows, progress=False)
+    assert all(w.scale_format == "bf16" and torch.equal(w.scales.bfloat16().float(), w.scales)
+               for w in weights.values())

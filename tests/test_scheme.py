@@ -39,3 +39,24 @@ def test_missing_granularity_and_bad_algo():
         Scheme("int4", Granularity.parse("channel"), algo="awq")
     with pytest.raises(FpbenchError, match="unknown format"):
         Scheme.parse("int5x/channel/rtn")
+
+
+@pytest.mark.parametrize("name", ["int4/g128/rtn/s:fp32", "int4/g128/rtn/s:bf16", "int4/g32/rtn/s:e8m0",
+                                  "fp6_e3m2/channel/rtn/s:fp8_e4m3", "int8/channel/rtn/s:fp32/a:int8-token-dynamic",
+                                  "mxfp4_e2m1/g32/rtn", "mxfp4_e2m1:ceil/g32/rtn", "nvfp4/g16/gptq@wikitext2"])
+def test_scale_format_and_block_names_round_trip(name):
+    scheme = Scheme.parse(name)
+    assert scheme.name == name
+    assert Scheme.parse(scheme.name) == scheme
+
+
+def test_scale_format_defaults_and_record_fields():
+    assert Scheme.parse("int4/g128/rtn").scale_format == "fp16"
+    assert Scheme.parse("fp16").scale_format is None
+    assert Scheme.parse("mxfp4_e2m1").scale_format == "e8m0"
+    assert Scheme.parse("int4/g128/rtn/s:fp32").fields()["scale_format"] == "fp32"
+    assert Scheme.parse("int4/g128/rtn/s:e4m3").name == "int4/g128/rtn/s:fp8_e4m3"
+    with pytest.raises(FpbenchError, match="no scales"):
+        Scheme("fp16", scale_format="fp32")
+    with pytest.raises(FpbenchError, match="unknown format"):
+        Scheme.parse("int4/g128/rtn/s:fp99")

@@ -2,17 +2,25 @@
 
 One ``ActQuantizer`` per layer, registered as a forward pre-hook, rounds the layer's
 input onto the activation format before the matmul, so ``linear(Q(x), Q(W))`` is what a
-W8A8 kernel computes (in exact arithmetic). Two granularities (van Baalen et al., arXiv
-2303.17951, section 4):
+W8A8 kernel computes (in exact arithmetic). Three granularities (the first and last as
+in van Baalen et al., arXiv 2303.17951, section 4):
 
 - ``token-dynamic``: one scale per token (row of the flattened input), its absmax mapped
   onto the format's largest value, computed on the fly for every forward pass.
+- ``block-dynamic`` (block formats only, and theirs): one scale per block of the
+  format's size along each token's features (MX: 32, E8M0; NVFP4: 16, E4M3), by the
+  format's own rule, on the fly; NVFP4's per-tensor fp32 scale is the absmax of the
+  whole input, also on the fly (a deployment would calibrate it; dynamic is its upper
+  bound on accuracy).
 - ``tensor-static``: one scale for the whole tensor, fixed after calibration on sample
   text. ``clip="none"`` takes the calibration absmax; ``clip="mse"`` picks, among
   ``ACT_CLIP_RATIOS`` times that absmax, the clip with the smallest squared error summed
   over the calibration data (computed exactly with ``qerror``: one sort per batch, no
   re-rounding per candidate). After ``calibrate`` returns, inference never changes a
   scale; an input beyond the calibrated range saturates, as on hardware.
+
+Activation scales of the integer and minifloat formats stay fp32 (``ACT_SCALE_FORMAT``:
+a W8A8 kernel computes them on the fly in fp32); block formats use their own.
 
 Calibration observes the inputs of the model whose *weights* are already quantized, with
 activation quantization switched off (every layer sees full-precision inputs), so one
@@ -32,8 +40,8 @@ from tqdm.auto import tqdm
 
 from fpbench.errors import FpbenchError
 from fpbench.quant.formats import BaselineFormat, IntFormat, NumberFormat, get_format
-from fpbench.quant.weights import compute_scales, fake_quantize
-from fpbench.quant.scheme import ACT_GRANULARITIES, Granularity
+from fpbench.quant.weights import compute_scales, effective_scales, expand_to_weight, fake_quantize, tensor_scale_of
+from fpbench.quant.scheme import BLOCK_ACT_GRANULARITY, Granularity, check_act_granularity, check_block_granularity
 
 # Candidate static clips for clip="mse": absmax * 2^(-k/4), k = 0..24 (1 down to 1/64).
 # Wider than the weights' CLIP_RATIOS because a per-tensor activation range is set by a
@@ -41,6 +49,7 @@ from fpbench.quant.scheme import ACT_GRANULARITIES, Granularity
 ACT_CLIP_RATIOS = tuple(2.0 ** (-k / 4) for k in range(25))
 DEFAULT_ACT_CALIB_SAMPLES = 8  # windows of calibration text for static scales
 PER_TOKEN = Granularity("channel")  # one scale per row of the [tokens, features] view
+ACT_SCALE_FORMAT = "fp32"
 
 
 class ActQuantizer:
@@ -50,9 +59,7 @@ class ActQuantizer:
         self.format = get_format(fmt) if isinstance(fmt, str) else fmt
         if isinstance(self.format, BaselineFormat):
             raise FpbenchError(f"activation format {self.format.name} is a baseline; use int8, fp8_e4m3, ...")
-        if granularity not in ACT_GRANULARITIES:
-            raise FpbenchError(f"unknown activation granularity {granularity!r}; use one of {', '.join(ACT_GRANULARITIES)}")
-        self.granularity = granularity
+        self.granularity = check_act_granularity(self.format, granularity)
         self.clip = clip
         self.scale: torch.Tensor | None = None  # static: one scale, set by calibration
         self.zero_point: torch.Tensor | None = None
@@ -79,9 +86,16 @@ class ActQuantizer:
         return (self.quantize(x), *args[1:])
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.granularity == BLOCK_ACT_GRANULARITY:
+            rows = x.reshape(-1, x.shape[-1]).float()
+            blocks = check_block_granularity(self.format, None)
+            tensor_scale = tensor_scale_of(rows, self.format)
+            scales, _ = compute_scales(rows, self.format, blocks, tensor_scale=tensor_scale)
+            scale = expand_to_weight(effective_scales(scales, tensor_scale), blocks, tuple(rows.shape))
+            return fake_quantize(rows, self.format, scale).reshape(x.shape).to(x.dtype)
         if not self.is_static:
             rows = x.reshape(-1, x.shape[-1]).float()
-            scale, zero_point = compute_scales(rows, self.format, PER_TOKEN)
+            scale, zero_point = compute_scales(rows, self.format, PER_TOKEN, scale_format=ACT_SCALE_FORMAT)
             return fake_quantize(rows, self.format, scale, zero_point).reshape(x.shape).to(x.dtype)
         if self.scale is None:
             raise FpbenchError("static activation scales are not calibrated; call calibrate() "
@@ -117,7 +131,7 @@ class ActQuantizer:
         # compute_scales on the two-element tensor [lo, hi] gives the scale (and zero
         # point) that maps exactly that range onto the grid: the same rule as weights.
         scale, zero_point = compute_scales(torch.stack([lo, hi]).reshape(1, 2), self.format,
-                                           Granularity("tensor"))
+                                           Granularity("tensor"), scale_format=ACT_SCALE_FORMAT)
         self.scale = scale.reshape(()).clone()
         self.zero_point = None if zero_point is None else zero_point.reshape(()).clone()
         self.mode = "quantize"

@@ -19,10 +19,14 @@ Read next to the paper:
   they do not depend on the order): both from the reference implementation.
 
 Format-generic: scales come from ``quant.compute_scales`` and each column is rounded with
-the format's own ``round``, the same arithmetic as RTN (``quant.quantize_weight``), so the
+``quant.grid_values``, the same arithmetic as RTN (``quant.quantize_weight``), so the
 codes/scales/zero points are a ``QuantizedWeight`` exactly like RTN's. Ragged groups (a
 576-wide row with G = 128) get their last, shorter group's scale from just its columns,
-which is what RTN's padding rule gives too.
+which is what RTN's padding rule gives too. Scales are rounded to the scheme's scale
+format when they are chosen. Block formats (MX, NVFP4) are groups of their block size:
+a block's scale is chosen by the format's rule when the loop reaches the block (or from
+the original weights with ``static_groups``); NVFP4's per-tensor scale comes from the
+original weights, before any update, as a calibrated checkpoint fixes it.
 
 ``quantize_model_gptq`` runs the published sequential procedure over a decoder-only
 model: the inputs of block b come from blocks 0..b-1 already quantized; one block's
@@ -43,8 +47,9 @@ from tqdm.auto import tqdm
 from fpbench.quant.calibration import DEFAULT_CALIB_SAMPLES, DEFAULT_CALIB_SEQLEN, CalibrationSource
 from fpbench.errors import FpbenchError
 from fpbench.quant.formats import BaselineFormat, NumberFormat, get_format
-from fpbench.quant.weights import QuantizedWeight, compute_scales, group_count, quantize_weight
-from fpbench.quant.scheme import Granularity, Scheme
+from fpbench.quant.weights import (QuantizedWeight, compute_scales, effective_scales, grid_values, group_count,
+                                   quantize_weight, tensor_scale_of)
+from fpbench.quant.scheme import Granularity, Scheme, check_block_granularity, scale_format_of
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +99,16 @@ def _one_thread():
 @torch.no_grad()
 @_one_thread()
 def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, fmt: NumberFormat | str,
-                         granularity: Granularity, clip: str = "none", damp: float = DEFAULT_DAMP,
+                         granularity: Granularity | None, clip: str = "none", damp: float = DEFAULT_DAMP,
                          block_size: int = DEFAULT_BLOCK_SIZE, act_order: bool = False,
-                         static_groups: bool = False, layer_name: str = "") -> QuantizedWeight:
+                         static_groups: bool = False, layer_name: str = "",
+                         scale_format: str | None = None) -> QuantizedWeight:
     """Quantize one weight W [N rows, K columns] given H [K, K] (columns = input features)."""
     fmt = get_format(fmt) if isinstance(fmt, str) else fmt
     if isinstance(fmt, BaselineFormat):
         raise FpbenchError(f"GPTQ needs a quantized format with scales; {fmt.name} is a plain cast, use --algo rtn")
+    granularity = check_block_granularity(fmt, granularity)
+    scale_format = scale_format_of(fmt, scale_format)
     W = weight.detach().float().clone()
     H = hessian.detach().float().clone()
     n_cols = W.shape[1]
@@ -118,7 +126,8 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, fmt: Numbe
     n_groups = group_count(n_cols, granularity)
     # Per-channel/per-tensor scales, and "static" group scales, come from the original
     # weights: exactly RTN's. Other group scales are filled in as the loop reaches them.
-    scales, zero_points = compute_scales(W, fmt, granularity, clip)
+    tensor_scale = tensor_scale_of(W, fmt)
+    scales, zero_points = compute_scales(W, fmt, granularity, clip, scale_format, tensor_scale)
 
     # Step 1 with act-order: a column order (decreasing diag H) shared by all rows.
     if act_order:
@@ -148,22 +157,18 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, fmt: Numbe
                 # updates, so apply them here (W1 holds the same values for in-block ones).
                 positions = position_of[group * group_size:min((group + 1) * group_size, n_cols)]
                 current = W[:, positions] - Err1[:, :i] @ Hinv[i1:i1 + i, positions]
-                group_scale, group_zero = compute_scales(current, fmt, _CHANNEL, clip)
+                group_scale, group_zero = compute_scales(current, fmt, _CHANNEL, clip, scale_format, tensor_scale)
                 scales[:, group] = group_scale[:, 0]
                 if zero_points is not None:
                     zero_points[:, group] = group_zero[:, 0]
                 scale_ready[group] = True
             slot = group if grouped else 0
-            scale = scales[:, slot]
+            scale = effective_scales(scales[:, slot], tensor_scale)
             w = W1[:, i]
             # Same arithmetic as quant.quantize_weight, so H ∝ I reproduces RTN bit for bit.
-            if zero_points is None:
-                code_value = fmt.round(w / scale)
-                q = code_value * scale
-            else:
-                zero = zero_points[:, slot]
-                code_value = fmt.round(w / scale + zero)
-                q = (code_value - zero) * scale
+            zero = None if zero_points is None else zero_points[:, slot]
+            code_value = grid_values(w, fmt, scale, zero)
+            q = code_value * scale if zero is None else (code_value - zero) * scale
             code_values[:, i1 + i] = code_value
             # Eq. (3) with the Cholesky row: the error, scaled by 1/[H⁻¹]_qq, moves the
             # remaining columns of the block along row q of the factor.
@@ -174,7 +179,7 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, fmt: Numbe
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     codes = fmt.encode(code_values[:, position_of])  # back to the original column order
-    return QuantizedWeight(codes, scales, zero_points, fmt.name, granularity)
+    return QuantizedWeight(codes, scales, zero_points, fmt.name, granularity, scale_format, tensor_scale)
 
 
 def layer_objective(weight: torch.Tensor, dequantized: torch.Tensor, inputs: torch.Tensor) -> float:
@@ -283,7 +288,8 @@ def gptq_model(model: nn.Module, layers: dict[str, nn.Linear], scheme: Scheme,
         for name, module in in_block.items():
             qweight = gptq_quantize_weight(module.weight.data, hessians.pop(name), scheme.format,
                                            scheme.granularity, scheme.clip, damp, block_size,
-                                           act_order, static_groups, layer_name=name)
+                                           act_order, static_groups, layer_name=name,
+                                           scale_format=scheme.scale_format)
             _set_weight(module, qweight)
             weights[name] = qweight
         # The next block's inputs come from this block with its weights quantized.
@@ -295,7 +301,8 @@ def gptq_model(model: nn.Module, layers: dict[str, nn.Linear], scheme: Scheme,
         log.warning("GPTQ: %s lie outside the transformer blocks; quantized with RTN", ", ".join(outside))
         for name in outside:
             module = layers[name]
-            qweight = quantize_weight(module.weight.data, scheme.format, scheme.granularity, scheme.clip)
+            qweight = quantize_weight(module.weight.data, scheme.format, scheme.granularity, scheme.clip,
+                                      scheme.scale_format)
             _set_weight(module, qweight)
             weights[name] = qweight
     return weights

@@ -79,7 +79,7 @@ def quantize_model(model: nn.Module, scheme: Scheme, include_head: bool = False,
         for name, module in tqdm(layers.items(), desc=f"quantize {scheme.name}",
                                  disable=not progress, leave=False):
             qweight = quantize_weight(module.weight.data, scheme.format, scheme.granularity,
-                                      scheme.clip)
+                                      scheme.clip, scheme.scale_format)
             _set_weight(module, qweight.dequantize().to(module.weight.dtype))
             result.weights[name] = qweight
     elif scheme.algo == "gptq":

@@ -53,6 +53,10 @@ class Moments:
     def partial(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise NotImplementedError
 
+    def sample(self, count: int, rng: np.random.Generator) -> np.ndarray:
+        """``count`` independent draws (float64), for what has no closed form (block scales)."""
+        raise NotImplementedError
+
 
 @dataclass
 class Gaussian(Moments):
@@ -70,6 +74,9 @@ class Gaussian(Moments):
         m1 = 2 * (1 / math.sqrt(2 * math.pi) - pdf)
         m2 = m0 - 2 * inner * pdf
         return m0, m1, m2
+
+    def sample(self, count, rng):
+        return rng.standard_normal(count)
 
 
 @dataclass
@@ -89,6 +96,9 @@ class Laplace(Moments):
         m1 = b - (inner + b) * tail
         m2 = 2 * b * b - (inner**2 + 2 * b * inner + 2 * b * b) * tail
         return m0, m1, m2
+
+    def sample(self, count, rng):
+        return rng.laplace(0.0, 1 / math.sqrt(2), count)
 
 
 @dataclass
@@ -136,6 +146,9 @@ class StudentT(Moments):
         half_cdf2 = np.where(np.isinf(u), 0.5, stdtr(nu - 2, y) - 0.5)
         m2 = 2 * (c_nu * nu * math.sqrt(nu / (nu - 2)) * half_cdf2 / c_nu2 - nu * half_cdf)
         return m0, sigma * m1, sigma**2 * m2
+
+    def sample(self, count, rng):
+        return rng.standard_t(self.dof, count) * math.sqrt((self.dof - 2) / self.dof)
 
 
 class Sample(Moments):
