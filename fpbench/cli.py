@@ -108,7 +108,9 @@ def run(**values):
     import pandas as pd
 
     from fpbench.records.report import write_report
+    from fpbench.records.store import ensure_writable
 
+    ensure_writable(values["out"])  # before any model loads: a run is never computed to be lost
     records = []
     for config in configs:
         click.echo(f"run: {config.scheme.name} on {','.join(config.tasks)}", err=True)
@@ -217,6 +219,9 @@ def sweep(config_path, shard, dry_run, force, out_dir, limit_override, data_dir,
         click.echo(plan_table(planned))
         click.echo(estimate_text(planned))
         return
+    from fpbench.records.store import ensure_writable
+
+    ensure_writable(out_dir)
     summary = run_sweep(config, out_dir, shard_spec, force, progress=not no_progress, echo=click.echo)
     click.echo(summary_text(summary))
     if summary.records or summary.skipped:

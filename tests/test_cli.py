@@ -150,3 +150,18 @@ def test_headline_command_as_typed(tmp_path, monkeypatch):
     records = [json.loads(line) for line in (tmp_path / "results" / "results.jsonl").read_text().splitlines()]
     assert {r["scheme"] for r in records} == {"fp6_e3m2/channel/rtn"}
     assert {r["metric"] for r in records} >= {"pass@1"} and all(r["n"] == 2 for r in records)
+
+
+def test_unwritable_out_is_an_error_before_the_model_loads(tmp_path, monkeypatch):
+    import fpbench.runner
+
+    monkeypatch.setattr(fpbench.runner, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = CliRunner().invoke(main, ["run", "--format", "int4", "--task", "wikitext2", "--out", str(blocker / "out")])
+    assert result.exit_code == 2 and "cannot write results" in result.output
+    assert result.output.strip().count("\n") == 0
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("schemes: [fp16]\ntasks: [wikitext2]\nlimit: 1\n")
+    result = CliRunner().invoke(main, ["sweep", str(sweep), "--out", str(blocker / "out")])
+    assert result.exit_code == 2 and "cannot write results" in result.output
