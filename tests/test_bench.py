@@ -52,6 +52,15 @@ def test_real_methods_include_every_isa_and_torch(monkeypatch):
     assert "torch_sum" in each and "read_scalar" in each and best == max(each.values()) > 0
 
 
+def test_records_use_the_best_probe(monkeypatch, small_bench):
+    probes = iter([(5.0, {"a": 5.0}), (8.0, {"a": 8.0})])  # before, after the kernels
+    monkeypatch.setattr(bench, "measure_bandwidth_gbps", lambda: next(probes))
+    records = bench.run_bench([(64, 256)], [1], ["torch_fp32"], repeats=3, progress=False)
+    for record in records:
+        assert record["bandwidth_gbps"] == 8.0
+        assert record["roofline_fraction"] == round(bench.roofline_fraction(record["bytes_read"], 8.0, record["median_ms"]), 3)
+
+
 def test_roofline_fraction_uses_bytes_read():
     # 1 GB at 10 GB/s takes 100 ms: at 100 ms the fraction is 1, at 200 ms 0.5.
     assert bench.roofline_fraction(10**9, 10.0, 100.0) == pytest.approx(1.0)

@@ -11,7 +11,8 @@ order in which the kernels' byte-table lookup (vpshufb) and bf16-to-fp32 widenin
 fp32 lanes, so the decoded vectors come out in natural k order with no shuffle. Per
 unit:
 
-- 8-bit: 64 bytes, position p in byte p;
+- 8-bit: 64 bytes in natural order (the kernels gather 8-bit codes from the fp32
+  table, so no lane order is needed);
 - 4-bit: 32 bytes, position t in the low nibble of byte t, position 32 + t in the high
   nibble;
 - 6-bit ("4+2", ZeroQuant(4+2) Sec. 5): the code's high 4 bits (``code >> 2``) in a
@@ -108,10 +109,10 @@ def pack_codes(indices: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Te
         raise FpbenchError(f"the kernels need K (in_features) divisible by {UNIT}, got K={k}")
     if indices.numel() and int(indices.max()) >= 1 << bits:
         raise FpbenchError(f"pack_codes: codes must be below 2^{bits}")
+    if bits == 8:
+        return _to_bytes(indices.cpu().numpy()), None
     # [N, units, position]: position p holds weight POSITION_TO_K[p] of its unit.
     by_pos = indices.cpu().numpy().reshape(n, k // UNIT, UNIT)[..., POSITION_TO_K]
-    if bits == 8:
-        return _to_bytes(by_pos.reshape(n, k)), None
     high = by_pos >> 2 if bits == 6 else by_pos
     plane4 = (high[..., :32] | (high[..., 32:] << 4)).astype(np.uint8).reshape(n, k // 2)
     if bits == 4:
@@ -126,16 +127,15 @@ def unpack_codes(plane_a: torch.Tensor, plane_b: torch.Tensor | None, bits: int)
     a = plane_a.cpu().numpy()
     n = a.shape[0]
     if bits == 8:
-        by_pos = a.reshape(n, -1, UNIT)
+        return torch.from_numpy(a.copy())
+    units = a.reshape(n, -1, 32)
+    high = np.concatenate([units & 15, units >> 4], axis=2)
+    if bits == 4:
+        by_pos = high
     else:
-        units = a.reshape(n, -1, 32)
-        high = np.concatenate([units & 15, units >> 4], axis=2)
-        if bits == 4:
-            by_pos = high
-        else:
-            b = plane_b.cpu().numpy().reshape(n, -1, 1, 16)
-            low = np.concatenate([(b >> (2 * i)) & 3 for i in range(4)], axis=2).reshape(n, -1, UNIT)
-            by_pos = high << 2 | low
+        b = plane_b.cpu().numpy().reshape(n, -1, 1, 16)
+        low = np.concatenate([(b >> (2 * i)) & 3 for i in range(4)], axis=2).reshape(n, -1, UNIT)
+        by_pos = high << 2 | low
     codes = np.empty_like(by_pos)
     codes[..., POSITION_TO_K] = by_pos
     return torch.from_numpy(codes.reshape(n, -1).astype(np.uint8))
