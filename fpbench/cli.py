@@ -127,8 +127,8 @@ def run(**values):
 @click.option("--batches", default=None, metavar="M1,M2",
               help="Batch sizes (tokens per call). Default: 1,8,64,512.")
 @click.option("--kernels", "kernel_names", default=None, metavar="K1,K2",
-              help="Subset of torch_fp32,torch_bf16,torch_int8_bf16,torch_int4_bf16,fpbench_int4,fpbench_fp6,"
-                   "fpbench_int4_bf16,fpbench_fp6_bf16.")
+              help="torch_fp32,torch_bf16,torch_int8_bf16,torch_int4_bf16 and/or FORMAT[/GRANULARITY] "
+                   "of fpbench's kernel (int4/g128, fp6_e3m2/channel; a bare format: channel and g128).")
 @click.option("--repeats", type=click.IntRange(min=3), default=21, show_default=True,
               help="Timed calls per cell (the median is reported).")
 @click.option("--e2e", is_flag=True, help="Instead: decode tokens/s (batch 1) of a random ~1B Llama-shaped "
@@ -144,7 +144,7 @@ def run(**values):
                               "e2e.jsonl (--e2e) or generation.jsonl (--generation).")
 @no_progress_option
 def bench(shapes, batches, kernel_names, repeats, e2e, generation, problems, new_tokens, out_dir, no_progress):
-    """Median latency of the FP6 / INT4 kernels vs torch fp32, bf16, int8 and int4
+    """Median latency of fpbench's kernels (any 4/6/8-bit format) vs torch fp32, bf16, int8 and int4
     weight-only linears, with GB/s and the fraction of the measured bandwidth roofline.
 
     Weights are cold (cycled through copies larger than the cache). Builds the kernels on

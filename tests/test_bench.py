@@ -1,4 +1,4 @@
-"""fpbench bench on a tiny shape: every kernel (bf16-activation ones included) gives a record."""
+"""fpbench bench on a tiny shape: records for torch's and fpbench's kernels, an honest roofline."""
 
 import json
 
@@ -17,31 +17,61 @@ def small_bench(monkeypatch):
 
 
 def test_records_for_every_kernel(tmp_path, small_bench):
-    records = bench.run_bench([(256, 384)], [1, 3], None, repeats=3, out_dir=str(tmp_path), progress=False)
-    kernels_seen = {r["kernel"] for r in records}
-    assert kernels_seen == set(bench.KERNELS)
+    names = ["torch_int8_bf16", "torch_int4_bf16", "int4/g128", "fp6_e3m2", "int4_asym/g32"]
+    records = bench.run_bench([(256, 384)], [1, 3], names, repeats=3, out_dir=str(tmp_path), progress=False)
+    expected = {"torch_fp32", "torch_bf16", "torch_int8_bf16", "torch_int4_bf16", "int4/g128",
+                "fp6_e3m2/channel", "fp6_e3m2/g128", "int4_asym/g32"}
+    assert {r["kernel"] for r in records} == expected
     by_kernel = {r["kernel"]: r for r in records if r["M"] == 1}
-    assert by_kernel["fpbench_fp6_bf16"]["activation_dtype"] == "bfloat16"
-    assert by_kernel["fpbench_int4_bf16"]["activation_dtype"] == "bfloat16"
-    assert by_kernel["fpbench_fp6"]["activation_dtype"] == "float32"
+    assert by_kernel["fp6_e3m2/channel"]["weight_bytes"] == 256 * 384 * 6 // 8 + 256 * 4
+    assert by_kernel["int4_asym/g32"]["weight_bytes"] == 256 * 384 // 2 + 2 * 256 * 12 * 4
     for record in records:
         assert record["median_ms"] > 0 and record["min_ms"] <= record["median_ms"]
-        assert {"kernel", "M", "N", "K", "median_ms", "gbps", "roofline_fraction", "vs_bf16"} <= set(record)
+        assert record["bytes_read"] == record["weight_bytes"] + record["M"] * 384 * (
+            2 if record["activation_dtype"] == "bfloat16" else 4)
+        assert {"vs_bf16", "vs_fp32", "gbps", "roofline_fraction", "bandwidth_by_method"} <= set(record)
     lines = (tmp_path / "bench.jsonl").read_text().splitlines()
-    assert len(lines) == len(records) == 2 * len(bench.KERNELS)
+    assert len(lines) == len(records) == 2 * len(expected)
     assert json.loads(lines[0])["N"] == 256
-    assert "fpbench_fp6_bf16" in bench.table(records)
+    assert "fp6_e3m2/channel" in bench.table(records) and "x_vs_fp32" in bench.table(records, "min_ms")
 
 
-def test_bf16_kernels_compute_the_product(small_bench):
-    gen = torch.Generator().manual_seed(0)
-    for name in ("fpbench_fp6_bf16", "fpbench_int4_bf16"):
-        prepared = bench.prepare(name, 64, 256, gen)
-        x = torch.randn(2, 256, generator=gen).bfloat16()
-        y = prepared.call(x, prepared.weights[0])
-        assert y.dtype == torch.bfloat16 and y.shape == (2, 64)
+def test_bandwidth_is_the_best_method(monkeypatch):
+    # The ceiling is the maximum over the read loops, so no loop (and no kernel that
+    # streams no faster than the best of them) lands above it.
+    monkeypatch.setattr(bench, "BANDWIDTH_BUFFER_BYTES", 8 * 2**20)
+    monkeypatch.setattr(bench, "stream_methods", lambda: {"a": lambda b, r: 7.0, "b": lambda b, r: 19.5,
+                                                          "c": lambda b, r: 11.0})
+    best, each = bench.measure_bandwidth_gbps(1)
+    assert best == 19.5 and each == {"a": 7.0, "b": 19.5, "c": 11.0}
 
 
-def test_unknown_kernel_is_a_clear_error():
+def test_real_methods_include_every_isa_and_torch(monkeypatch):
+    monkeypatch.setattr(bench, "BANDWIDTH_BUFFER_BYTES", 8 * 2**20)
+    best, each = bench.measure_bandwidth_gbps(1)
+    assert "torch_sum" in each and "read_scalar" in each and best == max(each.values()) > 0
+
+
+def test_records_use_the_best_probe(monkeypatch, small_bench):
+    probes = iter([(5.0, {"a": 5.0}), (8.0, {"a": 8.0})])  # before, after the kernels
+    monkeypatch.setattr(bench, "measure_bandwidth_gbps", lambda: next(probes))
+    records = bench.run_bench([(64, 256)], [1], ["torch_fp32"], repeats=3, progress=False)
+    for record in records:
+        assert record["bandwidth_gbps"] == 8.0
+        assert record["roofline_fraction"] == round(bench.roofline_fraction(record["bytes_read"], 8.0, record["median_ms"]), 3)
+
+
+def test_roofline_fraction_uses_bytes_read():
+    # 1 GB at 10 GB/s takes 100 ms: at 100 ms the fraction is 1, at 200 ms 0.5.
+    assert bench.roofline_fraction(10**9, 10.0, 100.0) == pytest.approx(1.0)
+    assert bench.roofline_fraction(10**9, 10.0, 200.0) == pytest.approx(0.5)
+    # A kernel's fraction is at most 1 exactly when its bytes / time is at most the ceiling.
+    assert bench.roofline_fraction(3 * 10**8, 10.0, 30.0) <= 1.0
+
+
+def test_kernel_names_expand_and_unknown_ones_are_clear():
+    assert bench.parse_kernels(["fp8_e4m3", "torch_bf16"]) == ["fp8_e4m3/channel", "fp8_e4m3/g128", "torch_bf16"]
+    with pytest.raises(FpbenchError, match="unknown kernel 'fp5_e2m2'"):
+        bench.parse_kernels(["fp5_e2m2"])
     with pytest.raises(FpbenchError, match="unknown kernel"):
         bench.prepare("fpbench_fp5", 64, 256, torch.Generator())

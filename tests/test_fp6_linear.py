@@ -1,53 +1,105 @@
-"""FP6Linear / Int4Linear against the simulated path, and the --backend kernel swap."""
+"""LutLinear against the simulated path, scheme checks, and the --backend kernel swap."""
 
 import pytest
 import torch
 from torch import nn
 
 from fpbench.errors import FpbenchError
-from fpbench.kernels.linear import FP6Linear, Int4Linear, check_kernel_scheme, use_kernel_linears
+from fpbench.kernels.linear import GEMM_MIN_ROWS, LutLinear, check_kernel_scheme, packed_bytes, use_kernel_linears
 from fpbench.quant.model import quantize_model
-from fpbench.quant.weights import quantize_weight
 from fpbench.quant.scheme import Granularity, Scheme
+from fpbench.quant.weights import quantize_weight
+
+FORMATS = ["fp4_e2m1", "fp6_e2m3", "fp6_e3m2", "fp8_e4m3", "fp8_e5m2", "fp8_e3m4",
+           "int4", "int4_asym", "int8", "int8_asym"]
 
 
 def _bound(x, w, k):
     return (k + 2) * 2.0**-24 * (x.abs().double() @ w.abs().double().T) + 1e-30
 
 
-@pytest.mark.parametrize("batch_shape", [(1,), (3, 5), (2, 20)])
-def test_fp6_linear_equals_simulated_linear(batch_shape):
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("batch_shape", [(1,), (3, 5), (2, 20)])  # (2, 20): the dequantize + GEMM path
+def test_linear_equals_simulated_linear(fmt, batch_shape):
     gen = torch.Generator().manual_seed(0)
     linear = nn.Linear(576, 96, bias=True)
+    for granularity in ("channel", "group:64"):
+        qweight = quantize_weight(linear.weight.data, fmt, Granularity.parse(granularity))
+        module = LutLinear.from_quantized(qweight, linear.bias)
+        weight = qweight.dequantize()
+        assert torch.equal(module.dequantized_weight(), weight)
+        x = torch.randn(*batch_shape, 576, generator=gen)
+        reference = x.double() @ weight.double().T + linear.bias.double()
+        y = module(x)
+        assert y.shape == (*batch_shape, 96) and y.dtype == torch.float32
+        err = (y.double() - reference).abs().reshape(-1, 96)
+        # + 2^-24 |y|: the bias is added to the fp32 dot product (one more rounding)
+        assert bool((err <= _bound(x.reshape(-1, 576), weight, 576) + 2.0**-23 * reference.abs().reshape(-1, 96)).all())
+
+
+def test_gemm_threshold_is_exercised():
+    assert 2 * 20 >= GEMM_MIN_ROWS > 3 * 5
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bf16_input(rows, with_bias):
+    gen = torch.Generator().manual_seed(rows)
+    linear = nn.Linear(576, 40, bias=with_bias)
     qweight = quantize_weight(linear.weight.data, "fp6_e3m2", Granularity.parse("channel"))
-    module = FP6Linear.from_quantized(qweight, linear.bias)
-    assert torch.equal(module.dequantized_weight(), qweight.dequantize())
-    x = torch.randn(*batch_shape, 576, generator=gen)
-    weight = qweight.dequantize()
-    reference = x.double() @ weight.double().T + linear.bias.double()
+    module = LutLinear.from_quantized(qweight, linear.bias)
+    x = torch.randn(rows, 576, generator=gen).bfloat16()
     y = module(x)
-    assert y.shape == (*batch_shape, 96) and y.dtype == torch.float32
-    err = (y.double() - reference).abs().reshape(-1, 96)
-    assert bool((err <= _bound(x.reshape(-1, 576), weight, 576) + 1e-6).all())
-    assert module(x.bfloat16()).dtype == torch.bfloat16
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, 40)
+    weight = qweight.dequantize()
+    reference = x.double() @ weight.double().T + (linear.bias.double() if with_bias else 0)
+    # fp32 summation (plus the bias), then one rounding to bf16 (unit roundoff 2^-8)
+    bound = 1.01 * _bound(x.float(), weight, 576) + 2.0**-8 * reference.abs() * 1.01 + 1e-6
+    assert bool(((y.double() - reference).abs() <= bound).all())
 
 
-def test_int4_linear_equals_simulated_linear():
-    qweight = quantize_weight(torch.randn(64, 256), "int4", Granularity.parse("group:128"))
-    module = Int4Linear.from_quantized(qweight)
-    assert torch.equal(module.dequantized_weight(), qweight.dequantize())
-    x = torch.randn(4, 256)
-    err = (module(x).double() - x.double() @ qweight.dequantize().double().T).abs()
-    assert bool((err <= _bound(x, qweight.dequantize(), 256)).all())
+@pytest.mark.parametrize("scheme", ["fp6_e3m2/channel/rtn", "int4/g128/rtn", "int4_asym/g32/rtn",
+                                    "fp4_e2m1/g16/rtn", "fp8_e5m2/channel/gptq", "int8/g64/rtn",
+                                    "fp6_e2m3/g128/gptq", "int8_asym/channel/rtn"])
+def test_kernel_schemes_accepted(scheme):
+    check_kernel_scheme(Scheme.parse(scheme))
 
 
-def test_wrong_scheme_is_refused():
-    with pytest.raises(FpbenchError, match="fp6_e3m2"):
-        FP6Linear.from_quantized(quantize_weight(torch.randn(8, 256), "fp6_e3m2", Granularity.parse("group:64")))
-    with pytest.raises(FpbenchError, match="--backend simulate"):
-        check_kernel_scheme(Scheme.parse("int8/channel/rtn"))
-    check_kernel_scheme(Scheme.parse("fp6_e3m2/channel/rtn"))
-    check_kernel_scheme(Scheme.parse("int4/g128/rtn"))
+@pytest.mark.parametrize("scheme,problem", [
+    ("int8/tensor/rtn", "granularity tensor"),
+    ("int4/g24/rtn", "group size 24"),
+    ("int6/channel/rtn", "format int6"),
+    ("fp5_e2m2/channel/rtn", "format fp5_e2m2"),
+    ("int8/channel/rtn/a:int8-token-dynamic", "quantized activations"),
+    ("bf16", "not bf16"),
+])
+def test_other_schemes_refused_in_one_line(scheme, problem):
+    with pytest.raises(FpbenchError, match=problem) as info:
+        check_kernel_scheme(Scheme.parse(scheme))
+    message = str(info.value)
+    assert "\n" not in message and "fp8_e4m3" in message
+
+
+def test_packed_bytes_counts_codes_scales_and_zero_points():
+    n, k = 96, 576
+    for fmt, gran, expected in [
+        ("fp6_e3m2", "channel", n * k * 6 // 8 + n * 4),
+        ("int4", "group:128", n * k // 2 + n * 5 * 4),  # 576 = 4 full groups + a ragged one
+        ("int4_asym", "group:32", n * k // 2 + 2 * n * 18 * 4),
+        ("fp8_e4m3", "channel", n * k + n * 4),
+    ]:
+        module = LutLinear.from_quantized(quantize_weight(torch.randn(n, k), fmt, Granularity.parse(gran)))
+        assert packed_bytes(module) == expected, fmt
+
+
+def test_packed_buffers_are_cache_line_aligned():
+    module = LutLinear.from_quantized(quantize_weight(torch.randn(8, 256), "fp6_e3m2", Granularity.parse("channel")))
+    assert module.plane_a.data_ptr() % 64 == 0 and module.plane_b.data_ptr() % 64 == 0
+
+
+def test_k_not_a_multiple_of_64_is_a_clear_error():
+    with pytest.raises(FpbenchError, match="divisible by 64"):
+        LutLinear.from_quantized(quantize_weight(torch.randn(8, 100), "int4", Granularity.parse("channel")))
 
 
 def _tiny_llama():
@@ -59,19 +111,16 @@ def _tiny_llama():
     return LlamaForCausalLM(config).eval()
 
 
-@pytest.mark.parametrize("scheme_name,cls", [("fp6_e3m2/channel/rtn", FP6Linear), ("int4/g128/rtn", None)])
-def test_swap_keeps_the_model_output(scheme_name, cls):
+@pytest.mark.parametrize("scheme_name", ["fp6_e3m2/channel/rtn", "int4/g32/rtn", "fp8_e4m3/g16/rtn",
+                                         "int4_asym/g32/rtn"])
+def test_swap_keeps_the_model_output(scheme_name):
     model = _tiny_llama()
     quantized = quantize_model(model, Scheme.parse(scheme_name), progress=False)
     tokens = torch.randint(0, 97, (1, 12))
     with torch.no_grad():
         simulated = model(tokens).logits
-    if cls is None:  # K = 64 is not a whole number of 128-groups: a clear error instead
-        with pytest.raises(FpbenchError, match="128"):
-            use_kernel_linears(model, quantized.weights)
-        return
     assert use_kernel_linears(model, quantized.weights) == 14
-    assert isinstance(model.model.layers[0].self_attn.q_proj, cls)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, LutLinear)
     with torch.no_grad():
         kernel = model(tokens).logits
     torch.testing.assert_close(kernel, simulated, rtol=1e-4, atol=1e-4)
@@ -93,7 +142,7 @@ def test_runner_backend_kernel(tmp_path, monkeypatch):
     config = runner.RunConfig(scheme=Scheme.parse("fp6_e3m2/channel/rtn"), tasks=["wikitext2"],
                               out_dir=str(tmp_path), progress=False, backend="kernel")
     runner.run(config)
-    assert seen["q_proj"] is FP6Linear
+    assert seen["q_proj"] is LutLinear
     simulate = runner.RunConfig(scheme=config.scheme, tasks=["wikitext2"])
     assert simulate.key() != config.key()
 
@@ -109,59 +158,6 @@ def test_e2e_decode_on_a_tiny_model(tmp_path):
     assert records[1]["model_bytes"] < records[0]["model_bytes"]
     assert (tmp_path / "e2e.jsonl").read_text().count("\n") == 2
     assert "fp6_kernel" in e2e_table(records)
-
-
-def _bf16_tolerance(x_bf16, weight, k, reference):
-    # fp32 summation of exact products (plus bf16 denormal x read as zero), then the
-    # rounding of the result to bf16 (half an ulp: 2^-9 relative; 2^-8 covers the GEMM
-    # path's extra rounding of the dot product before the scale).
-    fp32 = _bound(x_bf16.float(), weight, k) + k * 2.0**-126 * float(weight.abs().max())
-    return 1.01 * fp32 + 2.0**-7 * reference.abs()
-
-
-@pytest.mark.parametrize("rows", [1, 3, 9, 70])  # 70 >= GEMM_MIN_ROWS_BF16: the GEMM path
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_fp6_linear_bf16_input(rows, with_bias):
-    from fpbench.kernels.linear import GEMM_MIN_ROWS_BF16
-
-    assert 1 < GEMM_MIN_ROWS_BF16 <= 70
-    gen = torch.Generator().manual_seed(rows)
-    linear = nn.Linear(576, 40, bias=with_bias)
-    qweight = quantize_weight(linear.weight.data, "fp6_e3m2", Granularity.parse("channel"))
-    module = FP6Linear.from_quantized(qweight, linear.bias)
-    x = torch.randn(rows, 576, generator=gen).bfloat16()
-    y = module(x)
-    assert y.dtype == torch.bfloat16 and y.shape == (rows, 40)
-    weight = qweight.dequantize()
-    reference = x.double() @ weight.double().T
-    if with_bias:
-        reference = reference + linear.bias.double()
-    err = (y.double() - reference).abs()
-    assert bool((err <= _bf16_tolerance(x, weight, 576, reference) + 1e-6).all()), float(err.max())
-
-
-@pytest.mark.parametrize("isa", ["auto", "scalar"])
-def test_int4_linear_bf16_input(isa):
-    qweight = quantize_weight(torch.randn(33, 256), "int4", Granularity.parse("group:128"))
-    module = Int4Linear.from_quantized(qweight, isa=isa)
-    x = torch.randn(2, 5, 256).bfloat16()
-    y = module(x)
-    assert y.dtype == torch.bfloat16 and y.shape == (2, 5, 33)
-    weight = qweight.dequantize()
-    reference = x.reshape(-1, 256).double() @ weight.double().T
-    err = (y.reshape(-1, 33).double() - reference).abs()
-    assert bool((err <= _bf16_tolerance(x.reshape(-1, 256), weight, 256, reference)).all())
-
-
-def test_packed_buffers_are_cache_line_aligned():
-    qweight = quantize_weight(torch.randn(8, 256), "fp6_e3m2", Granularity.parse("channel"))
-    module = FP6Linear.from_quantized(qweight)
-    assert module.packed_hi4.data_ptr() % 64 == 0 and module.packed_lo2.data_ptr() % 64 == 0
-    # buffers handed in at an odd address are copied to an aligned one
-    hi4 = torch.empty(module.packed_hi4.numel() + 1, dtype=torch.uint8)[1:].view(module.packed_hi4.shape)
-    hi4.copy_(module.packed_hi4)
-    moved = FP6Linear(hi4, module.packed_lo2, module.scales, 256)
-    assert moved.packed_hi4.data_ptr() % 64 == 0 and torch.equal(moved.packed_hi4, module.packed_hi4)
 
 
 def test_bf16_model_decodes_with_the_kernel():

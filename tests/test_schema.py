@@ -112,12 +112,14 @@ def test_runner_records_validate_and_carry_the_environment(tmp_path, fake):  # n
 def test_analyze_records_validate_and_hold_json_numbers(tmp_path):
     from fpbench.analyze import run_synthetic
 
-    frame, _, _ = run_synthetic(tmp_path, formats=("int8", "fp8_e4m3"))
+    frame, _, _ = run_synthetic(tmp_path, formats=("int8", "fp8_e4m3"), block_schemes=("mxfp4_e2m1/g32/rtn",))
     stored = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
-    assert len(stored) == len(frame)
+    exact = [r for r in stored if r["method"] == "exact"]
+    assert len(exact) == len(frame) and len(stored) > len(exact)
     for record in stored:
         assert validate(record) is None and kind_of(record, RESULT) is ANALYZE
-        assert record["bits"] == 8 and isinstance(record["bits"], int)  # numpy int64 was written as "8"
+        assert all(not isinstance(v, str) for k, v in record.items() if k in ("n", "value", "bits", "seed"))
+    assert all(r["bits"] == 8 and isinstance(r["bits"], int) for r in exact)  # numpy int64 was written as "8"
 
 
 def test_bench_rows_of_every_kind_validate(tmp_path, monkeypatch):

@@ -146,9 +146,9 @@ def test_resources_are_checked_before_any_model_loads(tmp_path, fake, no_model_l
         {"format": "int4", "granularity": "group:128", "algo": "gptq", "calib": "c4"}])
     with pytest.raises(FpbenchError, match="c4"):
         plan(load_config(gptq), str(tmp_path / "out"))
-    kernel = write_config(tmp_path / "k.yaml", schemes=[{"name": "int8/channel/rtn", "backend": "kernel"}])
+    kernel = write_config(tmp_path / "k.yaml", schemes=[{"name": "int8/tensor/rtn", "backend": "kernel"}])
     result = CliRunner().invoke(main, ["sweep", str(kernel), "--dry-run", "--out", str(tmp_path / "out")])
-    assert result.exit_code == 2 and "int8/channel/rtn[backend=kernel]" in result.output
+    assert result.exit_code == 2 and "int8/tensor/rtn[backend=kernel]" in result.output
 
 
 def test_repo_configs_are_valid():

@@ -4,7 +4,7 @@ Two models: a randomly initialised Llama-shaped model of about 1.1B parameters
 (TinyLlama's shape: weights far larger than the cache, so decoding is bandwidth-bound
 as in real deployment; random weights do not change the speed), and the default model.
 Each is timed in bf16, then quantized (RTN, fp6_e3m2 per channel) with its linear
-layers swapped for ``FP6Linear``. Greedy decoding of exactly ``new_tokens`` tokens
+layers swapped for ``LutLinear``. Greedy decoding of exactly ``new_tokens`` tokens
 after a short prompt; the time covers generation only (prefill included, ~1 token's work).
 """
 

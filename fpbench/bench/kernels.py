@@ -5,17 +5,23 @@ For each (N, K) weight shape and batch M, every kernel multiplies x [M, K] by a 
 weight that together they exceed ``COLD_BYTES`` (4x the last-level cache here), so every
 call streams its weight from DRAM as in LLM decoding. Timing is the median of
 ``repeats`` calls after warm-up calls (and one call on every copy when a kernel's
-weights are fresh). The roofline is the weight bytes divided by the
-streaming-read bandwidth measured on the same machine just before (best of a few reads
-of a 512 MiB buffer by all threads): ``roofline_fraction = (bytes / bandwidth) / median``.
+weights are fresh).
 
-Kernels (activations fp32 unless named): ``torch_fp32`` and ``torch_bf16`` (F.linear),
-``torch_int8_bf16`` (``_weight_int8pack_mm``, per-channel), ``torch_int4_bf16``
-(``_weight_int4pack_mm_for_cpu``, groups of 128), ``fpbench_int4`` (our INT4 g128) and
-``fpbench_fp6`` (our FP6 E3M2 per-channel, 4+2 layout), and the same two with bf16
-activations, ``fpbench_int4_bf16`` and ``fpbench_fp6_bf16`` (bf16 in and out, as in a
-bf16 model: the like-for-like peers of torch_bf16). ``vs_bf16`` = torch_bf16's median /
-this kernel's median (above 1 = faster than bf16).
+Roofline: the streaming-read ceiling is the best of several read loops over a
+``BANDWIDTH_BUFFER_BYTES`` buffer by all threads (the compiled loop with each ISA's
+widest loads, and torch's own sum), measured before and again after the kernels (other
+load on a shared machine can depress one probe); a kernel that
+reads ``bytes_read`` bytes (packed weights, scales, zero points and x) in ``median_ms``
+is at ``roofline_fraction = bytes_read / (bandwidth * median)``. The probe takes the
+maximum over methods so that no kernel can stream faster than "the ceiling".
+
+Kernels: ``torch_fp32`` and ``torch_bf16`` (F.linear), ``torch_int8_bf16``
+(``_weight_int8pack_mm``, per-channel), ``torch_int4_bf16``
+(``_weight_int4pack_mm_for_cpu``, groups of 128), and fpbench's table-lookup kernel for
+any ``FORMAT/GRANULARITY`` it supports (``int4/g128``, ``fp6_e3m2/channel``, ...; a bare
+format name means both ``/channel`` and ``/g128``), with fp32 activations. ``vs_bf16`` =
+torch_bf16's median / this kernel's median (above 1 = faster than bf16), ``vs_fp32`` the
+same against torch_fp32.
 """
 
 from __future__ import annotations
@@ -30,18 +36,23 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fpbench.kernels import build as kernels
 from fpbench.errors import FpbenchError
-from fpbench.kernels.linear import GEMM_MIN_ROWS, GEMM_MIN_ROWS_BF16
-from fpbench.kernels.packing import INT4_GROUP, pack_fp6, pack_int4
+from fpbench.kernels import build as kernels
+from fpbench.kernels.linear import LutLinear, check_kernel_scheme, packed_bytes
+from fpbench.quant.formats import IntFormat, get_format
+from fpbench.quant.scheme import Granularity, Scheme
+from fpbench.quant.weights import QuantizedWeight, group_count
 from fpbench.records.environment import environment, utc_now
 from fpbench.records.schema import KERNEL_BENCH
 from fpbench.records.store import append_jsonl
 
 DEFAULT_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
 DEFAULT_BATCHES = (1, 8, 64, 512)
-KERNELS = ("torch_fp32", "torch_bf16", "torch_int8_bf16", "torch_int4_bf16", "fpbench_int4", "fpbench_fp6",
-           "fpbench_int4_bf16", "fpbench_fp6_bf16")
+TORCH_KERNELS = ("torch_fp32", "torch_bf16", "torch_int8_bf16", "torch_int4_bf16")
+DEFAULT_FORMATS = ("int4", "int4_asym", "int8", "fp4_e2m1", "fp6_e2m3", "fp6_e3m2", "fp8_e4m3", "fp8_e5m2")
+DEFAULT_GRANULARITIES = ("channel", "g128")
+KERNELS = TORCH_KERNELS + tuple(f"{f}/{g}" for f in DEFAULT_FORMATS for g in DEFAULT_GRANULARITIES)
+TORCH_INT4_GROUP = 128
 COLD_BYTES = 128 * 2**20
 BANDWIDTH_BUFFER_BYTES = 512 * 2**20
 
@@ -64,9 +75,10 @@ def parse_shapes(text: str | None) -> list[tuple[int, int]]:
         try:
             n, k = (int(v) for v in item.lower().split("x"))
         except ValueError:
-            raise FpbenchError(f"shape {item!r} is not NxK (e.g. 4096x4096,11008x4096)") from None
-        if k % INT4_GROUP:
-            raise FpbenchError(f"shape {item}: K must be a multiple of {INT4_GROUP} for the INT4 kernels")
+            raise FpbenchError(f"shape {item!r} is not NxK (e.g. 4096x4096,14336x4096)") from None
+        if k % TORCH_INT4_GROUP:
+            raise FpbenchError(f"shape {item}: K must be a multiple of {TORCH_INT4_GROUP} (torch's INT4 kernel "
+                               "and the g128 kernels need whole groups)")
         shapes.append((n, k))
     return shapes
 
@@ -83,19 +95,80 @@ def parse_batches(text: str | None) -> list[int]:
     return batches
 
 
-def measure_bandwidth_gbps(repeats: int = 5) -> float:
+def parse_kernels(names: list[str] | None) -> list[str]:
+    """Torch kernel names as they are; ``FORMAT`` -> ``FORMAT/channel``, ``FORMAT/g128``."""
+    if not names:
+        return list(KERNELS)
+    out = []
+    for name in names:
+        if name in TORCH_KERNELS:
+            out.append(name)
+            continue
+        fmt, _, gran = name.partition("/")
+        for g in [gran] if gran else DEFAULT_GRANULARITIES:
+            try:
+                scheme = Scheme(fmt, Granularity.parse(g))
+                check_kernel_scheme(scheme)
+            except FpbenchError as exc:
+                raise FpbenchError(f"unknown kernel {name!r} ({exc}); choose from {', '.join(TORCH_KERNELS)} "
+                                   "or FORMAT[/GRANULARITY] such as int4/g128") from None
+            out.append(f"{scheme.format}/{scheme.granularity.short}")
+    return list(dict.fromkeys(out))
+
+
+def stream_methods() -> dict[str, callable]:
+    """Read loops whose best is the streaming ceiling: name -> (buffer, repeats) -> GB/s."""
+    module = kernels.load()
+    isas = [isa for isa in ("avx512", "avx2", "scalar")
+            if kernels.ISAS.index(isa) >= kernels.ISAS.index(module.best_isa())]
+    methods = {f"read_{isa}": (lambda buffer, repeats, isa=isa: float(module.stream_read_gbps(buffer, repeats, isa)))
+               for isa in isas}
+    methods["torch_sum"] = _torch_sum_gbps
+    return methods
+
+
+def _torch_sum_gbps(buffer: torch.Tensor, repeats: int) -> float:
+    view = buffer.view(torch.float32)
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        view.sum()
+        best = max(best, buffer.numel() * buffer.element_size() / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def measure_bandwidth_gbps(repeats: int = 5) -> tuple[float, dict[str, float]]:
+    """The streaming-read ceiling (GB/s): the maximum over ``stream_methods``, and each one."""
     buffer = torch.ones(BANDWIDTH_BUFFER_BYTES // 8, dtype=torch.int64)
-    return float(kernels.load().stream_read_gbps(buffer, repeats))
+    each = {name: round(method(buffer, repeats), 2) for name, method in stream_methods().items()}
+    return max(each.values()), each
+
+
+def roofline_fraction(bytes_read: int, bandwidth_gbps: float, median_ms: float) -> float:
+    """Time the bytes need at the streaming ceiling over the time taken (<= 1 at or below it)."""
+    return bytes_read / (bandwidth_gbps * 1e9) / (median_ms * 1e-3)
 
 
 def _copies(weight_bytes: int) -> int:
     return max(2, math.ceil(COLD_BYTES / weight_bytes))
 
 
+def _random_qweight(name: str, n: int, k: int, generator: torch.Generator) -> QuantizedWeight:
+    fmt_name, _, gran = name.partition("/")
+    fmt, granularity = get_format(fmt_name), Granularity.parse(gran)
+    groups = group_count(k, granularity)
+    if isinstance(fmt, IntFormat):
+        codes = torch.randint(fmt.qmin, fmt.qmax + 1, (n, k), generator=generator)
+        codes = codes.to(torch.int8 if fmt.symmetric else torch.uint8)
+    else:
+        codes = torch.randint(0, 1 << fmt.bits, (n, k), dtype=torch.uint8, generator=generator)
+    zeros = None if not isinstance(fmt, IntFormat) or fmt.symmetric else torch.rand(n, groups, generator=generator)
+    return QuantizedWeight(codes, torch.rand(n, groups, generator=generator), zeros, fmt.name, granularity)
+
+
 def prepare(kernel: str, n: int, k: int, generator: torch.Generator) -> Prepared:
     """Random weights in the kernel's own storage (the values do not change the time)."""
-    module = kernels.load()
-    groups = k // INT4_GROUP
+    groups = k // TORCH_INT4_GROUP
     if kernel in ("torch_fp32", "torch_bf16"):
         dtype = torch.float32 if kernel == "torch_fp32" else torch.bfloat16
         nbytes = n * k * torch.finfo(dtype).bits // 8
@@ -116,26 +189,14 @@ def prepare(kernel: str, n: int, k: int, generator: torch.Generator) -> Prepared
                                       torch.zeros(groups, n)], dim=-1).bfloat16()
             weights.append((packed, scale_zero))
         return Prepared(weights, nbytes, lambda x, w: torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x, w[0], INT4_GROUP, w[1]), torch.bfloat16)
-    if kernel in ("fpbench_int4", "fpbench_int4_bf16"):
-        nbytes = n * k // 2 + n * groups * 4
-        weights = [(pack_int4(torch.randint(-7, 8, (n, k), dtype=torch.int8, generator=generator)),
-                    torch.rand(n, groups, generator=generator)) for _ in range(_copies(nbytes))]
-        if kernel == "fpbench_int4_bf16":
-            return Prepared(weights, nbytes, lambda x, w: module.int4_linear_bf16(
-                x, w[0], w[1], GEMM_MIN_ROWS_BF16, "auto", False), torch.bfloat16)
-        return Prepared(weights, nbytes, lambda x, w: module.int4_linear(x, w[0], w[1], GEMM_MIN_ROWS, "auto"),
-                        torch.float32)
-    if kernel in ("fpbench_fp6", "fpbench_fp6_bf16"):
-        nbytes = n * k * 3 // 4 + n * 4
-        weights = [(*pack_fp6(torch.randint(0, 64, (n, k), dtype=torch.uint8, generator=generator)),
-                    torch.rand(n, generator=generator)) for _ in range(_copies(nbytes))]
-        if kernel == "fpbench_fp6_bf16":
-            return Prepared(weights, nbytes, lambda x, w: module.fp6_linear_bf16(
-                x, w[0], w[1], w[2], GEMM_MIN_ROWS_BF16, "auto", False), torch.bfloat16)
-        return Prepared(weights, nbytes, lambda x, w: module.fp6_linear(x, w[0], w[1], w[2], GEMM_MIN_ROWS, "auto"),
-                        torch.float32)
-    raise FpbenchError(f"unknown kernel {kernel!r}; choose from {', '.join(KERNELS)}")
+            x, w[0], TORCH_INT4_GROUP, w[1]), torch.bfloat16)
+    if kernel in TORCH_KERNELS or "/" not in kernel:
+        raise FpbenchError(f"unknown kernel {kernel!r}; choose from {', '.join(TORCH_KERNELS)} "
+                           "or FORMAT/GRANULARITY such as int4/g128")
+    first = LutLinear(_random_qweight(kernel, n, k, generator))
+    nbytes = packed_bytes(first)
+    weights = [first] + [LutLinear(_random_qweight(kernel, n, k, generator)) for _ in range(_copies(nbytes) - 1)]
+    return Prepared(weights, nbytes, lambda x, layer: layer(x), torch.float32)
 
 
 def time_calls(prepared: Prepared, x: torch.Tensor, repeats: int, warmup: int = 2) -> tuple[float, float]:
@@ -163,12 +224,14 @@ def run_bench(shapes=None, batches=None, kernel_names=None, repeats: int = 21, o
     """Measure every kernel x shape x batch; returns (and appends to out_dir) the records."""
     shapes = list(shapes or DEFAULT_SHAPES)
     batches = list(batches or DEFAULT_BATCHES)
-    kernel_names = list(kernel_names or KERNELS)
-    if "torch_bf16" not in kernel_names:
-        kernel_names.insert(0, "torch_bf16")  # the headline ratios need it
+    kernel_names = parse_kernels(kernel_names)
+    for reference in ("torch_fp32", "torch_bf16"):  # the headline ratios need them
+        if reference not in kernel_names:
+            kernel_names.insert(0, reference)
     module = kernels.load()
-    bandwidth = measure_bandwidth_gbps()
-    env = environment() | {"kernel_isa": module.best_isa(), "bandwidth_gbps": round(bandwidth, 2)}
+    bandwidth, by_method = measure_bandwidth_gbps()
+    env = environment() | {"kernel_isa": module.best_isa(), "bandwidth_gbps": round(bandwidth, 2),
+                           "bandwidth_by_method": by_method}
     generator = torch.Generator().manual_seed(0)
     records = []
     steps = tqdm(total=len(shapes) * len(kernel_names) * len(batches), desc="bench", disable=not progress)
@@ -184,19 +247,30 @@ def run_bench(shapes=None, batches=None, kernel_names=None, repeats: int = 21, o
             for m in batches:
                 x = torch.randn(m, k, generator=generator).to(prepared.activation_dtype)
                 median_ms, min_ms = time_calls(prepared, x, _repeats_for(m, n, k, repeats))
-                gbps = prepared.weight_bytes / (median_ms * 1e-3) / 1e9
+                bytes_read = prepared.weight_bytes + x.numel() * x.element_size()
                 records.append({"kernel": kernel, "M": m, "N": n, "K": k, "median_ms": round(median_ms, 4),
                                 "min_ms": round(min_ms, 4),
-                                "gbps": round(gbps, 2), "roofline_fraction": round(gbps / bandwidth, 3),
-                                "weight_bytes": prepared.weight_bytes, "copies": len(prepared.weights),
+                                "gbps": round(bytes_read / (median_ms * 1e-3) / 1e9, 2),
+                                "roofline_fraction": round(roofline_fraction(bytes_read, bandwidth, median_ms), 3),
+                                "weight_bytes": prepared.weight_bytes, "bytes_read": bytes_read,
+                                "copies": len(prepared.weights),
                                 "activation_dtype": str(prepared.activation_dtype).replace("torch.", ""), **env})
                 steps.update()
             del prepared
     steps.close()
-    bf16 = {(r["M"], r["N"], r["K"]): r["median_ms"] for r in records if r["kernel"] == "torch_bf16"}
-    stamp = utc_now()
+    after, after_by_method = measure_bandwidth_gbps()
+    if after > bandwidth:  # the ceiling is the best probe: fractions were computed against a lower one
+        for record in records:
+            record["roofline_fraction"] = round(roofline_fraction(record["bytes_read"], after, record["median_ms"]), 3)
+            record["bandwidth_gbps"] = round(after, 2)
     for record in records:
-        record["vs_bf16"] = round(bf16[(record["M"], record["N"], record["K"])] / record["median_ms"], 3)
+        record["bandwidth_by_method"] = {"before": by_method, "after": after_by_method}
+    stamp = utc_now()
+    for reference in ("bf16", "fp32"):
+        medians = {(r["M"], r["N"], r["K"]): r["median_ms"] for r in records if r["kernel"] == f"torch_{reference}"}
+        for record in records:
+            record[f"vs_{reference}"] = round(medians[(record["M"], record["N"], record["K"])] / record["median_ms"], 3)
+    for record in records:
         record["time"] = stamp
     if out_dir:
         append_jsonl(Path(out_dir) / "bench.jsonl", records, KERNEL_BENCH.name)
@@ -204,15 +278,20 @@ def run_bench(shapes=None, batches=None, kernel_names=None, repeats: int = 21, o
 
 
 def table(records: list[dict], stat: str = "median_ms") -> str:
-    """Markdown: one row per shape x batch; per kernel ``stat`` ms, x vs torch_bf16 (same
-    statistic) and the roofline fraction at that time."""
+    """Markdown: one row per kernel x shape x batch: ``stat`` ms, GB/s, roofline fraction,
+    x vs torch_bf16 and x vs torch_fp32 (same statistic)."""
     import pandas as pd
 
     frame = pd.DataFrame(records)
-    bf16 = frame[frame.kernel == "torch_bf16"].set_index(["M", "N", "K"])[stat]
-    frame["ratio"] = [bf16[(r.M, r.N, r.K)] / r[stat] for _, r in frame.iterrows()]
-    frame["roof"] = frame["roofline_fraction"] * frame["median_ms"] / frame[stat]
-    frame["cell"] = frame.apply(lambda r: f"{r[stat]:.3f} ({r['ratio']:.2f}x, {r['roof']:.0%})", axis=1)
-    wide = frame.pivot_table(index=["N", "K", "M"], columns="kernel", values="cell", aggfunc="first")
-    wide = wide[[k for k in KERNELS if k in wide.columns]]
-    return wide.reset_index().to_markdown(index=False)
+    for reference in ("bf16", "fp32"):
+        base = frame[frame.kernel == f"torch_{reference}"].set_index(["M", "N", "K"])[stat]
+        frame[f"x_vs_{reference}"] = [round(base[(r.M, r.N, r.K)] / r[stat], 2) for _, r in frame.iterrows()]
+    # At the fastest call's time the fraction scales by median / min.
+    frame["roofline"] = (frame["roofline_fraction"] * frame["median_ms"] / frame[stat]).round(2)
+    frame["GB/s"] = (frame["gbps"] * frame["median_ms"] / frame[stat]).round(1)
+    frame[stat] = frame[stat].round(3)
+    order = {name: i for i, name in enumerate(dict.fromkeys(frame.kernel))}
+    frame = frame.sort_values(["N", "K", "M"], kind="stable").sort_values(
+        ["N", "K", "M", "kernel"], key=lambda col: col.map(order) if col.name == "kernel" else col, kind="stable")
+    columns = ["N", "K", "M", "kernel", stat, "GB/s", "roofline", "x_vs_bf16", "x_vs_fp32"]
+    return frame[columns].to_markdown(index=False)

@@ -3,8 +3,8 @@
 The extension is compiled by ``torch.utils.cpp_extension.load`` (ninja + the system C++
 compiler) into a build folder keyed by the source hash, the torch version and the CPU's
 SIMD flags, so an AVX2-only machine and an AVX-512 machine never share a binary. Inside
-the binary the ISA is also chosen at run time (AVX-512 with BF16 > AVX-512 > AVX2 >
-scalar); ``isa`` forces a narrower one (for tests and comparisons), as does
+the binary the ISA is also chosen at run time (AVX-512 > AVX2 > scalar; only scalar
+off x86-64); ``isa`` forces a narrower one (for tests and comparisons), as does
 ``FPBENCH_KERNEL_ISA``.
 
 Build folder: ``$FPBENCH_KERNEL_BUILD_DIR``, else ``$FPBENCH_CACHE_DIR/kernels``, else
@@ -22,10 +22,10 @@ from pathlib import Path
 from fpbench.errors import FpbenchError
 
 SOURCE_DIR = Path(__file__).resolve().parent / "cpp"
-SOURCES = ("fp6_linear.cpp",)
-ISAS = ("auto", "avx512_bf16", "avx512", "avx2", "scalar")
+SOURCES = ("lut_linear.cpp",)
+ISAS = ("auto", "avx512", "avx2", "scalar")
 # The CPU flags that change which code paths exist or are picked.
-_RELEVANT_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+_RELEVANT_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl")
 
 
 def cpu_flags() -> list[str]:
@@ -72,13 +72,13 @@ def build_dir() -> Path:
 
 @lru_cache(maxsize=1)
 def load(verbose: bool = False):
-    """The compiled module (``fp6_linear``, ``int4_linear``, ``*_dequantize``, ...)."""
+    """The compiled module (``lut_linear``, ``lut_dequantize``, ``stream_read_gbps``, ``best_isa``)."""
     missing = [name for name in SOURCES if not (SOURCE_DIR / name).is_file()]
     if missing:
         raise FpbenchError(f"kernel sources {missing} not found in {SOURCE_DIR}; run from a source checkout")
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
-        raise FpbenchError(f"no C++ compiler ({compiler!r}) found to build the FP6 kernel; install g++ "
+        raise FpbenchError(f"no C++ compiler ({compiler!r}) found to build the kernels; install g++ "
                            "(e.g. apt-get install g++) or use --backend simulate")
     import torch.utils.cpp_extension as cpp_extension
 
@@ -100,7 +100,7 @@ def load(verbose: bool = False):
         )
     except (RuntimeError, OSError, ImportError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise FpbenchError(f"building the FP6 kernel in {folder} failed ({first_line}); "
+        raise FpbenchError(f"building the kernels in {folder} failed ({first_line}); "
                            "rerun with `make kernels` to see the compiler output") from exc
 
 

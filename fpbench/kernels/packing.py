@@ -1,76 +1,59 @@
-"""The "4+2" storage of FP6 codes (ZeroQuant(4+2), Sec. 5) and the INT4 nibble storage.
+"""Storage of weight codes for the compiled kernels: 4-bit, "4+2" 6-bit and 8-bit planes.
 
-An FP6 E3M2 code is ``sign<<5 | exponent<<2 | mantissa``. It is split into its high
-4 bits (``code >> 2``: sign and exponent) and its low 2 bits (``code & 3``: mantissa),
-stored in two separate arrays so that every vector load is aligned and no code
-straddles a byte boundary:
+A code is the format's bit pattern as an unsigned index ``0 .. 2^bits - 1``: float codes
+as they are, symmetric integers in two's complement (``code & (2^bits - 1)``), and
+asymmetric integers as they are. ``value_table`` holds the exact value of every index,
+from the format's own decoder, so the kernels hold no per-format code.
 
-- ``packed_hi4``: uint8 [N, Kp/2], 4 bits per weight;
-- ``packed_lo2``: uint8 [N, 64 * ceil(Kp/256)], 2 bits per weight;
+Each row of K weights (K a multiple of ``UNIT`` = 64) is a sequence of 64-weight units.
+Inside a unit, code *position* p holds the weight at offset ``POSITION_TO_K[p]``: the
+order in which the kernels' byte-table lookup (vpshufb) and bf16-to-fp32 widening emit
+fp32 lanes, so the decoded vectors come out in natural k order with no shuffle. Per
+unit:
 
-where Kp is K rounded up to a multiple of ``FP6_GRANULE`` (128) with code 0 (= +0.0)
-in the padding. Each row is a sequence of 256-weight blocks; a block is 128 bytes of
-``packed_hi4`` and 64 bytes of ``packed_lo2``, every 64 bytes read as 32 little-endian
-uint16 *lanes* (one 512-bit register). When Kp is an odd multiple of 128, the last
-block is a *half block* of 128 weights (slices 0..3): 64 bytes of ``packed_hi4`` (the
-first half of a block) and a full 64 bytes of ``packed_lo2`` whose fields 4..7 are 0
-(so a 576-wide row takes 512 bytes instead of the 576 of padding to 768). Bit order,
-for weight ``k = 256*b + 32*i + p`` of a row (block b, slice i = 0..7, position
-p = 0..31):
+- 8-bit: 64 bytes in natural order (the kernels gather 8-bit codes from the fp32
+  table, so no lane order is needed);
+- 4-bit: 32 bytes, position t in the low nibble of byte t, position 32 + t in the high
+  nibble;
+- 6-bit ("4+2", ZeroQuant(4+2) Sec. 5): the code's high 4 bits (``code >> 2``) in a
+  4-bit plane laid out as above, and its low 2 bits (``code & 3``) in a 2-bit plane of
+  16 bytes, position p in bits ``2*(p // 16) .. 2*(p // 16) + 1`` of byte ``p % 16``.
+  Every vector load of either plane is aligned and no code straddles a byte.
 
-- lane ``j = 2p`` if ``p < 16`` else ``2(p - 16) + 1`` (so ``p = kmap(j)``,
-  ``kmap(2t) = t``, ``kmap(2t+1) = 16 + t``);
-- high 4 bits: byte offset ``128*b + 64*(i // 4) + 2*j`` (uint16 lane, little-endian),
-  bits ``4*(i % 4) .. 4*(i % 4) + 3``;
-- low 2 bits: byte offset ``64*b + 2*j``, bits ``2*i .. 2*i + 1``.
-
-Why this lane order: a table lookup on uint16 lanes yields bf16 patterns; the even
-lanes widened to fp32 are weights k..k+15 and the odd lanes k+16..k+31, so the kernel
-multiplies them with x[k:k+16] and x[k+16:k+32] without any shuffle.
-
-Both arrays start at a 64-byte boundary (``aligned``), so every vector load is one
-cache line.
-
-INT4 (symmetric, codes -7..7, groups of ``INT4_GROUP`` = 128) stores ``code + 8`` as a
-nibble in the same lane order as ``packed_hi4``, one 64-byte register per group:
-weight ``k = 128*g + 32*i + kmap(j)`` sits in bytes ``64*g + 2*j`` (uint16 lane), bits
-``4*i .. 4*i + 3``.
+All planes start at a 64-byte boundary (``aligned``).
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import torch
 
 from fpbench.errors import FpbenchError
+from fpbench.quant.formats import FloatFormat, IntFormat, get_format
 
-FP6_BLOCK = 256
-FP6_GRANULE = 128  # K is padded to a multiple of this: a final half block
-INT4_GROUP = 128
+UNIT = 64
 ALIGN_BYTES = 64  # packed arrays start on a cache line (see ``aligned``)
-_SLICE = 32
-
-# LANE_TO_POS[j] = position p (0..31) inside a 32-weight slice held by uint16 lane j.
-LANE_TO_POS = np.array([j // 2 if j % 2 == 0 else 16 + j // 2 for j in range(_SLICE)])
+CODE_BITS = (4, 6, 8)  # widths with a packed layout
 
 
-def padded_k(in_features: int) -> int:
-    return math.ceil(in_features / FP6_GRANULE) * FP6_GRANULE
+def _position_to_k(p: int) -> int:
+    # A 32-position half: 128-bit lane (p // 16); unpacklo/hi_epi8 words (bit 3); even
+    # words widen by a shift, odd ones by a mask (bit 0); word pair index (bits 1-2).
+    half, q = divmod(p, 32)
+    lane, r16 = divmod(q, 16)
+    word_vec, r = divmod(r16, 8)
+    return 32 * half + 8 * (2 * word_vec + r % 2) + 4 * lane + r // 2
 
 
-def lo2_row_bytes(kp: int) -> int:
-    """Bytes of ``packed_lo2`` per row: 64 per started 256-weight block."""
-    return 64 * math.ceil(kp / FP6_BLOCK)
+POSITION_TO_K = np.array([_position_to_k(p) for p in range(UNIT)])
 
 
 def aligned(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` contiguous at a ``ALIGN_BYTES`` boundary (copied only when it is not).
 
-    The kernels read 64-byte vectors; from a misaligned array every one of them spans
-    two cache lines, which made a batch-1 FP6 call 2.4x slower here. torch's CPU
-    allocator aligns to 64 bytes; numpy's (malloc) only to 16."""
+    The kernels read 32- and 64-byte vectors; from a misaligned array many of them span
+    two cache lines, which made a batch-1 call 2.4x slower here. torch's CPU allocator
+    aligns to 64 bytes; numpy's (malloc) only to 16."""
     tensor = tensor.contiguous()
     if tensor.data_ptr() % ALIGN_BYTES:
         tensor = tensor.clone()
@@ -79,86 +62,80 @@ def aligned(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _lanes_to_bytes(lanes: np.ndarray) -> torch.Tensor:
-    """uint16 lanes [..., L] -> uint8 bytes [N, 2*L*...] in little-endian order, in
-    torch-allocated (64-byte aligned) memory."""
-    n = lanes.shape[0]
-    array = np.ascontiguousarray(lanes.astype("<u2")).view(np.uint8).reshape(n, -1)
+def code_bits(format_name: str) -> int:
+    """Bits per stored code: 4, 6 or 8 (the narrowest packed width that holds the format)."""
+    fmt = get_format(format_name)
+    if not isinstance(fmt, (FloatFormat, IntFormat)) or fmt.bits > 8:
+        raise FpbenchError(f"format {format_name} has no packed layout; the kernels take formats of at most 8 bits")
+    return next(width for width in CODE_BITS if fmt.bits <= width)
+
+
+def value_table(format_name: str) -> torch.Tensor:
+    """fp32 [2^code_bits]: the exact value of every code index (unused indices are 0)."""
+    fmt = get_format(format_name)
+    width = code_bits(format_name)
+    table = torch.zeros(1 << width, dtype=torch.float64)
+    values = fmt.decode_table  # float64, codes qmin..qmax for integers, 0..2^bits-1 for floats
+    if isinstance(fmt, IntFormat):
+        table[torch.arange(fmt.qmin, fmt.qmax + 1) & ((1 << width) - 1)] = values
+    else:
+        # A float format narrower than its width (e.g. fp5_e2m2 in 6 bits) keeps its sign
+        # bit at bit fmt.bits - 1, so its codes are the indices below 2^fmt.bits.
+        table[: 1 << fmt.bits] = values
+    return table.float()
+
+
+def code_indices(codes: torch.Tensor, format_name: str) -> torch.Tensor:
+    """Stored codes (uint8, or int8 two's complement for symmetric integers) -> uint8 indices."""
+    width = code_bits(format_name)
+    return (codes.to(torch.int16) & ((1 << width) - 1)).to(torch.uint8)
+
+
+def _to_bytes(array: np.ndarray) -> torch.Tensor:
     out = torch.empty(array.shape, dtype=torch.uint8)
     out.numpy()[...] = array
     return aligned(out)
 
 
-def _bytes_to_lanes(packed: torch.Tensor) -> np.ndarray:
-    return np.ascontiguousarray(packed.cpu().numpy()).view("<u2").astype(np.int64)
+def pack_codes(indices: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """uint8 code indices [N, K] -> (plane_a, plane_b): 8-bit [N, K] and None, 4-bit
+    [N, K/2] and None, or 6-bit 4-bit plane [N, K/2] and 2-bit plane [N, K/4]."""
+    if indices.dim() != 2 or indices.dtype != torch.uint8:
+        raise FpbenchError(f"pack_codes needs uint8 codes [N, K], got {indices.dtype} of shape {tuple(indices.shape)}")
+    if bits not in CODE_BITS:
+        raise FpbenchError(f"no packed layout for {bits}-bit codes; use one of {CODE_BITS}")
+    n, k = indices.shape
+    if k % UNIT:
+        raise FpbenchError(f"the kernels need K (in_features) divisible by {UNIT}, got K={k}")
+    if indices.numel() and int(indices.max()) >= 1 << bits:
+        raise FpbenchError(f"pack_codes: codes must be below 2^{bits}")
+    if bits == 8:
+        return _to_bytes(indices.cpu().numpy()), None
+    # [N, units, position]: position p holds weight POSITION_TO_K[p] of its unit.
+    by_pos = indices.cpu().numpy().reshape(n, k // UNIT, UNIT)[..., POSITION_TO_K]
+    high = by_pos >> 2 if bits == 6 else by_pos
+    plane4 = (high[..., :32] | (high[..., 32:] << 4)).astype(np.uint8).reshape(n, k // 2)
+    if bits == 4:
+        return _to_bytes(plane4), None
+    low = (by_pos & 3).reshape(n, k // UNIT, 4, 16)
+    plane2 = (low[:, :, 0] | low[:, :, 1] << 2 | low[:, :, 2] << 4 | low[:, :, 3] << 6).astype(np.uint8)
+    return _to_bytes(plane4), _to_bytes(plane2.reshape(n, k // 4))
 
 
-def pack_fp6(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """FP6 codes uint8 [N, K] (values 0..63) -> (packed_hi4 [N, Kp/2], packed_lo2 [N, 64*ceil(Kp/256)])."""
-    if codes.dim() != 2 or codes.dtype != torch.uint8:
-        raise FpbenchError(f"pack_fp6 needs uint8 codes [N, K], got {codes.dtype} of shape {tuple(codes.shape)}")
-    if codes.numel() and int(codes.max()) > 63:
-        raise FpbenchError("pack_fp6: codes must be 6-bit (0..63); encode with get_format('fp6_e3m2').encode")
-    n, k = codes.shape
-    kp = padded_k(k)
-    blocks = math.ceil(kp / FP6_BLOCK)
-    # Laid out as whole blocks; a final half block then drops its absent second half of
-    # high nibbles (its 2-bit fields 4..7 stay, as zeros).
-    padded = np.zeros((n, blocks * FP6_BLOCK), dtype=np.int64)
-    padded[:, :k] = codes.cpu().numpy()
-    # [N, blocks, slice i (8), lane j (32)] with lane j holding position LANE_TO_POS[j].
-    by_lane = padded.reshape(n, blocks, 8, _SLICE)[..., LANE_TO_POS]
-    hi = by_lane >> 2
-    lo = by_lane & 3
-    # Nibble i % 4 of the uint16 lane in half i // 4 of the block.
-    hi = hi.reshape(n, blocks, 2, 4, _SLICE)
-    hi_lanes = sum(hi[:, :, :, i, :] << (4 * i) for i in range(4))  # [N, blocks, 2, 32]
-    lo_lanes = sum(lo[:, :, i, :] << (2 * i) for i in range(8))  # [N, blocks, 32]
-    hi_lanes = hi_lanes.reshape(n, blocks * 2, _SLICE)[:, : kp // 128]  # halves actually stored
-    return _lanes_to_bytes(hi_lanes), _lanes_to_bytes(lo_lanes)
-
-
-def unpack_fp6(packed_hi4: torch.Tensor, packed_lo2: torch.Tensor, in_features: int) -> torch.Tensor:
-    """Inverse of ``pack_fp6``: uint8 codes [N, in_features]."""
-    n = packed_hi4.shape[0]
-    kp = packed_hi4.shape[1] * 2
-    if kp % FP6_GRANULE or packed_lo2.shape != (n, lo2_row_bytes(kp)) or in_features > kp:
-        raise FpbenchError(f"unpack_fp6: inconsistent shapes hi4 {tuple(packed_hi4.shape)}, "
-                           f"lo2 {tuple(packed_lo2.shape)} for K={in_features}")
-    blocks = math.ceil(kp / FP6_BLOCK)
-    hi_halves = _bytes_to_lanes(packed_hi4).reshape(n, kp // 128, _SLICE)
-    hi_lanes = np.zeros((n, blocks * 2, _SLICE), dtype=np.int64)
-    hi_lanes[:, : kp // 128] = hi_halves
-    hi_lanes = hi_lanes.reshape(n, blocks, 2, _SLICE)
-    lo_lanes = _bytes_to_lanes(packed_lo2).reshape(n, blocks, _SLICE)
-    hi = np.stack([(hi_lanes >> (4 * i)) & 15 for i in range(4)], axis=3).reshape(n, blocks, 8, _SLICE)
-    lo = np.stack([(lo_lanes >> (2 * i)) & 3 for i in range(8)], axis=2)
-    by_lane = (hi << 2) | lo
-    codes = np.empty_like(by_lane)
-    codes[..., LANE_TO_POS] = by_lane
-    return torch.from_numpy(codes.reshape(n, blocks * FP6_BLOCK)[:, :in_features].astype(np.uint8))
-
-
-def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """Symmetric INT4 codes int8 [N, K] (-8..7, K a multiple of 128) -> uint8 [N, K/2]."""
-    if codes.dim() != 2 or codes.dtype != torch.int8:
-        raise FpbenchError(f"pack_int4 needs int8 codes [N, K], got {codes.dtype} of shape {tuple(codes.shape)}")
-    n, k = codes.shape
-    if k % INT4_GROUP:
-        raise FpbenchError(f"the INT4 kernel needs K divisible by {INT4_GROUP}, got K={k}")
-    if codes.numel() and (int(codes.min()) < -8 or int(codes.max()) > 7):
-        raise FpbenchError("pack_int4: codes must lie in -8..7")
-    nibbles = codes.cpu().numpy().astype(np.int64) + 8
-    by_lane = nibbles.reshape(n, k // INT4_GROUP, 4, _SLICE)[..., LANE_TO_POS]
-    lanes = sum(by_lane[:, :, i, :] << (4 * i) for i in range(4))  # [N, groups, 32]
-    return _lanes_to_bytes(lanes)
-
-
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``pack_int4``: int8 codes [N, K]."""
-    n, k = packed.shape[0], packed.shape[1] * 2
-    lanes = _bytes_to_lanes(packed).reshape(n, k // INT4_GROUP, _SLICE)
-    by_lane = np.stack([(lanes >> (4 * i)) & 15 for i in range(4)], axis=2)
-    codes = np.empty_like(by_lane)
-    codes[..., LANE_TO_POS] = by_lane
-    return torch.from_numpy((codes.reshape(n, k) - 8).astype(np.int8))
+def unpack_codes(plane_a: torch.Tensor, plane_b: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """Inverse of ``pack_codes``: uint8 code indices [N, K]."""
+    a = plane_a.cpu().numpy()
+    n = a.shape[0]
+    if bits == 8:
+        return torch.from_numpy(a.copy())
+    units = a.reshape(n, -1, 32)
+    high = np.concatenate([units & 15, units >> 4], axis=2)
+    if bits == 4:
+        by_pos = high
+    else:
+        b = plane_b.cpu().numpy().reshape(n, -1, 1, 16)
+        low = np.concatenate([(b >> (2 * i)) & 3 for i in range(4)], axis=2).reshape(n, -1, UNIT)
+        by_pos = high << 2 | low
+    codes = np.empty_like(by_pos)
+    codes[..., POSITION_TO_K] = by_pos
+    return torch.from_numpy(codes.reshape(n, -1).astype(np.uint8))
