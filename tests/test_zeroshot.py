@@ -21,9 +21,9 @@ def read_jsonl(path, count):
 def test_every_zeroshot_task_is_declared_with_a_local_config():
     tasks = available_tasks()
     for name in ZEROSHOT_TASKS:
-        assert tasks[name]["family"] == "zeroshot"
-        assert tasks[name]["lm_eval"]["hub"] == name  # lm-eval's own task name
-        local = tasks[name]["lm_eval"]["local"]
+        assert tasks[name].family == "zeroshot"
+        assert tasks[name].lm_eval["hub"] == name  # lm-eval's own task name
+        local = tasks[name].lm_eval["local"]
         assert f"task: {local}\n" in (LM_EVAL_TEMPLATE_DIR / f"{local}.yaml").read_text()
 
 
@@ -33,7 +33,7 @@ def test_written_configs_point_at_existing_files(data_dir, tmp_path):
     for name in ZEROSHOT_TASKS:
         text = (written / f"{name}_local.yaml").read_text()
         assert DATA_DIR_PLACEHOLDER not in text
-        assert str(data_dir.resolve() / get_task(name)["source"]["local"]["file"]) in text
+        assert str(data_dir.resolve() / get_task(name).source.file) in text
 
 
 @pytest.fixture(scope="module")

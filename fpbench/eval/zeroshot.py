@@ -28,9 +28,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from fpbench.data.sources import _missing, hub_offline, local_file, resolve_data_dir
+import lm_eval
+from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import TaskManager
+
+from fpbench.data.sources import OFFLINE_REASON, hub_offline, local_file, missing_data_error, resolve_data_dir
+from fpbench.data.task_defs import TASK_DIR, TaskDef
 from fpbench.errors import FpbenchError
-from fpbench.eval.base import TASK_DIR, EvalOptions, Metric
+from fpbench.eval.base import EvalOptions, Metric
 
 LM_EVAL_TEMPLATE_DIR = TASK_DIR / "lm_eval"
 DATA_DIR_PLACEHOLDER = "${FPBENCH_DATA_DIR}"
@@ -74,7 +79,7 @@ def lm_eval_include_dir(data_dir: str | os.PathLike | None = None):
         yield write_lm_eval_configs(resolved, tmp)
 
 
-def choose_source(task: dict, options: EvalOptions) -> tuple[str, str]:
+def choose_source(task: TaskDef, options: EvalOptions) -> tuple[str, str]:
     """(source, lm-eval task name) for an fpbench zero-shot task declaration."""
     source = options.extra.get("zeroshot_source", "auto")
     if source not in SOURCES:
@@ -82,17 +87,15 @@ def choose_source(task: dict, options: EvalOptions) -> tuple[str, str]:
     if source == "auto":
         source = "local" if hub_offline() else "hub"
     if source == "hub":
-        return "hub", task["lm_eval"]["hub"]
-    if local_file(task["source"], task["name"], options.data_dir) is None:
-        reason = "offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE=1)" if hub_offline() else "local source chosen"
-        raise _missing(task["name"], task["source"], resolve_data_dir(options.data_dir), reason)
-    return "local", task["lm_eval"]["local"]
+        return "hub", task.lm_eval["hub"]
+    if local_file(task.source, options.data_dir) is None:
+        reason = OFFLINE_REASON if hub_offline() else "local source chosen"
+        raise missing_data_error(task.name, task.source, options.data_dir, reason)
+    return "local", task.lm_eval["local"]
 
 
 def make_lm(model, tokenizer, batch_size: int = DEFAULT_BATCH_SIZE):
     """lm-eval's HF wrapper around an already-loaded model (no hub look-ups)."""
-    from lm_eval.models.huggingface import HFLM
-
     class InMemoryHFLM(HFLM):
         def get_model_info(self) -> dict:
             # HFLM's version asks the hub for the SHA of `pretrained`, which here is
@@ -125,9 +128,6 @@ def run_lm_eval(lm, lm_task: str, source: str, options: EvalOptions) -> tuple[di
 
     CPU seconds (all threads of this process) say what the evaluation costs when the
     machine is shared: on an otherwise idle machine, wall ~ CPU / torch threads."""
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
     configs = lm_eval_include_dir(options.data_dir) if source == "local" else contextlib.nullcontext()
     with configs as include, _quiet_lm_eval():
         # Local tasks need only fpbench's folder; indexing lm-eval's ~14k task files
@@ -162,15 +162,12 @@ def _quiet_lm_eval():
         logger.setLevel(saved_level)
 
 
-def evaluate(loaded, task: dict, options: EvalOptions) -> list[Metric]:
+def evaluate(loaded, task: TaskDef, options: EvalOptions) -> list[Metric]:
     source, lm_task = choose_source(task, options)
-    # `fpbench run --batch-size` travels in extra (shared with the generative families).
-    batch_size = options.batch_size or options.extra.get("batch_size") or DEFAULT_BATCH_SIZE
+    batch_size = options.batch_size or DEFAULT_BATCH_SIZE
     lm = make_lm(loaded.model, loaded.tokenizer, batch_size)
     results, seconds, cpu_seconds = run_lm_eval(lm, lm_task, source, options)
     n = int(results["n-samples"][lm_task]["effective"])
-    import lm_eval
-
     details = {"lm_eval_task": lm_task, "task_source": source, "batch_size": batch_size,
                "eval_s": seconds, "eval_cpu_s": cpu_seconds, "items_per_s": n / seconds,
                "lm_eval_version": lm_eval.__version__}
