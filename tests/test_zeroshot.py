@@ -152,6 +152,14 @@ def test_lambada_reports_accuracy_and_perplexity(tiny_loaded, data_dir):
     assert 1e3 < metrics["perplexity"].value < 1e6
 
 
+def test_progress_off_keeps_lm_eval_scoring_bars_off(tiny_loaded, data_dir, capfd):
+    for progress in (True, False):
+        evaluate(tiny_loaded, get_task("boolq"), EvalOptions(limit=2, data_dir=str(data_dir), batch_size=2,
+                                                            progress=progress))
+        shown = "Running loglikelihood requests" in capfd.readouterr().err
+        assert shown == progress
+
+
 @pytest.mark.slow
 def test_fpbench_accuracy_equals_lm_eval_on_default_model(data_dir, tmp_path):
     """The whole pipeline (load, fp32 'quantize', evaluate) gives exactly lm-eval's own

@@ -94,14 +94,27 @@ def choose_source(task: TaskDef, options: EvalOptions) -> tuple[str, str]:
     return "local", task.lm_eval["local"]
 
 
-def make_lm(model, tokenizer, batch_size: int = DEFAULT_BATCH_SIZE):
-    """lm-eval's HF wrapper around an already-loaded model (no hub look-ups)."""
+def make_lm(model, tokenizer, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True):
+    """lm-eval's HF wrapper around an already-loaded model (no hub look-ups); with
+    ``progress`` off its scoring bars stay off too."""
+
     class InMemoryHFLM(HFLM):
         def get_model_info(self) -> dict:
             # HFLM's version asks the hub for the SHA of `pretrained`, which here is
             # a model object, not a repo id: nothing to look up.
             return {"model_num_parameters": sum(p.numel() for p in self._model.parameters()),
                     "model_dtype": str(self._model.dtype)}
+
+        # lm-eval's evaluator calls these without disable_tqdm, and loglikelihood_rolling
+        # passes False to the token scorer; both routes end here.
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm or not progress, **kwargs)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm or not progress)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=disable_tqdm or not progress)
 
     return InMemoryHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
@@ -165,7 +178,7 @@ def _quiet_lm_eval():
 def evaluate(loaded, task: TaskDef, options: EvalOptions) -> list[Metric]:
     source, lm_task = choose_source(task, options)
     batch_size = options.batch_size or DEFAULT_BATCH_SIZE
-    lm = make_lm(loaded.model, loaded.tokenizer, batch_size)
+    lm = make_lm(loaded.model, loaded.tokenizer, batch_size, progress=options.progress)
     results, seconds, cpu_seconds = run_lm_eval(lm, lm_task, source, options)
     n = int(results["n-samples"][lm_task]["effective"])
     details = {"lm_eval_task": lm_task, "task_source": source, "batch_size": batch_size,
