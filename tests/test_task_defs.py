@@ -15,7 +15,7 @@ import yaml
 
 from fpbench.data import task_defs
 from fpbench.data.sources import load_rows, load_texts
-from fpbench.data.task_defs import TASK_DIR, HubSource, Source, available_tasks, get_task, parse_task
+from fpbench.data.task_defs import TASK_DIR, HubSource, Source, available_tasks, get_task
 from fpbench.errors import FpbenchError
 from fpbench.eval.base import (FAMILIES, EvalOptions, artifact_path, choose_prompt_mode, quiet_libraries,
                                write_artifact)
@@ -52,6 +52,7 @@ def _declare(tmp_path, monkeypatch, text: str) -> Path:
     ("name: t\nfamily: perplexity\nsource: {local: {file: a.txt}}\njoint: ' '\n", "unknown key 'joint'"),
     ("name: t\nfamily: perplexity\n", "missing required key 'source'"),
     ("family: perplexity\nsource: {local: {file: a.txt}}\n", "missing required key 'name'"),
+    ("name: t\nsource: {local: {file: a.txt}}\n", "missing required key 'family'"),
     ("name: t\nfamily: perplexty\nsource: {local: {file: a.txt}}\n", "key 'family' is 'perplexty'"),
     ("name: t\nfamily: perplexity\nsource: {local: {fil: a.txt}}\n", "source.local: unknown key 'fil'"),
     ("name: t\nfamily: perplexity\nsource: {hub: {path: x}}\n", "source.hub: missing required key 'split'"),

@@ -143,11 +143,13 @@ def parse_task(spec, path: Path) -> TaskDef:
     where = str(path)
     if not isinstance(spec, dict):
         raise FpbenchError(f"{where}: a task file holds one mapping of keys (name, family, ...)")
-    family = spec.get("family")
+    if "family" not in spec:
+        raise FpbenchError(f"{where}: missing required key 'family'")
+    family = spec["family"]
     families = {**FAMILY_KEYS, **EXTERNAL_FAMILIES}
-    if "family" in spec and family not in families:
+    if family not in families:
         raise FpbenchError(f"{where}: key 'family' is {family!r}; use one of {', '.join(families)}")
-    family_keys = families.get(family, {})
+    family_keys = families[family]
     _check_keys(where, spec, COMMON_KEYS | family_keys)
     if family in EXTERNAL_FAMILIES:
         return TaskDef(name=str(spec["name"]), family=family, path=path,

@@ -16,7 +16,10 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fpbench.data.task_defs import TASK_DIR, TaskDef, available_tasks, get_task  # noqa: F401  (re-exported)
+import huggingface_hub.utils
+import transformers
+
+from fpbench.data.task_defs import TaskDef, available_tasks, get_task  # noqa: F401  (re-exported)
 from fpbench.errors import FpbenchError
 from fpbench.eval.generation import DEFAULT_BATCH_SIZE, GenerationResult, GenerationSettings, generate, has_chat_template
 
@@ -73,9 +76,7 @@ def quiet_libraries() -> None:
     """Silence the progress bars and INFO logs of transformers, datasets, huggingface_hub
     and lm-eval (``--no-progress`` / ``--quiet``); their warnings and errors still show.
     fpbench's own bars follow ``EvalOptions.progress``."""
-    import datasets
-    import huggingface_hub.utils
-    import transformers
+    import datasets  # seconds to import; the task families load it only for hub data
 
     transformers.utils.logging.set_verbosity_warning()
     transformers.utils.logging.disable_progress_bar()

@@ -123,8 +123,8 @@ class Summarization(GenerativeFamily):
         else:
             mode = choose_prompt_mode(loaded.tokenizer, extra.get("prompt_mode"))
             max_new_tokens = int(extra.get("max_new_tokens") or task.max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
-            settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=float(extra.get("temperature") or 0.0),
-                                          batch_size=batch_size, seed=options.seed,
+            settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, seed=options.seed,
+                                          temperature=float(extra.get("temperature") or 0.0),
                                           stop=() if mode == "chat" else ("\n\n",),
                                           add_special_tokens=mode == "completion")
             prompts = _decoder_prompts(loaded, task, documents, mode, max_new_tokens, max_input_tokens)
