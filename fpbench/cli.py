@@ -27,6 +27,14 @@ def data_dir_option(help: str | None = None):
     return click_option("data_dir", **({"help": help} if help else {}))
 
 
+def _quiet(no_progress: bool) -> None:
+    """--no-progress: the libraries' bars and info logs go too, not only fpbench's."""
+    if no_progress:
+        from fpbench.eval.base import quiet_libraries
+
+        quiet_libraries()
+
+
 class _Group(click.Group):
     """Turn every FpbenchError into one line on stderr and exit code 2."""
 
@@ -95,6 +103,7 @@ def run(**values):
     """
     from fpbench.runner import plan_runs, run as run_one
 
+    _quiet(values["no_progress"])
     configs = plan_runs(values)
     for config in configs:
         if values["latency"] and "latency" not in config.tasks:
@@ -212,6 +221,7 @@ def sweep(config_path, shard, dry_run, force, out_dir, limit_override, data_dir,
     from fpbench.records.report import write_report
     from fpbench.sweep import estimate_text, load_config, parse_shard, plan, plan_table, run_sweep, summary_text
 
+    _quiet(no_progress)
     config = load_config(config_path, limit_override, data_dir)
     shard_spec = parse_shard(shard)
     if dry_run:
@@ -369,6 +379,7 @@ def analyze_layers(model, calib, calib_samples, calib_seqlen, data_dir, seed, in
     from fpbench.models import load_model
     from fpbench.records.report import write_report
 
+    _quiet(no_progress)
     loaded = load_model(model)
     windows = calibration_windows(loaded.tokenizer, calib, calib_samples or DEFAULT_LAYER_SAMPLES, calib_seqlen,
                                   seed, data_dir, loaded.max_length)

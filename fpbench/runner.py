@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -24,12 +24,10 @@ from fpbench.quant.scheme import Scheme
 from fpbench.eval.base import EvalOptions, Metric, evaluate_task, get_task
 from fpbench.eval.latency import LatencySettings, latency_path, measure, prepare, weight_bytes
 from fpbench.errors import FpbenchError
-from fpbench.options import STAGES, calibrated_scheme, default_of, run_options, schemes_from_values, stage_options
+from fpbench.options import calibrated_scheme, default_of, run_options, schemes_from_values, stage_options
 from fpbench.quant.calibration import CalibrationSource
 
 LATENCY_TASK = "latency"
-# Options the task families read (generative and zero-shot stages).
-_FAMILY_OPTION_NAMES = {f.name for stage in ("generation", "zeroshot") for f in fields(STAGES[stage])}
 
 
 @dataclass
@@ -164,12 +162,10 @@ def run(config: RunConfig) -> list[dict]:
         from fpbench.kernels.linear import use_kernel_linears
 
         use_kernel_linears(loaded.model, quantized.weights)
-    family_options = {k: v for k, v in config.options.items() if k in _FAMILY_OPTION_NAMES}
     options = EvalOptions(limit=config.limit, seqlen=config.seqlen, data_dir=config.data_dir,
                           seed=config.seed, out_dir=config.out_dir, progress=config.progress,
-                          batch_size=config.options.get("batch_size"),
-                          # run identity lets families name their per-item outputs (samples, summaries)
-                          extra=family_options | {"run_key": config.key(), "scheme": config.scheme.name})
+                          batch_size=config.options.get("batch_size"), generation=config.stage("generation"),
+                          zeroshot=config.stage("zeroshot"), scheme=config.scheme.name, run_key=config.key())
     base = {
         "model": loaded.name, "model_source": loaded.source, **config.scheme.fields(),
         "include_head": config.include_head, "seed": config.seed, "limit": config.limit,
@@ -183,14 +179,14 @@ def run(config: RunConfig) -> list[dict]:
     records = []
     for task in tasks:
         started = time.perf_counter()
-        if task["family"] == "latency":
+        if task.family == "latency":
             metrics = latency_metrics(loaded, quantized, config)
         else:
             metrics = evaluate_task(loaded, task, options)
         task_seconds = time.perf_counter() - started
         task_records = [
-            base | {"task": task["name"], "task_key": config.task_key(task["name"]),
-                    "family": task["family"], "metric": m.metric,
+            base | {"task": task.name, "task_key": config.task_key(task.name),
+                    "family": task.family, "metric": m.metric,
                     "value": m.value, "n": m.n, "task_s": round(task_seconds, 3), **m.details,
                     "time": utc_now()}
             for m in metrics

@@ -407,7 +407,7 @@ class Estimator:
         seconds = DEFAULT_LOAD_S + (statistics.median(history) if history
                                     else DEFAULT_QUANTIZE_S.get(config.scheme.algo, 10.0))
         for task in tasks:
-            if get_task(task)["family"] == "latency":  # a fixed amount of work, whatever the limit
+            if get_task(task).family == "latency":  # a fixed amount of work, whatever the limit
                 history = self.task_s.get((model, task))
                 from_history = from_history and bool(history)
                 seconds += statistics.median(history) if history else DEFAULT_LATENCY_S
@@ -417,7 +417,7 @@ class Estimator:
                 per_item = statistics.median(per_item)
             else:
                 from_history = False
-                per_item = DEFAULT_ITEM_S.get(get_task(task)["family"], DEFAULT_ITEM_S_OTHER)
+                per_item = DEFAULT_ITEM_S.get(get_task(task).family, DEFAULT_ITEM_S_OTHER)
             seconds += per_item * (config.limit or DEFAULT_ITEMS)
         return seconds, from_history
 

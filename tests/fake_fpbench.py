@@ -49,7 +49,7 @@ def evaluate(loaded, task, options):
     if calls and calls == int(os.environ.get("FAKE_KILL_AT", "0")):
         os.kill(os.getpid(), signal.SIGKILL)  # a crash in the middle of a run
     weights = [m.weight for m in loaded.model.modules() if isinstance(m, nn.Linear)]
-    score = sum(float(w.double().abs().sum()) for w in weights) + float(task["offset"])
+    score = sum(float(w.double().abs().sum()) for w in weights) + float(task.params["offset"])
     return [Metric("score", score, options.limit or 4), Metric("aux", -score, options.limit or 4)]
 
 
@@ -63,5 +63,7 @@ def write_tasks(task_dir: Path) -> Path:
 
 def install(task_dir: Path) -> None:
     fpbench.data.task_defs.TASK_DIR = write_tasks(Path(task_dir))
+    if "fake" not in fpbench.data.task_defs.EXTERNAL_FAMILIES:
+        fpbench.data.task_defs.register_family("fake", {"offset": True})
     fpbench.eval.base.FAMILIES["fake"] = __name__
     fpbench.runner.load_model = load_model

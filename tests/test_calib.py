@@ -118,7 +118,7 @@ def test_task_sources_use_the_validation_split(data_dir, task, valid, test):
     from fpbench.data.sources import read_lines
     from fpbench.eval.base import get_task
 
-    join = get_task(task).get("join", "\n\n")
+    join = get_task(task).join
     valid_text = join.join(read_lines(data_dir / valid)).encode()
     test_text = join.join(read_lines(data_dir / test)).encode()
     windows = calibration_windows(ByteTokenizer(), task, n_samples=8, seqlen=200, data_dir=data_dir)

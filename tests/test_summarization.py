@@ -3,12 +3,15 @@ pipeline on tiny random decoder-only and encoder-decoder (BART) models."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from fpbench.data.task_defs import Source
+from fpbench.eval.task_options import GenerationOptions
 from fpbench.eval.base import EvalOptions, get_task
 from fpbench.eval import summarization as summ
 
@@ -62,8 +65,8 @@ def local_task(tmp_path):
             {"doc": "heavy rain flooded roads across the region . schools were closed .",
              "ref": "Rain floods roads; schools close.", "key": "c"}]
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    task = dict(get_task("cnn_dailymail"))
-    task["source"] = {"local": {"file": "docs.jsonl", "document": "doc", "reference": "ref", "id": "key"}}
+    task = dataclasses.replace(get_task("cnn_dailymail"), source=Source(
+        file="docs.jsonl", record_fields={"document": "doc", "reference": "ref", "id": "key"}))
     return task, tmp_path
 
 
@@ -80,7 +83,7 @@ def _check_outputs(metrics, n):
 def test_tiny_decoder_only_pipeline(tiny_loaded, local_task):
     task, folder = local_task
     options = EvalOptions(data_dir=str(folder), out_dir=str(folder / "out"), progress=False,
-                          extra={"max_new_tokens": 8, "scheme": "fp16", "run_key": "k"})
+                          generation=GenerationOptions(max_new_tokens=8), scheme="fp16", run_key="k")
     metrics = summ.evaluate(tiny_loaded, task, options)
     lines = _check_outputs(metrics, 3)
     assert [x["id"] for x in lines] == ["a", "b", "c"]

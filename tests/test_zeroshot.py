@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fpbench.errors import FpbenchError
+from fpbench.eval.task_options import ZeroShotOptions
 from fpbench.eval.base import EvalOptions, available_tasks, get_task
 from fpbench.eval.zeroshot import (DATA_DIR_PLACEHOLDER, LM_EVAL_TEMPLATE_DIR, choose_source, evaluate,
                                     lm_eval_include_dir, write_lm_eval_configs)
@@ -21,9 +22,9 @@ def read_jsonl(path, count):
 def test_every_zeroshot_task_is_declared_with_a_local_config():
     tasks = available_tasks()
     for name in ZEROSHOT_TASKS:
-        assert tasks[name]["family"] == "zeroshot"
-        assert tasks[name]["lm_eval"]["hub"] == name  # lm-eval's own task name
-        local = tasks[name]["lm_eval"]["local"]
+        assert tasks[name].family == "zeroshot"
+        assert tasks[name].lm_eval["hub"] == name  # lm-eval's own task name
+        local = tasks[name].lm_eval["local"]
         assert f"task: {local}\n" in (LM_EVAL_TEMPLATE_DIR / f"{local}.yaml").read_text()
 
 
@@ -33,7 +34,7 @@ def test_written_configs_point_at_existing_files(data_dir, tmp_path):
     for name in ZEROSHOT_TASKS:
         text = (written / f"{name}_local.yaml").read_text()
         assert DATA_DIR_PLACEHOLDER not in text
-        assert str(data_dir.resolve() / get_task(name)["source"]["local"]["file"]) in text
+        assert str(data_dir.resolve() / get_task(name).source.file) in text
 
 
 @pytest.fixture(scope="module")
@@ -96,14 +97,14 @@ def test_choose_source(monkeypatch, data_dir, tmp_path):
     task = get_task("piqa")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert choose_source(task, EvalOptions(data_dir=str(data_dir))) == ("local", "piqa_local")
-    assert choose_source(task, EvalOptions(extra={"zeroshot_source": "hub"})) == ("hub", "piqa")
+    assert choose_source(task, EvalOptions(zeroshot=ZeroShotOptions(zeroshot_source="hub"))) == ("hub", "piqa")
     with pytest.raises(FpbenchError, match="--data-dir"):
         choose_source(task, EvalOptions(data_dir=str(tmp_path)))
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     assert choose_source(task, EvalOptions(data_dir=str(data_dir))) == ("hub", "piqa")
     with pytest.raises(FpbenchError, match="zeroshot_source"):
-        choose_source(task, EvalOptions(extra={"zeroshot_source": "web"}))
+        choose_source(task, EvalOptions(zeroshot=ZeroShotOptions(zeroshot_source="web")))
 
 
 @torch.inference_mode()
@@ -150,6 +151,14 @@ def test_lambada_reports_accuracy_and_perplexity(tiny_loaded, data_dir):
     assert 0 <= metrics["acc"].value <= 1 and metrics["acc"].n == 4
     # A random model with a 49k vocabulary: perplexity of the order of the vocabulary size.
     assert 1e3 < metrics["perplexity"].value < 1e6
+
+
+def test_progress_off_keeps_lm_eval_scoring_bars_off(tiny_loaded, data_dir, capfd):
+    for progress in (True, False):
+        evaluate(tiny_loaded, get_task("boolq"), EvalOptions(limit=2, data_dir=str(data_dir), batch_size=2,
+                                                            progress=progress))
+        shown = "Running loglikelihood requests" in capfd.readouterr().err
+        assert shown == progress
 
 
 @pytest.mark.slow

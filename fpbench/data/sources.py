@@ -1,20 +1,34 @@
 """Where datasets come from: a local data folder first, else the hub when reachable.
 
-A source is a mapping from a task YAML: ``local: {file: REL_PATH}`` (relative to the
-data folder given by ``--data-dir`` or ``FPBENCH_DATA_DIR``) and ``hub: {path, name,
-split, field}`` for ``datasets.load_dataset``. Missing data is one FpbenchError that
-names the dataset and both ways to supply it.
+A :class:`~fpbench.data.task_defs.Source` names a file relative to the data folder
+(``--data-dir`` or ``FPBENCH_DATA_DIR``) and/or a hub dataset for
+``datasets.load_dataset``. :func:`load_rows` is the one loader every task family and
+the calibration sampler use. Missing data is one FpbenchError that names the dataset
+and both ways to supply it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
+from fpbench.data.task_defs import Source
 from fpbench.errors import FpbenchError
 
 DATA_DIR_ENV = "FPBENCH_DATA_DIR"
+OFFLINE_REASON = "offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE=1)"
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A dataset's items: text lines (a ``.txt``-like file, or a hub column named by
+    ``field``) or records (a ``.jsonl`` file, or whole hub rows); ``local`` says which
+    copy they came from (a local copy may name its record fields differently)."""
+
+    items: list
+    local: bool
 
 
 def resolve_data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
@@ -26,21 +40,21 @@ def hub_offline() -> bool:
     return any(os.environ.get(k) == "1" for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
-def _missing(dataset: str, source: dict, data_dir: Path | None, reason: str) -> FpbenchError:
-    local = source.get("local", {}).get("file")
-    where = f"{data_dir / local}" if data_dir and local else f"DIR/{local}"
+def missing_data_error(dataset: str, source: Source, data_dir: str | os.PathLike | None,
+                       reason: str) -> FpbenchError:
+    resolved = resolve_data_dir(data_dir)
+    where = f"{resolved / source.file}" if resolved and source.file else f"DIR/{source.file}"
     return FpbenchError(
         f"dataset {dataset!r} is not available ({reason}): pass --data-dir DIR or set "
         f"{DATA_DIR_ENV}=DIR with the file at {where}, or make the Hugging Face hub reachable"
     )
 
 
-def local_file(source: dict, dataset: str, data_dir: str | os.PathLike | None = None) -> Path | None:
+def local_file(source: Source, data_dir: str | os.PathLike | None = None) -> Path | None:
     """The local copy of a source, or None when no data folder holds it."""
-    data_dir = resolve_data_dir(data_dir)
-    rel = source.get("local", {}).get("file")
-    if data_dir and rel and (data_dir / rel).is_file():
-        return data_dir / rel
+    resolved = resolve_data_dir(data_dir)
+    if resolved and source.file and (resolved / source.file).is_file():
+        return resolved / source.file
     return None
 
 
@@ -55,24 +69,33 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def load_texts(source: dict, dataset: str, data_dir: str | os.PathLike | None = None) -> list[str]:
-    """The text items of a source: lines of a local file, or a field of a hub split."""
-    path = local_file(source, dataset, data_dir)
+def load_rows(source: Source, dataset: str, data_dir: str | os.PathLike | None = None) -> Rows:
+    """The items of a source: its local file when the data folder holds it, else the hub
+    split (unless offline), else one error naming the dataset and how to supply it."""
+    path = local_file(source, data_dir)
     if path is not None:
-        return read_lines(path)
-    resolved = resolve_data_dir(data_dir)
-    hub = source.get("hub")
+        return Rows(read_jsonl(path) if path.suffix == ".jsonl" else read_lines(path), local=True)
+    hub = source.hub
     if hub is None:
-        raise _missing(dataset, source, resolved, "no hub source is defined")
+        raise missing_data_error(dataset, source, data_dir, "no hub source is defined")
     if hub_offline():
-        reason = "offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE=1)"
-        if resolved is None:
-            reason += " and no data folder is set"
-        raise _missing(dataset, source, resolved, reason)
+        reason = OFFLINE_REASON if resolve_data_dir(data_dir) else OFFLINE_REASON + " and no data folder is set"
+        raise missing_data_error(dataset, source, data_dir, reason)
     try:
-        import datasets
+        import datasets  # seconds to import; only a hub load needs it
 
-        split = datasets.load_dataset(hub["path"], hub.get("name"), split=hub["split"])
+        split = datasets.load_dataset(hub.path, hub.name, split=hub.split)
     except Exception as exc:  # network, missing dataset: all one user-facing problem
-        raise _missing(dataset, source, resolved, f"hub load failed: {str(exc).splitlines()[0]}") from exc
-    return [row[hub["field"]] for row in split]
+        raise missing_data_error(dataset, source, data_dir,
+                                 f"hub load failed: {str(exc).splitlines()[0]}") from exc
+    items = [row[hub.field] for row in split] if hub.field else [dict(row) for row in split]
+    return Rows(items, local=False)
+
+
+def load_texts(source: Source, dataset: str, data_dir: str | os.PathLike | None = None) -> list[str]:
+    """The text items of a source (perplexity and calibration text)."""
+    items = load_rows(source, dataset, data_dir).items
+    if items and not isinstance(items[0], str):
+        raise FpbenchError(f"dataset {dataset!r} holds records, not text lines; name the text column "
+                           "as hub.field, or use a plain text file")
+    return items

@@ -16,14 +16,17 @@ calibration data), and any other ``HFLM`` argument (``max_length``, ``add_bos_to
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from fpbench.errors import FpbenchError
-from fpbench.quant.model import quantize_model
+from fpbench.quant.calibration import CalibrationSource
+from fpbench.eval.zeroshot import lm_eval_include_dir
 from fpbench.models import load_model
-from fpbench.runner import RunConfig
+from fpbench.quant.model import quantize_model
 from fpbench.quant.scheme import Granularity, Scheme
 
 MODEL_NAME = "fpbench"
@@ -51,11 +54,11 @@ class FpbenchLM(HFLM):
         self.scheme = scheme_from_args(scheme, format, granularity, algo, clip)
         torch.manual_seed(seed)
         self.loaded = load_model(None if pretrained is None else str(pretrained))
-        # GPTQ and other calibrated algorithms read their options from a RunConfig.
-        config = RunConfig(scheme=self.scheme, tasks=[], model=pretrained, seed=seed, data_dir=data_dir,
-                           include_head=bool(include_head))
+        # Calibrated algorithms (GPTQ) draw their text from the scheme's source with this
+        # seed and data folder.
+        calibration = CalibrationSource(self.scheme.calib_source, seed, data_dir)
         self.quantized = quantize_model(self.loaded.model, self.scheme, include_head=bool(include_head),
-                                        loaded=self.loaded, config=config)
+                                        loaded=self.loaded, calibration=calibration)
         model = self.loaded.model
         # lm-eval's command line asks for cuda:0 by default; like HFLM, fall back to the
         # CPU when there is no GPU.
@@ -95,11 +98,7 @@ def lm_eval_command_line(args: list[str]) -> None:
     read; it is fpbench's option and is not passed on. lm-eval takes one include path,
     so a user's own ``--include_path`` replaces fpbench's folder (with a warning).
     """
-    import sys
-
-    from lm_eval.__main__ import cli_evaluate
-
-    from fpbench.eval.zeroshot import lm_eval_include_dir
+    from lm_eval.__main__ import cli_evaluate  # builds lm-eval's whole argument parser
 
     args, data_dir = _pop_option(list(args), "--data-dir")
     user_include = any(a == "--include_path" or a.startswith("--include_path=") for a in args)

@@ -15,16 +15,17 @@ into sentences first.
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 
 import numpy as np
+from rouge_score import rouge_scorer
 
-from fpbench.data.sources import _missing, hub_offline, local_file, read_jsonl, resolve_data_dir
+from fpbench.data.sources import load_rows
+from fpbench.data.task_defs import TaskDef
 from fpbench.errors import FpbenchError
-from fpbench.eval.generation import DEFAULT_BATCH_SIZE, GenerationSettings, chat_prompt, generate, has_chat_template
-from fpbench.eval.base import EvalOptions, Metric
+from fpbench.eval.base import (EvalOptions, GenerationPlan, GenerativeFamily, Metric, choose_prompt_mode,
+                               generation_batch_size)
+from fpbench.eval.generation import GenerationSettings, chat_prompt
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 BOOTSTRAP_SAMPLES = 1000
@@ -37,38 +38,22 @@ COMPLETION = "Article:\n{article}\n\nSummary in {sentences} sentences:\n"
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+|\s{2,}|\n+")
 
 
-def load_documents(task: dict, data_dir=None) -> list[dict]:
-    """[{id, document, reference}] from the local JSONL (fields named in the YAML) or the hub."""
-    source = task["source"]
-    fields = task.get("fields", {})
-    doc_field, ref_field = fields.get("document", "article"), fields.get("reference", "highlights")
-    id_field = fields.get("id", "id")
-    path = local_file(source, task["name"], data_dir)
-    if path is not None:
-        doc_field = source["local"].get("document", doc_field)
-        ref_field = source["local"].get("reference", ref_field)
-        id_field = source["local"].get("id", id_field)
-        rows = read_jsonl(path)
-    else:
-        hub = source.get("hub")
-        resolved = resolve_data_dir(data_dir)
-        if hub is None:
-            raise _missing(task["name"], source, resolved, "no hub source is defined")
-        if hub_offline():
-            raise _missing(task["name"], source, resolved, "offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE=1)")
-        try:
-            import datasets
+# Record field names of the hub rows when the task declares none (CNN/DailyMail's).
+DEFAULT_FIELDS = {"document": "article", "reference": "highlights", "id": "id"}
 
-            rows = datasets.load_dataset(hub["path"], hub.get("name"), split=hub["split"])
-        except Exception as exc:  # network, missing dataset: one user-facing problem
-            raise _missing(task["name"], source, resolved, f"hub load failed: {str(exc).splitlines()[0]}") from exc
+
+def load_documents(task: TaskDef, data_dir=None) -> list[dict]:
+    """[{id, document, reference}] from the local JSONL or the hub; a local copy may name
+    its fields differently (``source.local``: document, reference, id)."""
+    rows = load_rows(task.source, task.name, data_dir)
+    names = DEFAULT_FIELDS | dict(task.fields) | (dict(task.source.record_fields) if rows.local else {})
     documents = []
-    for number, row in enumerate(rows):
-        if doc_field not in row or ref_field not in row:
-            raise FpbenchError(f"{task['name']}: record {number} lacks {doc_field!r} or {ref_field!r}; "
-                               "set source.local.document / .reference in the task YAML")
-        documents.append({"id": row.get(id_field, number), "document": row[doc_field],
-                          "reference": row[ref_field]})
+    for number, row in enumerate(rows.items):
+        if names["document"] not in row or names["reference"] not in row:
+            raise FpbenchError(f"{task.name}: record {number} lacks {names['document']!r} or "
+                               f"{names['reference']!r}; set source.local.document / .reference in the task YAML")
+        documents.append({"id": row.get(names["id"], number), "document": row[names["document"]],
+                          "reference": row[names["reference"]]})
     return documents
 
 
@@ -79,8 +64,6 @@ def split_sentences(text: str) -> str:
 
 def rouge_scores(predictions: list[str], references: list[str]) -> list[dict[str, float]]:
     """Per-document F1 (0-1) for every ROUGE type, stemmed."""
-    from rouge_score import rouge_scorer
-
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
     scores = []
     for prediction, reference in zip(predictions, references):
@@ -104,75 +87,65 @@ def truncate_tokens(tokenizer, text: str, max_tokens: int) -> str:
     return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
 
 
-def _artifact_path(options: EvalOptions, task_name: str) -> Path:
-    scheme = str(options.extra.get("scheme", "run")).replace("/", "_")
-    key = options.extra.get("run_key")
-    name = f"{task_name}__{scheme}" + (f"__{key}" if key else "") + ".summaries.jsonl"
-    return Path(options.out_dir or ".") / "generations" / name
-
-
-def _decoder_prompts(loaded, task: dict, documents: list[dict], mode: str, max_new_tokens: int,
+def _decoder_prompts(loaded, task: TaskDef, documents: list[dict], mode: str, max_new_tokens: int,
                      max_input_tokens: int) -> list[str]:
     tokenizer = loaded.tokenizer
-    sentences = task.get("sentences", 3)
+    sentences = task.sentences
     template = INSTRUCTION if mode == "chat" else COMPLETION
     render = (lambda article: chat_prompt(tokenizer, template.format(sentences=sentences, article=article))) \
         if mode == "chat" else (lambda article: template.format(sentences=sentences, article=article))
     overhead = len(tokenizer(render(""), add_special_tokens=False).input_ids)
     budget = min(max_input_tokens, loaded.max_length - max_new_tokens - overhead)
     if budget < 32:
-        raise FpbenchError(f"{task['name']}: only {budget} tokens left for the article; lower --max-new-tokens")
+        raise FpbenchError(f"{task.name}: only {budget} tokens left for the article; lower --max-new-tokens")
     return [render(truncate_tokens(tokenizer, d["document"], budget)) for d in documents]
 
 
-def evaluate(loaded, task: dict, options: EvalOptions) -> list[Metric]:
-    extra = options.extra
-    documents = load_documents(task, options.data_dir)
-    if options.limit:
-        documents = documents[:options.limit]
-    max_input_tokens = int(options.seqlen or task.get("max_input_tokens", DEFAULT_MAX_INPUT_TOKENS))
-    batch_size = int(options.batch_size or extra.get("batch_size") or task.get("batch_size", DEFAULT_BATCH_SIZE))
-    if loaded.is_encoder_decoder:
-        mode = "encoder-decoder"
-        # The model's generation config holds the tuned beam search; honour a user's explicit
-        # --max-new-tokens, else keep the config's max_length.
-        settings = GenerationSettings(max_new_tokens=int(extra["max_new_tokens"]) if extra.get("max_new_tokens")
-                                      else None, batch_size=batch_size, seed=options.seed)
-        limit = min(max_input_tokens, getattr(loaded.model.config, "max_position_embeddings", max_input_tokens))
-        prompts = [d["document"] for d in documents]
-        result = generate(loaded.model, loaded.tokenizer, prompts, settings, progress=options.progress,
-                          desc=f"{task['name']} summarize", max_input_tokens=limit)
-    else:
-        mode = extra.get("prompt_mode") or "auto"
-        if mode == "auto":
-            mode = "chat" if has_chat_template(loaded.tokenizer) else "completion"
-        max_new_tokens = int(extra.get("max_new_tokens") or task.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
-        temperature = float(extra.get("temperature") or 0.0)
-        settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature,
-                                      batch_size=batch_size, seed=options.seed,
-                                      stop=() if mode == "chat" else ("\n\n",),
-                                      add_special_tokens=mode == "completion")
-        prompts = _decoder_prompts(loaded, task, documents, mode, max_new_tokens, max_input_tokens)
-        result = generate(loaded.model, loaded.tokenizer, prompts, settings, progress=options.progress,
-                          desc=f"{task['name']} summarize")
-    predictions = [texts[0].strip() for texts in result.texts]
-    references = [d["reference"] for d in documents]
-    per_document = rouge_scores(predictions, references)
+class Summarization(GenerativeFamily):
+    artifact_suffix = ".summaries.jsonl"
+    artifact_key = "summaries_file"
+    verb = "summarize"
 
-    path = _artifact_path(options, task["name"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
-        for d, prediction, scores in zip(documents, predictions, per_document):
-            fh.write(json.dumps({"id": d["id"], "prediction": prediction, "reference": d["reference"],
-                                 **{k: round(v, 6) for k, v in scores.items()}}) + "\n")
-    details = {"prompt_mode": mode, "max_input_tokens": max_input_tokens, "batch_size": batch_size,
-               "new_tokens": result.new_tokens, "generate_s": round(result.seconds, 3),
-               "tokens_per_s": round(result.tokens_per_s, 2), "summaries_file": str(path),
-               "scale": "F1 x 100"}
-    metrics = []
-    for name in ROUGE_TYPES:
-        values = [s[name] * 100 for s in per_document]
-        low, high = bootstrap_interval(values, seed=options.seed)
-        metrics.append(Metric(name, float(np.mean(values)), len(documents),
-                              details | {"ci95_low": round(low, 4), "ci95_high": round(high, 4)}))
-    return metrics
+    def items(self, loaded, task: TaskDef, options: EvalOptions) -> list[dict]:
+        return load_documents(task, options.data_dir)
+
+    def plan(self, loaded, task: TaskDef, options: EvalOptions, documents: list[dict]) -> GenerationPlan:
+        gen = options.generation
+        max_input_tokens = int(options.seqlen or task.max_input_tokens or DEFAULT_MAX_INPUT_TOKENS)
+        batch_size = generation_batch_size(task, options)
+        if loaded.is_encoder_decoder:
+            # The model's generation config holds the tuned beam search; honour a user's
+            # explicit --max-new-tokens, else keep the config's max_length.
+            settings = GenerationSettings(max_new_tokens=gen.max_new_tokens, batch_size=batch_size,
+                                          seed=options.seed)
+            limit = min(max_input_tokens, getattr(loaded.model.config, "max_position_embeddings", max_input_tokens))
+            mode, prompts = "encoder-decoder", [d["document"] for d in documents]
+        else:
+            mode = choose_prompt_mode(loaded.tokenizer, gen.prompt_mode)
+            max_new_tokens = int(gen.max_new_tokens or task.max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
+            settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, seed=options.seed,
+                                          temperature=float(gen.temperature or 0.0),
+                                          stop=() if mode == "chat" else ("\n\n",),
+                                          add_special_tokens=mode == "completion")
+            prompts = _decoder_prompts(loaded, task, documents, mode, max_new_tokens, max_input_tokens)
+            limit = None
+        return GenerationPlan(prompts, settings, {"prompt_mode": mode, "max_input_tokens": max_input_tokens,
+                                                  "batch_size": batch_size, "scale": "F1 x 100"},
+                              max_input_tokens=limit)
+
+    def score(self, task, options, documents, result, plan):
+        predictions = [texts[0].strip() for texts in result.texts]
+        per_document = rouge_scores(predictions, [d["reference"] for d in documents])
+        records = [{"id": d["id"], "prediction": prediction, "reference": d["reference"],
+                    **{k: round(v, 6) for k, v in scores.items()}}
+                   for d, prediction, scores in zip(documents, predictions, per_document)]
+        metrics = []
+        for name in ROUGE_TYPES:
+            values = [s[name] * 100 for s in per_document]
+            low, high = bootstrap_interval(values, seed=options.seed)
+            metrics.append(Metric(name, float(np.mean(values)), len(documents),
+                                  {"ci95_low": round(low, 4), "ci95_high": round(high, 4)}))
+        return records, metrics
+
+
+evaluate = Summarization().evaluate

@@ -13,7 +13,7 @@ Where a task's data comes from:
 
 The local configs are templates: lm-eval reads ``data_files`` literally, so fpbench
 writes them, with the data folder filled in, into a temporary folder that lm-eval then
-includes (``include_path``). ``options.extra["zeroshot_source"]`` = hub | local forces
+includes (``include_path``). ``options.zeroshot.zeroshot_source`` = hub | local forces
 one source.
 """
 
@@ -28,20 +28,21 @@ import tempfile
 import time
 from pathlib import Path
 
-from fpbench.data.sources import _missing, hub_offline, local_file, resolve_data_dir
+import lm_eval
+from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import TaskManager
+
+from fpbench.data.sources import OFFLINE_REASON, hub_offline, local_file, missing_data_error, resolve_data_dir
+from fpbench.data.task_defs import TASK_DIR, TaskDef
 from fpbench.errors import FpbenchError
-from fpbench.eval.base import TASK_DIR, EvalOptions, Metric
+from fpbench.eval.task_options import ZEROSHOT_SOURCES
+from fpbench.eval.base import EvalOptions, Metric
 
 LM_EVAL_TEMPLATE_DIR = TASK_DIR / "lm_eval"
 DATA_DIR_PLACEHOLDER = "${FPBENCH_DATA_DIR}"
-SOURCES = ("auto", "hub", "local")
 # lm-eval sorts requests by length, so padding waste stays small: on 2 CPU cores batch
 # 16 ran 20 PIQA items of the default model in 8.7 s against 22.0 s with batch 1.
 DEFAULT_BATCH_SIZE = 16
-# lm-eval bootstraps the stderr of corpus-level metrics (LAMBADA perplexity) with 100k
-# resamples by default, minutes of pure Python on the full set; with 1000 the estimate's
-# own relative error is about 1/sqrt(2 * 1000) ~ 2%. acc/acc_norm stderr is closed form.
-DEFAULT_BOOTSTRAP_ITERS = 1000
 # lm-eval result keys are "<metric>,<filter>"; zero-shot loglikelihood tasks use "none".
 REPORTED_METRICS = ("acc", "acc_norm", "perplexity")
 
@@ -74,24 +75,24 @@ def lm_eval_include_dir(data_dir: str | os.PathLike | None = None):
         yield write_lm_eval_configs(resolved, tmp)
 
 
-def choose_source(task: dict, options: EvalOptions) -> tuple[str, str]:
+def choose_source(task: TaskDef, options: EvalOptions) -> tuple[str, str]:
     """(source, lm-eval task name) for an fpbench zero-shot task declaration."""
-    source = options.extra.get("zeroshot_source", "auto")
-    if source not in SOURCES:
-        raise FpbenchError(f"zeroshot_source {source!r} is not one of {', '.join(SOURCES)}")
+    source = options.zeroshot.zeroshot_source
+    if source not in ZEROSHOT_SOURCES:
+        raise FpbenchError(f"zeroshot_source {source!r} is not one of {', '.join(ZEROSHOT_SOURCES)}")
     if source == "auto":
         source = "local" if hub_offline() else "hub"
     if source == "hub":
-        return "hub", task["lm_eval"]["hub"]
-    if local_file(task["source"], task["name"], options.data_dir) is None:
-        reason = "offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE=1)" if hub_offline() else "local source chosen"
-        raise _missing(task["name"], task["source"], resolve_data_dir(options.data_dir), reason)
-    return "local", task["lm_eval"]["local"]
+        return "hub", task.lm_eval["hub"]
+    if local_file(task.source, options.data_dir) is None:
+        reason = OFFLINE_REASON if hub_offline() else "local source chosen"
+        raise missing_data_error(task.name, task.source, options.data_dir, reason)
+    return "local", task.lm_eval["local"]
 
 
-def make_lm(model, tokenizer, batch_size: int = DEFAULT_BATCH_SIZE):
-    """lm-eval's HF wrapper around an already-loaded model (no hub look-ups)."""
-    from lm_eval.models.huggingface import HFLM
+def make_lm(model, tokenizer, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True):
+    """lm-eval's HF wrapper around an already-loaded model (no hub look-ups); with
+    ``progress`` off its scoring bars stay off too."""
 
     class InMemoryHFLM(HFLM):
         def get_model_info(self) -> dict:
@@ -99,6 +100,17 @@ def make_lm(model, tokenizer, batch_size: int = DEFAULT_BATCH_SIZE):
             # a model object, not a repo id: nothing to look up.
             return {"model_num_parameters": sum(p.numel() for p in self._model.parameters()),
                     "model_dtype": str(self._model.dtype)}
+
+        # lm-eval's evaluator calls these without disable_tqdm, and loglikelihood_rolling
+        # passes False to the token scorer; both routes end here.
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm or not progress, **kwargs)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm or not progress)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=disable_tqdm or not progress)
 
     return InMemoryHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
@@ -125,9 +137,6 @@ def run_lm_eval(lm, lm_task: str, source: str, options: EvalOptions) -> tuple[di
 
     CPU seconds (all threads of this process) say what the evaluation costs when the
     machine is shared: on an otherwise idle machine, wall ~ CPU / torch threads."""
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
     configs = lm_eval_include_dir(options.data_dir) if source == "local" else contextlib.nullcontext()
     with configs as include, _quiet_lm_eval():
         # Local tasks need only fpbench's folder; indexing lm-eval's ~14k task files
@@ -138,7 +147,7 @@ def run_lm_eval(lm, lm_task: str, source: str, options: EvalOptions) -> tuple[di
         try:
             results = lm_eval.simple_evaluate(
                 model=lm, tasks=[lm_task], limit=options.limit, task_manager=manager,
-                log_samples=False, bootstrap_iters=options.extra.get("bootstrap_iters", DEFAULT_BOOTSTRAP_ITERS),
+                log_samples=False, bootstrap_iters=options.zeroshot.bootstrap_iters,
                 random_seed=options.seed)
         except (ConnectionError, OSError) as exc:
             if source != "hub":
@@ -162,15 +171,12 @@ def _quiet_lm_eval():
         logger.setLevel(saved_level)
 
 
-def evaluate(loaded, task: dict, options: EvalOptions) -> list[Metric]:
+def evaluate(loaded, task: TaskDef, options: EvalOptions) -> list[Metric]:
     source, lm_task = choose_source(task, options)
-    # `fpbench run --batch-size` travels in extra (shared with the generative families).
-    batch_size = options.batch_size or options.extra.get("batch_size") or DEFAULT_BATCH_SIZE
-    lm = make_lm(loaded.model, loaded.tokenizer, batch_size)
+    batch_size = options.batch_size or DEFAULT_BATCH_SIZE
+    lm = make_lm(loaded.model, loaded.tokenizer, batch_size, progress=options.progress)
     results, seconds, cpu_seconds = run_lm_eval(lm, lm_task, source, options)
     n = int(results["n-samples"][lm_task]["effective"])
-    import lm_eval
-
     details = {"lm_eval_task": lm_task, "task_source": source, "batch_size": batch_size,
                "eval_s": seconds, "eval_cpu_s": cpu_seconds, "items_per_s": n / seconds,
                "lm_eval_version": lm_eval.__version__}

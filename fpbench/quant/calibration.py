@@ -60,9 +60,9 @@ def _code_texts() -> tuple[list[str], str]:
 def _task_texts(source: str, data_dir) -> tuple[list[str], str]:
     # The validation-split location lives in one place: the task file, next to the scored split.
     task = get_task(source)
-    if "calibration" not in task:
+    if task.calibration is None:
         raise FpbenchError(f"task {source!r} declares no calibration split; use --calib code or a file")
-    return load_texts(task["calibration"], f"{source} (validation, calibration)", data_dir), task.get("join", "\n\n")
+    return load_texts(task.calibration, f"{source} (validation, calibration)", data_dir), task.join
 
 
 def _c4_texts(n_tokens_wanted: int, tokenizer, seed: int) -> tuple[list[str], str]:

@@ -99,7 +99,7 @@ def headline_metrics(task: str, metrics: list[str]) -> list[str]:
     from fpbench.eval.base import get_task
 
     try:
-        declared = get_task(task).get("headline")
+        declared = get_task(task).headline
     except FpbenchError:  # a task this checkout does not know (results from elsewhere)
         declared = None
     if isinstance(declared, str):
