@@ -18,7 +18,7 @@ REPRODUCE_CONFIGS ?= configs/quick/perplexity.yaml configs/quick/gptq.yaml confi
 # `make reproduce-full`: the full grid with each config's limits, then the generative
 # table on the full test sets (164 HumanEval problems, 100 CNN/DM articles), into
 # results-full/, checked against reference-full/. Several hours on 2 cores.
-FULL_CONFIGS ?= configs/default.yaml configs/gptq.yaml configs/zeroshot.yaml
+FULL_CONFIGS ?= configs/default.yaml configs/gptq.yaml configs/zeroshot.yaml configs/fp4.yaml
 FULL_UNLIMITED_CONFIGS ?= configs/generative.yaml
 
 .PHONY: install test test-fast reproduce reproduce-full kernels bench clean

@@ -338,13 +338,9 @@ def expand(config: SweepConfig, out_dir: str = "results", progress: bool = True)
                 run_fields = dict(spec.run_fields)
                 latency = bool(run_fields.pop("latency", False)) or config.latency
                 backend = run_fields.get("backend", RUN_FIELD_KEYS["backend"].field_default)
-                if latency or backend == "kernel":
-                    # the latency task has no limit: a run of its own when the others have one
-                    by_limit.setdefault(None, [])
-                for limit, tasks in by_limit.items():
-                    tasks = with_latency(tasks, spec.scheme, backend, latency) if limit is None else tasks
-                    if not tasks:
-                        continue
+                for number, (limit, tasks) in enumerate(by_limit.items()):
+                    # the latency task ignores limits: it joins the first run (one model load)
+                    tasks = with_latency(tasks, spec.scheme, backend, latency) if number == 0 else tasks
                     runs.append((RunConfig(
                         scheme=spec.scheme, tasks=tasks, model=None if model == "default" else model,
                         limit=limit, seqlen=config.seqlen, data_dir=config.data_dir, seed=seed,
