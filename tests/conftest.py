@@ -60,3 +60,8 @@ def tiny_model_dir(tmp_path_factory, default_tokenizer):
     tiny_llama(vocab_size=len(default_tokenizer)).save_pretrained(path)
     default_tokenizer.save_pretrained(path)
     return path
+
+
+def layer_objective(weight, dequantized, inputs) -> float:
+    """GPTQ's objective ||WX - ŴX||² for inputs X given as rows [tokens, K] (float64)."""
+    return float(((inputs.double() @ (weight.double() - dequantized.double()).T) ** 2).sum())

@@ -62,13 +62,15 @@ def test_static_scale_is_fixed_after_calibration():
     hooks = [module.register_forward_pre_hook(
         lambda module, args, name=name: absmax.__setitem__(name, max(absmax.get(name, 0), args[0].abs().max().item())),
         prepend=True) for name, module in target_linears(model).items()]
-    quantizers.set_enabled(False)
+    for quantizer in quantizers.values():
+        quantizer.enabled = False
     with torch.no_grad():
         for window in windows:
             model(input_ids=window.unsqueeze(0))
     for hook in hooks:
         hook.remove()
-    quantizers.set_enabled(True)
+    for quantizer in quantizers.values():
+        quantizer.enabled = True
     for name, scale in scales.items():
         assert scale.item() == pytest.approx(absmax[name] / 127, rel=1e-6)
     # Inference on other (longer, louder) text does not move any scale; inputs beyond the

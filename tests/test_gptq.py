@@ -13,12 +13,12 @@ import torch
 
 from fpbench.errors import FpbenchError
 from fpbench.quant.formats import get_format
-from fpbench.quant.gptq import decoder_blocks, gptq_model, gptq_quantize_weight, layer_objective
+from fpbench.quant.gptq import decoder_blocks, gptq_model, gptq_quantize_weight
 from fpbench.quant.model import quantize_model, target_linears
 from fpbench.quant.weights import compute_scales, quantize_weight
 from fpbench.quant.scheme import Granularity, Scheme
 
-from conftest import tiny_llama
+from conftest import layer_objective, tiny_llama
 
 ROWS, COLS, TOKENS = 48, 320, 4096  # 320 = 2 full groups of 128 + a ragged one of 64
 

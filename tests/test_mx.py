@@ -21,7 +21,8 @@ import torch
 from fpbench.errors import FpbenchError
 from fpbench.quant.activations import ActQuantizer
 from fpbench.quant.formats import BlockFormat, get_format
-from fpbench.quant.gptq import gptq_quantize_weight, layer_objective
+from conftest import layer_objective
+from fpbench.quant.gptq import gptq_quantize_weight
 from fpbench.quant.scheme import Granularity, Scheme
 from fpbench.quant.weights import bits_per_weight, compute_scales, quantize_weight
 

@@ -147,10 +147,6 @@ class ActQuantizers(dict):
                 quantizer.handle = None
         self.clear()
 
-    def set_enabled(self, enabled: bool) -> None:
-        for quantizer in self.values():
-            quantizer.enabled = enabled
-
 
 def attach_act_quantizers(layers: dict[str, nn.Module], fmt: NumberFormat | str, granularity: str,
                           clip: str = "none") -> ActQuantizers:

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from fpbench.quant.calibration import DEFAULT_CALIB_SAMPLES, DEFAULT_CALIB_SEQLEN, CalibrationSource
 from fpbench.errors import FpbenchError
+from fpbench.quant.layers import set_weight
 from fpbench.quant.formats import BaselineFormat, NumberFormat, get_format
 from fpbench.quant.weights import (QuantizedWeight, compute_scales, effective_scales, grid_values, group_count,
                                    quantize_weight, tensor_scale_of)
@@ -182,11 +183,6 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, fmt: Numbe
     return QuantizedWeight(codes, scales, zero_points, fmt.name, granularity, scale_format, tensor_scale)
 
 
-def layer_objective(weight: torch.Tensor, dequantized: torch.Tensor, inputs: torch.Tensor) -> float:
-    """||WX - ŴX||² for inputs X given as rows [tokens, K]."""
-    return float(((inputs.double() @ (weight.double() - dequantized.double()).T) ** 2).sum())
-
-
 # ---------------------------------------------------------------- whole model ----------
 
 class _StopForward(Exception):
@@ -226,12 +222,6 @@ def _first_block_inputs(model: nn.Module, blocks: nn.ModuleList, calibration_ids
     finally:
         handle.remove()
     return torch.cat(hidden), block_kwargs
-
-
-def _set_weight(module: nn.Linear, qweight: QuantizedWeight) -> None:
-    # A new Parameter rather than `.data =`, so a head tied to the input embedding does
-    # not take the embedding with it.
-    module.weight = nn.Parameter(qweight.dequantize().to(module.weight.dtype), requires_grad=False)
 
 
 def _run_block(block: nn.Module, hidden: torch.Tensor, block_kwargs: dict) -> torch.Tensor:
@@ -290,7 +280,7 @@ def gptq_model(model: nn.Module, layers: dict[str, nn.Linear], scheme: Scheme,
                                            scheme.granularity, scheme.clip, damp, block_size,
                                            act_order, static_groups, layer_name=name,
                                            scale_format=scheme.scale_format)
-            _set_weight(module, qweight)
+            set_weight(module, qweight.dequantize())
             weights[name] = qweight
         # The next block's inputs come from this block with its weights quantized.
         for index in range(inputs.shape[0]):
@@ -303,7 +293,7 @@ def gptq_model(model: nn.Module, layers: dict[str, nn.Linear], scheme: Scheme,
             module = layers[name]
             qweight = quantize_weight(module.weight.data, scheme.format, scheme.granularity, scheme.clip,
                                       scheme.scale_format)
-            _set_weight(module, qweight)
+            set_weight(module, qweight.dequantize())
             weights[name] = qweight
     return weights
 

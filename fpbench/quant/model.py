@@ -21,6 +21,7 @@ from fpbench.quant.activations import DEFAULT_ACT_CALIB_SAMPLES, ActQuantizers, 
 from fpbench.quant.calibration import DEFAULT_CALIB_SEQLEN, CalibrationSource
 from fpbench.quant.formats import get_format
 from fpbench.quant.gptq import GptqOptions, quantize_model_gptq
+from fpbench.quant.layers import set_weight, target_linears
 from fpbench.quant.scheme import Scheme
 from fpbench.quant.weights import QuantizedWeight, quantize_weight
 
@@ -32,21 +33,6 @@ class QuantizedModel:
     weights: dict[str, QuantizedWeight] = field(default_factory=dict)
     quantize_seconds: float = 0.0
     act_quantizers: ActQuantizers | None = None  # input quantizers (W8A8); .remove() undoes them
-
-
-def target_linears(model: nn.Module, include_head: bool = False) -> dict[str, nn.Linear]:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and (include_head or module is not head)
-    }
-
-
-def _set_weight(module: nn.Linear, weight: torch.Tensor) -> None:
-    # A new Parameter, not `.data =`: a head tied to the input embedding must not drag
-    # the embedding along when it is quantized (--include-head).
-    module.weight = nn.Parameter(weight, requires_grad=False)
 
 
 @dataclass(frozen=True)
@@ -73,14 +59,14 @@ def quantize_model(model: nn.Module, scheme: Scheme, include_head: bool = False,
     if scheme.is_baseline:
         fmt = get_format(scheme.format)
         for module in target_linears(model, include_head).values():
-            _set_weight(module, fmt.round(module.weight.data))
+            set_weight(module, fmt.round(module.weight.data))
     elif scheme.algo == "rtn":
         layers = target_linears(model, include_head)
         for name, module in tqdm(layers.items(), desc=f"quantize {scheme.name}",
                                  disable=not progress, leave=False):
             qweight = quantize_weight(module.weight.data, scheme.format, scheme.granularity,
                                       scheme.clip, scheme.scale_format)
-            _set_weight(module, qweight.dequantize().to(module.weight.dtype))
+            set_weight(module, qweight.dequantize())
             result.weights[name] = qweight
     elif scheme.algo == "gptq":
         result.weights = quantize_model_gptq(model, target_linears(model, include_head), scheme,
