@@ -12,6 +12,7 @@ without a plotting dependency beyond matplotlib.
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,7 +145,7 @@ def _label_points(fig, ax, labels, xs, ys, note):
     boxes = place_labels(anchors, sizes, obstacles, bounds=(frame.x0, frame.y0, frame.x1, frame.y1))
     points_per_px = 72.0 / fig.dpi
     for label, x, y, (x0, y0, _, _), (px, py) in zip(labels, xs, ys, boxes, anchors):
-        far = math.hypot(x0 - px, y0 - py) > 30  # a label pushed away keeps a leader line
+        far = math.hypot(x0 - px, y0 - py) > 18  # a label pushed away keeps a leader line
         ax.annotate(label, (x, y), xytext=((x0 - px) * points_per_px, (y0 - py) * points_per_px),
                     textcoords="offset points", fontsize=LABEL_FONTSIZE, ha="left", va="bottom",
                     annotation_clip=False,
@@ -167,8 +168,9 @@ def panels_figure(title: str, panels: list[Panel], x_label: str, path: Path) -> 
     drawn = [(ax, panel, _draw_panel(ax, panel, x_label)) for ax, panel in zip(axes.flat, panels)]
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    lines = textwrap.wrap(title, int(13 * fig.get_figwidth()))  # about 13 characters an inch at 10 pt
+    fig.suptitle("\n".join(lines), fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.2 * (len(lines) + 1) / fig.get_figheight()))  # room for the title
     fig.canvas.draw()  # fixes the layout, so pixel positions of points hold from here on
     for ax, panel, (labels, xs, ys, note) in drawn:
         _label_points(fig, ax, labels, xs, ys, note)

@@ -325,7 +325,9 @@ def _portable(source) -> str:
 def _distinct(frame: pd.DataFrame, column: str, display=str) -> str:
     if column not in frame:
         return "–"
-    values = list(dict.fromkeys(str(display(v)) for v in frame[column].dropna().unique()))
+    # A whole number stored as float (its column has gaps, e.g. no seqlen on latency rows) reads as one.
+    values = list(dict.fromkeys(str(display(int(v) if isinstance(v, float) and v.is_integer() else v))
+                                for v in frame[column].dropna().unique()))
     return ", ".join(values) if values else "–"
 
 
@@ -349,7 +351,7 @@ def _figures(model: str, table: pd.DataFrame, base: str | None, columns: list[st
                                      "bits per weight (scales included)", Path(f"{stem}__vs_bits.png")))
     if "decode_tokens_per_s" in table:
         cpus = ", ".join(dict.fromkeys(str(c) for c in table["latency_cpu"].dropna()))
-        written.append(panels_figure(f"{model}: accuracy vs decode speed (batch 1, {cpus}); red: Pareto front",
+        written.append(panels_figure(f"{model}: accuracy vs decode speed (batch 1, {cpus})",
                                      panels("decode_tokens_per_s", True), "decode tokens/s (batch 1) → faster",
                                      Path(f"{stem}__vs_decode_speed.png")))
     return [p for p in written if p is not None]
@@ -480,7 +482,7 @@ def build_report(records: list[dict], out_dir: str | os.PathLike, baseline: str 
             per_task.append(f"`{task}`: items {items} (limit {limit}{seqlen})")
         lines += [
             f"- Source: `{_distinct(model_frame, 'model_source', _portable)}`",
-            f"- Evaluated: {'; '.join(per_task)}",
+            f"- Evaluated: {'; '.join(per_task) or 'latency only'}",
             f"- Seeds: {_distinct(model_frame, 'seed')}; quantized output head: {_distinct(model_frame, 'include_head')}",
             f"- Baseline row: {base or 'none (no fp16/bf16/fp32 records); no Δ columns'}",
             "",
