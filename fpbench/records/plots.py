@@ -164,14 +164,15 @@ def panels_figure(title: str, panels: list[Panel], x_label: str, path: Path) -> 
 
     columns = min(3, len(panels))
     rows = math.ceil(len(panels) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.8 * rows), squeeze=False, dpi=110)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.8 * rows), squeeze=False, dpi=110,
+                             layout="constrained")
     drawn = [(ax, panel, _draw_panel(ax, panel, x_label)) for ax, panel in zip(axes.flat, panels)]
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
-    lines = textwrap.wrap(title, int(13 * fig.get_figwidth()))  # about 13 characters an inch at 10 pt
-    fig.suptitle("\n".join(lines), fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.2 * (len(lines) + 1) / fig.get_figheight()))  # room for the title
-    fig.canvas.draw()  # fixes the layout, so pixel positions of points hold from here on
+    fig.suptitle("\n".join(textwrap.wrap(title, int(13 * fig.get_figwidth()))), fontsize=10)  # ~13 chars/inch
+    fig.canvas.draw()
+    # Freeze the layout: labels are placed in pixels, so the axes must not move after this.
+    fig.set_layout_engine("none")
     for ax, panel, (labels, xs, ys, note) in drawn:
         _label_points(fig, ax, labels, xs, ys, note)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -249,9 +249,7 @@ def model_table(frame: pd.DataFrame, baseline: str | None = None) -> tuple[pd.Da
         cells[label] = best
         info.loc[label, [c for c in info_columns if c in best]] = [best[c] for c in info_columns if c in best]
 
-    rows = pd.DataFrame({"row": order, "scheme": [cells[r]["scheme"] if r in cells else row_fields.loc[r, "scheme"]
-                                                  for r in order]})
-    base = pick_baseline(rows.assign(model=frame["model"].iloc[0]), baseline)
+    base = pick_baseline(pd.DataFrame({"row": order, "model": frame["model"].iloc[0]}), baseline)
     if base:
         order = [base] + [r for r in order if r != base]
     values = accuracy.pivot_table(index="row", columns="column", values="value", aggfunc="last")
