@@ -32,7 +32,7 @@ class Panel:
     points: list[tuple[str, float, float]]
     higher_is_better: bool
     baseline: tuple[str, float] | None = None  # (label, y) drawn as a dashed line
-    pareto: bool = False
+    pareto: bool = False  # x is speed: ring the Pareto front, "better" points right too
 
 
 def _overlaps(a, b) -> bool:
@@ -43,7 +43,8 @@ def _overlaps(a, b) -> bool:
 def place_labels(anchors, sizes, obstacles=(), bounds=None, gap: float = 3.0, step: float = 6.0,
                  rings: int = 12) -> list[tuple[float, float, float, float]]:
     """Boxes (x0, y0, x1, y1) for labels of ``sizes`` (w, h) next to ``anchors`` (x, y), all in
-    pixels, such that no two boxes overlap and none covers an obstacle box.
+    pixels, such that no two boxes overlap; obstacle boxes (markers, the legend) are avoided
+    too whenever a spot within ``rings`` is free.
 
     Greedy: labels are placed left to right; each takes the first free spot on rings of
     growing distance around its anchor (inside ``bounds`` when given). If every ring is
