@@ -132,7 +132,9 @@ def latency_metrics(loaded, quantized, config: RunConfig) -> list[Metric]:
     if path is None:
         raise FpbenchError(f"scheme {config.scheme.name} runs simulated only (no kernel): it has no latency; "
                            "use --backend kernel or drop the latency task")
-    layer_names = list(target_linears(loaded.model, config.include_head))
+    # The quantized layers by name (a kernel run has swapped them out of nn.Linear by now);
+    # a baseline has no codes, so its linear layers.
+    layer_names = list(quantized.weights) or list(target_linears(loaded.model, config.include_head))
     model = prepare(loaded.model, path, layer_names, quantized.weights)
     settings = LatencySettings()
     timing = measure(model, model.config.vocab_size, loaded.max_length, settings)
@@ -158,6 +160,7 @@ def run(config: RunConfig) -> list[dict]:
                                progress=config.progress, loaded=loaded, calibration=config.calibration,
                                gptq=config.stage("gptq"), act_calib=config.stage("act_calib"),
                                act_seqlen=config.seqlen)
+    bits = model_bits_per_weight(quantized, config.include_head)  # before kernels replace the layers
     if config.backend == "kernel":
         from fpbench.kernels.linear import use_kernel_linears
 
@@ -172,7 +175,7 @@ def run(config: RunConfig) -> list[dict]:
         "backend": config.backend,
         "run_key": config.key(), "options": dict(config.options),
         "quantize_s": round(quantized.quantize_seconds, 3),
-        "bits_per_weight": round(model_bits_per_weight(quantized, config.include_head), 4),
+        "bits_per_weight": round(bits, 4),
         "caveat": loaded.caveat, **environment(),
     }
     store = ResultStore(config.out_dir)

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from transformers import AutoModelForCausalLM
 
 from fpbench.cli import main
 from fpbench.eval.latency import LatencySettings, TorchInt8Linear, latency_path, measure
@@ -59,3 +60,26 @@ def test_latency_records_beside_accuracy(tiny_model_dir, data_dir, tmp_path, mon
     ratio = latency["int8/channel/rtn", "weight_mb"]["value"] / latency["bf16", "weight_mb"]["value"]
     assert 0.5 < ratio < 0.55
     assert all(r["value"] > 0 for r in latency.values())
+
+
+def test_kernel_latency_counts_the_packed_layers(tiny_model_dir, data_dir, tmp_path, monkeypatch):
+    import fpbench.runner
+
+    monkeypatch.setattr(fpbench.runner, "LatencySettings", lambda: LatencySettings(4, 4, 32, 1))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, [
+        "run", "--model", str(tiny_model_dir), "--scheme", "int4/g32/rtn", "--backend", "kernel",
+        "--task", "wikitext2", "--limit", "1", "--seqlen", "32", "--data-dir", str(data_dir), "--out", str(out),
+        "--no-progress"])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["task"] for r in records} == {"wikitext2", "latency"}
+    assert all(r["backend"] == "kernel" and r["bits_per_weight"] > 4 for r in records)
+    latency = {r["metric"]: r for r in records if r["task"] == "latency"}
+    assert latency["weight_mb"]["latency_path"] == "fpbench-kernel"
+    assert not latency["weight_mb"]["kernel_isa"].startswith("torch")
+    # 4-bit codes plus one fp32 scale per 32 weights: 4 + 1 bits per weight in the kernel's buffers
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    weights = sum(m.weight.numel() for name, m in model.named_modules()
+                  if isinstance(m, torch.nn.Linear) and name != "lm_head")
+    assert latency["weight_mb"]["weight_bytes"] == pytest.approx(weights * 5 / 8, rel=0.02)
