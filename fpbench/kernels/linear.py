@@ -22,7 +22,8 @@ from torch import nn
 from fpbench.errors import FpbenchError
 from fpbench.kernels import build as kernels
 from fpbench.kernels.packing import UNIT, aligned, code_bits, code_indices, pack_codes, value_table
-from fpbench.quant.formats import FloatFormat, IntFormat, get_format
+from fpbench.quant.formats import BlockFormat, FloatFormat, IntFormat, get_format
+from fpbench.quant.scheme import Granularity
 from fpbench.quant.weights import QuantizedWeight
 
 # Batch rows (tokens) from which the layer dequantizes its weights once and calls torch's
@@ -32,14 +33,23 @@ GROUP_MULTIPLE = 16  # G must be a multiple of this
 INT_BITS = (4, 8)
 FLOAT_BITS = (4, 6, 8)
 KERNEL_FORMATS = "fpN_eXmY with N in 4, 6, 8 (fp4_e2m1, fp6_e2m3, fp6_e3m2, fp8_e4m3, fp8_e5m2, fp8_e3m4), " \
-                 "int4, int4_asym, int8, int8_asym"
+                 "int4, int4_asym, int8, int8_asym, and the block formats with float elements " \
+                 "(mxfp4_e2m1, mxfp6_*, mxfp8_*, nvfp4) at their own block"
 KERNEL_GRANULARITIES = f"channel or group:G with G a multiple of {GROUP_MULTIPLE}"
 
 
 def kernel_support_error(format_name: str, granularity, act_format: str | None = None) -> str | None:
     """Why ``--backend kernel`` cannot run this weight format x granularity, or None."""
     fmt = get_format(format_name)
-    if act_format:
+    if isinstance(fmt, BlockFormat):
+        # A block format runs as its element format with one (effective) scale per block.
+        if act_format or not isinstance(fmt.element, FloatFormat):
+            problem = "quantized activations" if act_format else f"format {fmt.name} (integer elements)"
+        elif granularity != Granularity("group", fmt.block_size):
+            problem = f"granularity {granularity} for {fmt.name}"
+        else:
+            return kernel_support_error(fmt.element_name, granularity)
+    elif act_format:
         problem = "quantized activations"
     elif isinstance(fmt, FloatFormat) and fmt.bits not in FLOAT_BITS:
         problem = f"format {fmt.name}"
@@ -57,11 +67,25 @@ def kernel_support_error(format_name: str, granularity, act_format: str | None =
             f"{KERNEL_GRANULARITIES}; use --backend simulate")
 
 
+def element_view(qweight: QuantizedWeight) -> QuantizedWeight:
+    """A block-format weight as the kernels hold it: element codes, and per block the
+    scale ``fp32(block scale x tensor scale)`` that ``QuantizedWeight.dequantize`` applies
+    (so the product per weight is the same fp32 operation, bit for bit)."""
+    fmt = get_format(qweight.format)
+    if not isinstance(fmt, BlockFormat):
+        return qweight
+    if fmt.element_scale != 1.0:
+        raise FpbenchError(f"the kernels run block formats with float elements, not {fmt.name}")
+    return QuantizedWeight(qweight.codes, qweight.effective_scales, None, fmt.element_name, qweight.granularity,
+                           "fp32")
+
+
 class LutLinear(nn.Module):
     """Packed codes of any supported format, decoded through the format's value table."""
 
     def __init__(self, qweight: QuantizedWeight, bias: torch.Tensor | None = None, isa: str | None = None):
         super().__init__()
+        qweight = element_view(qweight)
         if problem := kernel_support_error(qweight.format, qweight.granularity):
             raise FpbenchError(problem)
         self.out_features, self.in_features = qweight.codes.shape
