@@ -85,6 +85,23 @@ def value_table(format_name: str) -> torch.Tensor:
     return table.float()
 
 
+# decode_params kinds and special-value rules, as lut_linear.cpp's pick_decoder reads them.
+DECODE_TABLE, DECODE_SIGNED_INT, DECODE_UNSIGNED_INT, DECODE_FLOAT = range(4)
+SPECIAL_RULES = {"finite": 0, "fn": 1, "ieee": 2}
+
+
+def decode_params(format_name: str) -> list[int]:
+    """``[kind, ebits, mbits, bias, special]``: what the kernels need to decode a code by
+    arithmetic instead of the value table (integers convert, minifloats place their bits
+    in an fp32 pattern); the kernels fall back to the table for anything else."""
+    fmt = get_format(format_name)
+    if isinstance(fmt, IntFormat):
+        return [DECODE_SIGNED_INT if fmt.symmetric else DECODE_UNSIGNED_INT, 0, 0, 0, 0]
+    if isinstance(fmt, FloatFormat):
+        return [DECODE_FLOAT, fmt.ebits, fmt.mbits, fmt.bias, SPECIAL_RULES[fmt.special]]
+    return [DECODE_TABLE, 0, 0, 0, 0]
+
+
 def code_indices(codes: torch.Tensor, format_name: str) -> torch.Tensor:
     """Stored codes (uint8, or int8 two's complement for symmetric integers) -> uint8 indices."""
     width = code_bits(format_name)
