@@ -1,10 +1,12 @@
 // Weight-only linear kernels for every format whose codes have 4, 6 or 8 bits.
 //
-// y[m, n] = sum_k x[m, k] * w[n, k],   w[n, k] = (table[code[n, k]] - zero[n, g]) * scale[n, g]
+// y[m, n] = sum_k x[m, k] * w[n, k],   w[n, k] = (value(code[n, k]) - zero[n, g]) * scale[n, g]
 //
 // with g = k / G (G = K for per-channel scales) and no zero point for symmetric formats.
 // The kernel holds no per-format code: ``table`` holds the exact fp32 value of every code
-// (computed in Python from the format's own decoder), and the weight above is computed in
+// (computed in Python from the format's own decoder), ``decode`` the format's parameters
+// for the arithmetic decoders that replace the table where they are faster (both from
+// fpbench/kernels/packing.py), and the weight above is computed in
 // fp32 with exactly the operations of QuantizedWeight.dequantize(), so the dequantized
 // weights are bit-identical to the simulator's and the outputs differ from a float64
 // product only by the fp32 summation.
@@ -19,20 +21,23 @@
 // bits in a 4-bit plane laid out as above and the low 2 bits in a 2-bit plane of 16
 // bytes per unit, position p in bits 2*(p/16)..2*(p/16)+1 of byte p % 16.
 //
-// Decode: every value of a format with at most 8 bits is exact in bf16 (at most 8
-// significant bits, exponents within bf16's range; build checks it), so the table is
-// held as two 16-byte tables per 16 codes (low and high byte of the bf16 pattern).
-// vpshufb looks up 32 (AVX2) or 64 (AVX-512) codes at once in a 16-entry table; codes
-// with more than 4 bits select among 2^(bits-4) such tables with a blend tree on their
-// upper bits (6-bit codes: 4 tables). Interleaving the two byte planes gives bf16
-// words, and a shift (even words) or a mask (odd words) turns them into fp32 without
-// any further shuffle. 8-bit codes, stored in natural order, are gathered from the fp32
-// table instead (a 16-table blend tree measured slower than the gather).
+// Decode (see Dec below for the details): 4- and 6-bit codes through the table. Every
+// value of a format with at most 8 bits is exact in bf16 (at most 8 significant bits,
+// exponents within bf16's range; build checks it), so the table is held as two 16-byte
+// tables per 16 codes (low and high byte of the bf16 pattern). vpshufb looks up 32
+// (AVX2) or 64 (AVX-512) codes at once in a 16-entry table; 6-bit codes select among 4
+// such tables with a blend tree on their upper bits. Interleaving the two byte planes
+// gives bf16 words, and a shift (even words) or a mask (odd words) turns them into fp32
+// without any further shuffle. 8-bit codes, stored in natural order, decode by
+// arithmetic from the format parameters Python passes (integers by conversion,
+// minifloats by placing their bits in an fp16 pattern), or, for a format those do not
+// cover, are gathered from the fp32 table.
 //
-// ISA: AVX-512 (F+BW+VL), AVX2 (+FMA, F16C) and portable scalar code live in one binary; the
-// best one the CPU supports is picked at run time, or a narrower one forced by the
-// caller. On a non-x86 build only the scalar code exists. No flush-to-zero mode is set,
-// and the build uses no fast-math, so subnormal values stay exact.
+// ISA: AVX-512 (F+BW+VL), AVX2 (+FMA, F16C) and portable scalar code live in one binary;
+// the best one the CPU supports is picked at run time, or a narrower one forced by the
+// caller. On a non-x86 build only the scalar code exists. Workers clear flush-to-zero
+// and denormals-are-zero while they run, and the build uses no fast-math, so subnormal
+// values stay exact.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
