@@ -128,7 +128,7 @@ def test_bench_rows_of_every_kind_validate(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bench, "COLD_BYTES", 2 * 2**20)  # tiny buffers: the records matter, not the times
     monkeypatch.setattr(bench, "BANDWIDTH_BUFFER_BYTES", 8 * 2**20)
-    rows = bench.run_bench([(64, 256)], [1], ["torch_fp32", "fpbench_fp6"], repeats=2, out_dir=str(tmp_path),
+    rows = bench.run_bench([(64, 256)], [1], ["torch_fp32", "fp6_e3m2/channel"], repeats=2, out_dir=str(tmp_path),
                            progress=False)
     shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=128)
