@@ -8,7 +8,7 @@ import torch
 
 from fpbench.errors import FpbenchError
 from fpbench.kernels import build as kernels
-from fpbench.kernels.packing import code_bits, code_indices, pack_codes, value_table
+from fpbench.kernels.packing import code_bits, code_indices, decode_params, pack_codes, value_table
 from fpbench.quant.formats import get_format
 from fpbench.quant.scheme import Granularity
 from fpbench.quant.weights import QuantizedWeight, quantize_weight
@@ -36,7 +36,7 @@ def _call(module, qweight, isa, x=None):
     group = qweight.granularity.group_size if qweight.granularity.kind == "group" else k
     zeros = torch.empty(0) if qweight.zero_points is None else qweight.zero_points.float().contiguous()
     args = (plane_a, torch.empty(0, dtype=torch.uint8) if plane_b is None else plane_b, value_table(qweight.format),
-            qweight.scales.float().contiguous(), zeros, bits, k, group, isa)
+            qweight.scales.float().contiguous(), zeros, bits, k, group, decode_params(qweight.format), isa)
     if x is None:
         return module.lut_dequantize(*args)
     return module.lut_linear(x, *args)
@@ -97,6 +97,96 @@ def test_every_code_dequantizes_exactly(module, isa, fmt, granularity):
     assert torch.equal(got.nan_to_num(), expected.nan_to_num())  # bit for bit (inf included)
 
 
+ML_DTYPES = {"fp4_e2m1": "float4_e2m1fn", "fp6_e2m3": "float6_e2m3fn", "fp6_e3m2": "float6_e3m2fn",
+             "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2", "fp8_e3m4": "float8_e3m4"}
+DECODERS = {"fp4_e2m1": "table", "int4": "table", "int4_asym": "table",  # 4-bit: one vpshufb per 32 codes
+            "fp6_e2m3": "table", "fp6_e3m2": "table",  # 6-bit: the 4-table lookup measured faster
+            "fp8_e4m3": "float_special", "fp8_e5m2": "float_special", "fp8_e3m4": "float_special",
+            "int8": "signed_int", "int8_asym": "unsigned_int"}
+
+
+def test_every_format_gets_its_arithmetic_decoder(module):
+    # The exactness tests below would also pass on the table fallback: pin the decoder.
+    for fmt in FORMATS:
+        assert module.decoder(code_bits(fmt), decode_params(fmt)) == DECODERS[fmt], fmt
+    # Beyond the arithmetic decoders' reach (the product 2^(127 - bias) overflows): the table.
+    assert module.decoder(8, [3, 4, 3, -5, 1]) == "table"
+    assert module.decoder(6, [1, 0, 0, 0, 0]) == "table"  # no 6-bit integer decoder
+    assert module.decoder(8, [3, 5, 2, 15, 0]) == "table"  # E = 31 would be inf in fp16
+
+
+def _codes_at_unit_scale(module, fmt, isa):
+    """Kernel values of every code at scale 1, codes in order along K (padded to 64)."""
+    bits, width = get_format(fmt).bits, code_bits(fmt)
+    codes = (torch.arange(max(64, 1 << bits)) % (1 << bits)).to(torch.uint8)[None, :]
+    plane_a, plane_b = pack_codes(codes, width)
+    k = codes.shape[1]
+    return module.lut_dequantize(plane_a, torch.empty(0, dtype=torch.uint8) if plane_b is None else plane_b,
+                                 value_table(fmt), torch.ones(1, 1), torch.empty(0), width, k, k,
+                                 decode_params(fmt), isa)[0, : 1 << bits]
+
+
+@pytest.mark.parametrize("isa", ISAS_HERE)
+@pytest.mark.parametrize("fmt", list(ML_DTYPES))
+def test_float_codes_bit_for_bit_against_ml_dtypes(module, isa, fmt):
+    # Every code, compared as fp32 bit patterns: zero and negative zero, the smallest and
+    # largest subnormal, the smallest normal, the largest normal, inf; NaN where defined.
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    n = 1 << get_format(fmt).bits
+    reference = np.arange(n, dtype=np.uint8).view(getattr(ml_dtypes, ML_DTYPES[fmt])).astype(np.float32)
+    got = _codes_at_unit_scale(module, fmt, isa).numpy()
+    nan = np.isnan(reference)
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(got.view(np.int32)[~nan], reference.view(np.int32)[~nan])
+    mbits = get_format(fmt).mbits
+    edges = {"negative zero": n // 2, "smallest subnormal": 1, "largest subnormal": (1 << mbits) - 1,
+             "smallest normal": 1 << mbits, "largest normal": int(np.argmax(np.where(nan, 0, reference)))}
+    for name, code in edges.items():
+        assert got.view(np.int32)[code] == reference.view(np.int32)[code], (fmt, name)
+    assert np.signbit(got[n // 2]) and got[n // 2] == 0
+
+
+@pytest.mark.parametrize("isa", ISAS_HERE)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_table_fallback_agrees_with_the_arithmetic_decoders(module, isa, fmt):
+    table_decode = [0, 0, 0, 0, 0]
+    assert module.decoder(code_bits(fmt), table_decode) == "table"
+    qweight = QuantizedWeight(_every_code(fmt, 3, 256), torch.rand(3, 2) + 0.5,
+                              torch.rand(3, 2) * 15 if fmt.endswith("_asym") else None, fmt,
+                              Granularity.parse("group:128"))
+    native = _call(module, qweight, isa)
+    bits = code_bits(fmt)
+    plane_a, plane_b = pack_codes(code_indices(qweight.codes, fmt), bits)
+    zeros = torch.empty(0) if qweight.zero_points is None else qweight.zero_points.float().contiguous()
+    table = module.lut_dequantize(plane_a, torch.empty(0, dtype=torch.uint8) if plane_b is None else plane_b,
+                                  value_table(fmt), qweight.scales.float().contiguous(), zeros, bits, 256, 128,
+                                  table_decode, isa)
+    assert torch.equal(native.isnan(), table.isnan())
+    assert torch.equal(native.nan_to_num(), table.nan_to_num())
+
+
+@pytest.mark.parametrize("isa", ISAS_HERE)
+def test_flush_denormal_mode_does_not_change_results(module, isa):
+    # The float decoders build fp32 subnormal patterns; FTZ/DAZ set by the caller would
+    # zero them (E4M3's subnormal codes would decode to 0).
+    qweight = quantize_weight(torch.randn(16, 256) * torch.logspace(-6, 0, 256), "fp8_e4m3",
+                              Granularity.parse("channel"))
+    x = torch.randn(2, 256)
+    expected_w, expected_y = _call(module, qweight, isa), _call(module, qweight, isa, x)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the mode is per thread: run the kernel on this one
+    if not torch.set_flush_denormal(True):
+        torch.set_num_threads(threads)
+        pytest.skip("this CPU has no flush-to-zero mode")
+    try:
+        got_w, got_y = _call(module, qweight, isa), _call(module, qweight, isa, x)
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(threads)
+    assert torch.equal(got_w, expected_w) and torch.equal(got_y, expected_y)
+    assert torch.equal(got_w, qweight.dequantize())
+
+
 @pytest.mark.parametrize("isa", ISAS_HERE)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7])  # every 4-row tile tail
@@ -141,4 +231,4 @@ def test_inexact_table_is_refused(module):
     table = value_table("int4") + 1e-3  # not exact in bf16: no silent rounding
     with pytest.raises(RuntimeError, match="not exact in bf16"):
         module.lut_dequantize(plane_a, torch.empty(0, dtype=torch.uint8), table, qweight.scales.contiguous(),
-                              torch.empty(0), 4, 64, 64, "auto")
+                              torch.empty(0), 4, 64, 64, decode_params("int4"), "auto")

@@ -25,7 +25,7 @@ SOURCE_DIR = Path(__file__).resolve().parent / "cpp"
 SOURCES = ("lut_linear.cpp",)
 ISAS = ("auto", "avx512", "avx2", "scalar")
 # The CPU flags that change which code paths exist or are picked.
-_RELEVANT_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl")
+_RELEVANT_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl")
 
 
 def cpu_flags() -> list[str]:

@@ -21,7 +21,7 @@ from torch import nn
 
 from fpbench.errors import FpbenchError
 from fpbench.kernels import build as kernels
-from fpbench.kernels.packing import UNIT, aligned, code_bits, code_indices, pack_codes, value_table
+from fpbench.kernels.packing import UNIT, aligned, code_bits, code_indices, decode_params, pack_codes, value_table
 from fpbench.quant.formats import BlockFormat, FloatFormat, IntFormat, get_format
 from fpbench.quant.scheme import Granularity
 from fpbench.quant.weights import QuantizedWeight
@@ -97,6 +97,7 @@ class LutLinear(nn.Module):
         self.group_size = (qweight.granularity.group_size if qweight.granularity.kind == "group"
                            else self.in_features)
         self.isa = kernels.isa(isa)
+        self.decode = decode_params(qweight.format)
         plane_a, plane_b = pack_codes(code_indices(qweight.codes, qweight.format), self.bits)
         self.register_buffer("plane_a", plane_a)
         self.register_buffer("plane_b", aligned(torch.empty(0, dtype=torch.uint8)) if plane_b is None else plane_b)
@@ -114,7 +115,7 @@ class LutLinear(nn.Module):
 
     def _args(self):
         return (self.plane_a, self.plane_b, self.table, self.scales, self.zero_points, self.bits,
-                self.in_features, self.group_size)
+                self.in_features, self.group_size, self.decode)
 
     def dequantized_weight(self) -> torch.Tensor:
         """fp32 [N, K], decoded by the kernel's own code path for its ISA."""

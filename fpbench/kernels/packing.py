@@ -3,7 +3,8 @@
 A code is the format's bit pattern as an unsigned index ``0 .. 2^bits - 1``: float codes
 as they are, symmetric integers in two's complement (``code & (2^bits - 1)``), and
 asymmetric integers as they are. ``value_table`` holds the exact value of every index,
-from the format's own decoder, so the kernels hold no per-format code.
+from the format's own decoder, and ``decode_params`` the format's parameters for the
+kernels' arithmetic decoders, so the kernels hold no per-format code.
 
 Each row of K weights (K a multiple of ``UNIT`` = 64) is a sequence of 64-weight units.
 Inside a unit, code *position* p holds the weight at offset ``POSITION_TO_K[p]``: the
@@ -11,8 +12,8 @@ order in which the kernels' byte-table lookup (vpshufb) and bf16-to-fp32 widenin
 fp32 lanes, so the decoded vectors come out in natural k order with no shuffle. Per
 unit:
 
-- 8-bit: 64 bytes in natural order (the kernels gather 8-bit codes from the fp32
-  table, so no lane order is needed);
+- 8-bit: 64 bytes in natural order (the kernels widen 8-bit codes 8 or 16 at a time
+  with vpmovsx/vpmovzx, or gather them from the fp32 table, so no lane order is needed);
 - 4-bit: 32 bytes, position t in the low nibble of byte t, position 32 + t in the high
   nibble;
 - 6-bit ("4+2", ZeroQuant(4+2) Sec. 5): the code's high 4 bits (``code >> 2``) in a
@@ -83,6 +84,23 @@ def value_table(format_name: str) -> torch.Tensor:
         # bit at bit fmt.bits - 1, so its codes are the indices below 2^fmt.bits.
         table[: 1 << fmt.bits] = values
     return table.float()
+
+
+# decode_params kinds and special-value rules, as lut_linear.cpp's pick_decoder reads them.
+DECODE_TABLE, DECODE_SIGNED_INT, DECODE_UNSIGNED_INT, DECODE_FLOAT = range(4)
+SPECIAL_RULES = {"finite": 0, "fn": 1, "ieee": 2}
+
+
+def decode_params(format_name: str) -> list[int]:
+    """``[kind, ebits, mbits, bias, special]``: what the kernels need to decode a code by
+    arithmetic instead of the value table (integers convert, minifloats place their bits
+    in an fp32 pattern); the kernels fall back to the table for anything else."""
+    fmt = get_format(format_name)
+    if isinstance(fmt, IntFormat):
+        return [DECODE_SIGNED_INT if fmt.symmetric else DECODE_UNSIGNED_INT, 0, 0, 0, 0]
+    if isinstance(fmt, FloatFormat):
+        return [DECODE_FLOAT, fmt.ebits, fmt.mbits, fmt.bias, SPECIAL_RULES[fmt.special]]
+    return [DECODE_TABLE, 0, 0, 0, 0]
 
 
 def code_indices(codes: torch.Tensor, format_name: str) -> torch.Tensor:

@@ -1,10 +1,12 @@
 // Weight-only linear kernels for every format whose codes have 4, 6 or 8 bits.
 //
-// y[m, n] = sum_k x[m, k] * w[n, k],   w[n, k] = (table[code[n, k]] - zero[n, g]) * scale[n, g]
+// y[m, n] = sum_k x[m, k] * w[n, k],   w[n, k] = (value(code[n, k]) - zero[n, g]) * scale[n, g]
 //
 // with g = k / G (G = K for per-channel scales) and no zero point for symmetric formats.
 // The kernel holds no per-format code: ``table`` holds the exact fp32 value of every code
-// (computed in Python from the format's own decoder), and the weight above is computed in
+// (computed in Python from the format's own decoder), ``decode`` the format's parameters
+// for the arithmetic decoders that replace the table where they are faster (both from
+// fpbench/kernels/packing.py), and the weight above is computed in
 // fp32 with exactly the operations of QuantizedWeight.dequantize(), so the dequantized
 // weights are bit-identical to the simulator's and the outputs differ from a float64
 // product only by the fp32 summation.
@@ -19,20 +21,23 @@
 // bits in a 4-bit plane laid out as above and the low 2 bits in a 2-bit plane of 16
 // bytes per unit, position p in bits 2*(p/16)..2*(p/16)+1 of byte p % 16.
 //
-// Decode: every value of a format with at most 8 bits is exact in bf16 (at most 8
-// significant bits, exponents within bf16's range; build checks it), so the table is
-// held as two 16-byte tables per 16 codes (low and high byte of the bf16 pattern).
-// vpshufb looks up 32 (AVX2) or 64 (AVX-512) codes at once in a 16-entry table; codes
-// with more than 4 bits select among 2^(bits-4) such tables with a blend tree on their
-// upper bits (6-bit codes: 4 tables). Interleaving the two byte planes gives bf16
-// words, and a shift (even words) or a mask (odd words) turns them into fp32 without
-// any further shuffle. 8-bit codes, stored in natural order, are gathered from the fp32
-// table instead (a 16-table blend tree measured slower than the gather).
+// Decode (see Dec below for the details): 4- and 6-bit codes through the table. Every
+// value of a format with at most 8 bits is exact in bf16 (at most 8 significant bits,
+// exponents within bf16's range; build checks it), so the table is held as two 16-byte
+// tables per 16 codes (low and high byte of the bf16 pattern). vpshufb looks up 32
+// (AVX2) or 64 (AVX-512) codes at once in a 16-entry table; 6-bit codes select among 4
+// such tables with a blend tree on their upper bits. Interleaving the two byte planes
+// gives bf16 words, and a shift (even words) or a mask (odd words) turns them into fp32
+// without any further shuffle. 8-bit codes, stored in natural order, decode by
+// arithmetic from the format parameters Python passes (integers by conversion,
+// minifloats by placing their bits in an fp16 pattern), or, for a format those do not
+// cover, are gathered from the fp32 table.
 //
-// ISA: AVX-512 (F+BW+VL), AVX2 (+FMA) and portable scalar code live in one binary; the
-// best one the CPU supports is picked at run time, or a narrower one forced by the
-// caller. On a non-x86 build only the scalar code exists. No flush-to-zero mode is set,
-// and the build uses no fast-math, so subnormal values stay exact.
+// ISA: AVX-512 (F+BW+VL), AVX2 (+FMA, F16C) and portable scalar code live in one binary;
+// the best one the CPU supports is picked at run time, or a narrower one forced by the
+// caller. On a non-x86 build only the scalar code exists. Workers clear flush-to-zero
+// and denormals-are-zero while they run, and the build uses no fast-math, so subnormal
+// values stay exact.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -58,13 +63,32 @@ constexpr int64_t kUnit = 64;  // weights per packed unit; K must be a multiple 
 
 enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2 };
 
+// How codes become values. Table: the value table (4-bit codes always: one vpshufb per 32
+// codes is cheaper than any arithmetic; and the fallback for anything below). SignedInt /
+// UnsignedInt: 8-bit two's complement / unsigned integers, converted (exact). Float: an
+// 8-bit minifloat code with sign bit s, exponent field E and mantissa field M (m bits)
+// is placed as the fp16 pattern (s << 15) | (E:M << (10 - m)), which is 2^(E - 15) * 1.M
+// for E > 0 and the fp16 subnormal 2^-14 * 0.M for E = 0; vcvtph2ps (F16C) widens it to
+// fp32 exactly, and a multiply by 2^(15 - bias) gives the format's value (a normal fp32,
+// so the multiply does not round). The scalar reference places the same bits in an fp32
+// pattern, (s << 31) | (E:M << (23 - m)), times 2^(127 - bias). Placing them in fp32
+// directly would feed fp32 subnormals (E = 0) to the multiply, which on this AMD EPYC
+// took 1.12 ms instead of 0.62 ms for a 1024x4096 fp6_e3m2 GEMV with 9% such codes.
+// FloatSpecial: the same plus a compare that gives codes with the all-ones exponent
+// (ieee) or the all-ones code (fn) the all-ones exponent, keeping sign and mantissa: inf
+// or NaN. 6-bit codes keep the table: their bit-placement decode, whose lane order is
+// the bf16 widening's, had to go through fp32 subnormals and measured slower than the
+// 4-table lookup.
+enum class Dec { Table = 0, SignedInt = 1, UnsignedInt = 2, Float = 3, FloatSpecial = 4 };
+
 Isa best_isa() {
 #if FPBENCH_X86
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl"))
     return Isa::Avx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::Avx2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    return Isa::Avx2;
 #endif
   return Isa::Scalar;
 }
@@ -102,6 +126,14 @@ struct Packed {
   const float* table;        // 2^bits exact values
   const uint8_t* table_lo;   // [2^bits]: low byte of each value's bf16 pattern
   const uint8_t* table_hi;   // [2^bits]: high byte
+  Dec dec;
+  int fbits, mbits;          // Float*: the format's width and mantissa bits
+  uint32_t em_mask;          // Float*: low fbits - 1 bits of a code
+  uint32_t mask32;           // Float*: sign and E:M bits of the placed fp32 pattern
+  uint32_t special32;        // FloatSpecial: placed bits that mark inf/NaN when all set
+  float pow2;                // Float*: 2^(127 - bias)
+  uint16_t mask16, special16;  // the same for the fp16 placement of the SIMD kernels
+  float pow2_16;             // 2^(15 - bias)
 };
 
 // Position p (0..63) of a unit -> weight offset inside the unit: the order in which the
@@ -123,6 +155,24 @@ inline int code_at(const Packed& w, int64_t n, int64_t u, int p) {
   return nibble << 2 | low2;
 }
 
+inline float decode_scalar(const Packed& w, int code) {
+  switch (w.dec) {
+    case Dec::SignedInt: return static_cast<float>(static_cast<int8_t>(code));
+    case Dec::UnsignedInt: return static_cast<float>(code);
+    case Dec::Float:
+    case Dec::FloatSpecial: {
+      const uint32_t sign = static_cast<uint32_t>(code >> (w.fbits - 1)) & 1u;
+      const uint32_t raw = sign << 31 | (static_cast<uint32_t>(code) & w.em_mask) << (23 - w.mbits);
+      const bool special = w.dec == Dec::FloatSpecial && (raw & w.special32) == w.special32;
+      float value;
+      const uint32_t bits = special ? raw | 0x7F800000u : raw;
+      std::memcpy(&value, &bits, 4);
+      return special ? value : value * w.pow2;
+    }
+    default: return w.table[code];
+  }
+}
+
 void dequant_row_scalar(const Packed& w, int64_t n, float* out) {
   const float* srow = w.scales + n * w.groups;
   const float* zrow = w.zeros ? w.zeros + n * w.groups : nullptr;
@@ -130,7 +180,7 @@ void dequant_row_scalar(const Packed& w, int64_t n, float* out) {
     for (int p = 0; p < kUnit; ++p) {
       const int64_t k = u * kUnit + (w.bits == 8 ? p : position_to_k(p));
       const int32_t g = w.group_of[k / 8];
-      float value = w.table[code_at(w, n, u, p)];
+      float value = decode_scalar(w, code_at(w, n, u, p));
       if (zrow) value = value - zrow[g];
       out[k] = value * srow[g];
     }
@@ -156,19 +206,37 @@ void rows_scalar(const Packed& w, const float* x, int64_t ldx, int64_t M, int64_
 // four fp32 vectors holding k = 32*half + 8*i .. +7 (i = 0..3), in natural order.
 
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 
-template <int BITS>
-struct Avx2Tables {
-  static constexpr int kSub = BITS <= 4 ? 1 : BITS == 6 ? 4 : 0;  // 16-entry tables (8-bit: gathers)
+// Per-call constants of the decode: byte tables (Dec::Table) or the bit-placement masks.
+template <int BITS, Dec DEC>
+struct Avx2Consts {
+  static constexpr int kSub = DEC != Dec::Table ? 0 : BITS <= 4 ? 1 : BITS == 6 ? 4 : 0;  // 8-bit: gathers
   __m256i lo[kSub > 0 ? kSub : 1], hi[kSub > 0 ? kSub : 1];
-  explicit Avx2Tables(const Packed& w) {
+  __m256i mask16, special16;  // Float*: fp16-pattern masks
+  __m128i shift16;
+  __m256 pow2;
+  explicit Avx2Consts(const Packed& w) {
     for (int s = 0; s < kSub; ++s) {
       lo[s] = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.table_lo + 16 * s)));
       hi[s] = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.table_hi + 16 * s)));
     }
+    mask16 = _mm256_set1_epi16(static_cast<int16_t>(w.mask16));
+    special16 = _mm256_set1_epi16(static_cast<int16_t>(w.special16));
+    shift16 = _mm_cvtsi32_si128(10 - w.mbits);
+    pow2 = _mm256_set1_ps(w.pow2_16);
   }
 };
+
+// 16 8-bit minifloat codes -> their fp16 patterns (see Dec::Float). Sign-extending puts
+// the sign on bit 15 as well as on the bits the mask clears.
+template <bool SPECIAL>
+inline __m256i fp16_patterns(__m128i codes, __m128i shift16, __m256i mask16, __m256i special16) {
+  const __m256i placed = _mm256_and_si256(_mm256_sll_epi16(_mm256_cvtepi8_epi16(codes), shift16), mask16);
+  if constexpr (!SPECIAL) return placed;
+  const __m256i special = _mm256_cmpeq_epi16(_mm256_and_si256(placed, special16), special16);
+  return _mm256_blendv_epi8(placed, _mm256_or_si256(placed, _mm256_set1_epi16(0x7C00)), special);
+}
 
 // Code bytes (0 .. 2^BITS - 1) of half h of unit u of a row.
 template <int BITS>
@@ -189,9 +257,9 @@ inline __m256i codes_avx2(const uint8_t* a, const uint8_t* b, int64_t u, int h) 
 }
 
 // Table lookup of 32 code bytes -> low and high bytes of their bf16 patterns.
-template <int BITS>
-inline void lookup_avx2(__m256i codes, const Avx2Tables<BITS>& t, __m256i& lo, __m256i& hi) {
-  constexpr int kSub = Avx2Tables<BITS>::kSub;
+template <int BITS, Dec DEC>
+inline void lookup_avx2(__m256i codes, const Avx2Consts<BITS, DEC>& t, __m256i& lo, __m256i& hi) {
+  constexpr int kSub = Avx2Consts<BITS, DEC>::kSub;
   const __m256i index = kSub == 1 ? codes : _mm256_and_si256(codes, _mm256_set1_epi8(15));
   __m256i l[kSub], g[kSub];
   for (int s = 0; s < kSub; ++s) {
@@ -222,20 +290,36 @@ inline void widen_avx2(__m256i lo, __m256i hi, __m256 (&v)[4]) {
 }
 
 // Dequantized weights of half h of unit u of row n, natural order, in v (SCALED false:
-// the table values minus zero points, for a caller that scales the finished sum).
-// 8-bit codes are gathered from the fp32 table: on a 1024x4096 GEMV here (one thread,
-// shared AMD EPYC) that took 8.8 ms against 10.7 ms for a 16-way blend tree of byte tables.
-template <int BITS, bool ZP, bool SCALED = true>
-inline void weights_avx2(const Packed& w, const Avx2Tables<BITS>& t, const uint8_t* a, const uint8_t* b,
+// the code values minus zero points, for a caller that scales the finished sum).
+// 8-bit table codes are gathered from the fp32 table: on a 1024x4096 GEMV here (one
+// thread, shared AMD EPYC) that took 8.8 ms against 10.7 ms for a 16-way blend tree.
+template <int BITS, Dec DEC, bool ZP, bool SCALED = true>
+inline void weights_avx2(const Packed& w, const Avx2Consts<BITS, DEC>& t, const uint8_t* a, const uint8_t* b,
                          const float* srow, const float* zrow, int64_t u, int h, __m256 (&v)[4]) {
-  if constexpr (BITS == 8) {
+  if constexpr (BITS == 8 && (DEC == Dec::Float || DEC == Dec::FloatSpecial)) {
+    for (int j = 0; j < 2; ++j) {
+      const __m256i half = fp16_patterns<DEC == Dec::FloatSpecial>(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(a + u * kUnit + 32 * h + 16 * j)), t.shift16, t.mask16,
+          t.special16);
+      v[2 * j] = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(half)), t.pow2);
+      v[2 * j + 1] = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(half, 1)), t.pow2);
+    }
+  } else if constexpr (BITS == 8) {
     for (int i = 0; i < 4; ++i) {
       const __m128i codes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(a + u * kUnit + 32 * h + 8 * i));
-      v[i] = _mm256_i32gather_ps(w.table, _mm256_cvtepu8_epi32(codes), 4);
+      if constexpr (DEC == Dec::Table) {
+        v[i] = _mm256_i32gather_ps(w.table, _mm256_cvtepu8_epi32(codes), 4);
+      } else if constexpr (DEC == Dec::SignedInt) {
+        v[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(codes));
+      } else {
+        static_assert(DEC == Dec::UnsignedInt, "8-bit codes: table, integers or floats");
+        v[i] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes));
+      }
     }
   } else {
+    static_assert(DEC == Dec::Table, "4- and 6-bit codes decode through the table");
     __m256i lo, hi;
-    lookup_avx2<BITS>(codes_avx2<BITS>(a, b, u, h), t, lo, hi);
+    lookup_avx2<BITS, DEC>(codes_avx2<BITS>(a, b, u, h), t, lo, hi);
     widen_avx2(lo, hi, v);
   }
   const int32_t* gof = w.group_of + (u * kUnit + 32 * h) / 8;
@@ -256,8 +340,8 @@ inline float hsum256(__m256 v) {
 // hide the FMA latency (a single chain would cap a GEMV at one FMA per 4 cycles).
 // PER_CHANNEL (one scale, no zero point): the scale multiplies the finished sums, one
 // multiply per row instead of one per 8 weights.
-template <int BITS, bool ZP, int MR, bool PER_CHANNEL>
-void row_avx2(const Packed& w, const Avx2Tables<BITS>& t, int64_t n, const float* x, int64_t ldx, float* y,
+template <int BITS, Dec DEC, bool ZP, int MR, bool PER_CHANNEL>
+void row_avx2(const Packed& w, const Avx2Consts<BITS, DEC>& t, int64_t n, const float* x, int64_t ldx, float* y,
               int64_t ldy) {
   constexpr int kChains = MR >= 4 ? 1 : 4 / MR;
   const uint8_t* a = w.plane_a + n * w.lda;
@@ -274,7 +358,7 @@ void row_avx2(const Packed& w, const Avx2Tables<BITS>& t, int64_t n, const float
     if constexpr (BITS == 6) _mm_prefetch(reinterpret_cast<const char*>(b + (u + 16) * 16), _MM_HINT_T0);
     for (int h = 0; h < 2; ++h) {
       __m256 v[4];
-      weights_avx2<BITS, ZP, !PER_CHANNEL>(w, t, a, b, srow, zrow, u, h, v);
+      weights_avx2<BITS, DEC, ZP, !PER_CHANNEL>(w, t, a, b, srow, zrow, u, h, v);
       const int64_t k = u * kUnit + 32 * h;
       for (int i = 0; i < 4; ++i)
         for (int m = 0; m < MR; ++m)
@@ -288,41 +372,41 @@ void row_avx2(const Packed& w, const Avx2Tables<BITS>& t, int64_t n, const float
   }
 }
 
-template <int BITS, bool ZP, bool PER_CHANNEL>
-void rows_avx2_c(const Packed& w, const Avx2Tables<BITS>& t, const float* x, int64_t ldx, int64_t M, int64_t n0,
+template <int BITS, Dec DEC, bool ZP, bool PER_CHANNEL>
+void rows_avx2_c(const Packed& w, const Avx2Consts<BITS, DEC>& t, const float* x, int64_t ldx, int64_t M, int64_t n0,
                  int64_t n1, float* y, int64_t ldy) {
   for (int64_t n = n0; n < n1; ++n) {
     int64_t m = 0;
-    for (; m + 4 <= M; m += 4) row_avx2<BITS, ZP, 4, PER_CHANNEL>(w, t, n, x + m * ldx, ldx, y + m * ldy, ldy);
+    for (; m + 4 <= M; m += 4) row_avx2<BITS, DEC, ZP, 4, PER_CHANNEL>(w, t, n, x + m * ldx, ldx, y + m * ldy, ldy);
     switch (M - m) {
-      case 3: row_avx2<BITS, ZP, 3, PER_CHANNEL>(w, t, n, x + m * ldx, ldx, y + m * ldy, ldy); break;
-      case 2: row_avx2<BITS, ZP, 2, PER_CHANNEL>(w, t, n, x + m * ldx, ldx, y + m * ldy, ldy); break;
-      case 1: row_avx2<BITS, ZP, 1, PER_CHANNEL>(w, t, n, x + m * ldx, ldx, y + m * ldy, ldy); break;
+      case 3: row_avx2<BITS, DEC, ZP, 3, PER_CHANNEL>(w, t, n, x + m * ldx, ldx, y + m * ldy, ldy); break;
+      case 2: row_avx2<BITS, DEC, ZP, 2, PER_CHANNEL>(w, t, n, x + m * ldx, ldx, y + m * ldy, ldy); break;
+      case 1: row_avx2<BITS, DEC, ZP, 1, PER_CHANNEL>(w, t, n, x + m * ldx, ldx, y + m * ldy, ldy); break;
       default: break;
     }
   }
 }
 
-template <int BITS, bool ZP>
+template <int BITS, Dec DEC, bool ZP>
 void rows_avx2_t(const Packed& w, const float* x, int64_t ldx, int64_t M, int64_t n0, int64_t n1, float* y,
                  int64_t ldy) {
-  const Avx2Tables<BITS> t(w);
+  const Avx2Consts<BITS, DEC> t(w);
   if (!ZP && w.groups == 1)
-    rows_avx2_c<BITS, false, true>(w, t, x, ldx, M, n0, n1, y, ldy);
+    rows_avx2_c<BITS, DEC, false, true>(w, t, x, ldx, M, n0, n1, y, ldy);
   else
-    rows_avx2_c<BITS, ZP, false>(w, t, x, ldx, M, n0, n1, y, ldy);
+    rows_avx2_c<BITS, DEC, ZP, false>(w, t, x, ldx, M, n0, n1, y, ldy);
 }
 
-template <int BITS, bool ZP>
+template <int BITS, Dec DEC, bool ZP>
 void dequant_avx2_t(const Packed& w, int64_t n0, int64_t n1, float* out) {
-  const Avx2Tables<BITS> t(w);
+  const Avx2Consts<BITS, DEC> t(w);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* a = w.plane_a + n * w.lda;
     const uint8_t* b = w.plane_b ? w.plane_b + n * w.ldb : nullptr;
     for (int64_t u = 0; u < w.K / kUnit; ++u)
       for (int h = 0; h < 2; ++h) {
         __m256 v[4];
-        weights_avx2<BITS, ZP>(w, t, a, b, w.scales + n * w.groups, ZP ? w.zeros + n * w.groups : nullptr, u, h, v);
+        weights_avx2<BITS, DEC, ZP>(w, t, a, b, w.scales + n * w.groups, ZP ? w.zeros + n * w.groups : nullptr, u, h, v);
         for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + n * w.K + u * kUnit + 32 * h + 8 * i, v[i]);
       }
   }
@@ -348,17 +432,25 @@ uint64_t stream_avx2(const uint8_t* p, int64_t bytes) {
 // broadcast into its half.
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")
 
-template <int BITS>
-struct Avx512Tables {
-  static constexpr int kSub = BITS <= 4 ? 1 : BITS == 6 ? 4 : 0;  // 8-bit: gathers
+// The same constants as Avx2Consts, in zmm registers.
+template <int BITS, Dec DEC>
+struct Avx512Consts {
+  static constexpr int kSub = DEC != Dec::Table ? 0 : BITS <= 4 ? 1 : BITS == 6 ? 4 : 0;  // 8-bit: gathers
   __m512i lo[kSub > 0 ? kSub : 1], hi[kSub > 0 ? kSub : 1];
-  explicit Avx512Tables(const Packed& w) {
+  __m256i mask16, special16;
+  __m128i shift16;
+  __m512 pow2;
+  explicit Avx512Consts(const Packed& w) {
     for (int s = 0; s < kSub; ++s) {
       lo[s] = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.table_lo + 16 * s)));
       hi[s] = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.table_hi + 16 * s)));
     }
+    mask16 = _mm256_set1_epi16(static_cast<int16_t>(w.mask16));
+    special16 = _mm256_set1_epi16(static_cast<int16_t>(w.special16));
+    shift16 = _mm_cvtsi32_si128(10 - w.mbits);
+    pow2 = _mm512_set1_ps(w.pow2_16);
   }
 };
 
@@ -385,19 +477,30 @@ inline __m512 halves(float a, float b) {
                                              _mm256_castps_pd(_mm256_set1_ps(b)), 1));
 }
 
-template <int BITS, bool ZP>
-inline void weights_avx512(const Packed& w, const Avx512Tables<BITS>& t, const uint8_t* a, const uint8_t* b,
+template <int BITS, Dec DEC, bool ZP>
+inline void weights_avx512(const Packed& w, const Avx512Consts<BITS, DEC>& t, const uint8_t* a, const uint8_t* b,
                            const float* srow, const float* zrow, int64_t u, __m512 (&v)[4]) {
-  constexpr int kSub = Avx512Tables<BITS>::kSub;
+  constexpr int kSub = Avx512Consts<BITS, DEC>::kSub;
   if constexpr (BITS == 8) {
-    // Natural order in memory; gathered into the same halves as the lookups below.
+    // Natural order in memory; read into the same halves as the lookups below.
     for (int i = 0; i < 4; ++i) {
       const __m128i codes = _mm_unpacklo_epi64(
           _mm_loadl_epi64(reinterpret_cast<const __m128i*>(a + u * kUnit + 8 * i)),
           _mm_loadl_epi64(reinterpret_cast<const __m128i*>(a + u * kUnit + 32 + 8 * i)));
-      v[i] = _mm512_i32gather_ps(_mm512_cvtepu8_epi32(codes), w.table, 4);
+      if constexpr (DEC == Dec::Table) {
+        v[i] = _mm512_i32gather_ps(_mm512_cvtepu8_epi32(codes), w.table, 4);
+      } else if constexpr (DEC == Dec::SignedInt) {
+        v[i] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes));
+      } else if constexpr (DEC == Dec::UnsignedInt) {
+        v[i] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes));
+      } else {
+        v[i] = _mm512_mul_ps(
+            _mm512_cvtph_ps(fp16_patterns<DEC == Dec::FloatSpecial>(codes, t.shift16, t.mask16, t.special16)),
+            t.pow2);
+      }
     }
   } else {
+    static_assert(DEC == Dec::Table, "4- and 6-bit codes decode through the table");
     const __m512i codes = codes_avx512<BITS>(a, b, u);
     const __m512i index = kSub == 1 ? codes : _mm512_and_si512(codes, _mm512_set1_epi8(15));
     __m512i l[kSub], g[kSub];
@@ -427,8 +530,8 @@ inline void weights_avx512(const Packed& w, const Avx512Tables<BITS>& t, const u
   }
 }
 
-template <int BITS, bool ZP, int MR>
-void row_avx512(const Packed& w, const Avx512Tables<BITS>& t, int64_t n, const float* xp, int64_t ldx, float* y,
+template <int BITS, Dec DEC, bool ZP, int MR>
+void row_avx512(const Packed& w, const Avx512Consts<BITS, DEC>& t, int64_t n, const float* xp, int64_t ldx, float* y,
                 int64_t ldy) {
   constexpr int kChains = MR >= 4 ? 1 : 4 / MR;
   const uint8_t* a = w.plane_a + n * w.lda;
@@ -443,7 +546,7 @@ void row_avx512(const Packed& w, const Avx512Tables<BITS>& t, int64_t n, const f
     _mm_prefetch(reinterpret_cast<const char*>(a + (u + 8) * (w.lda / units)), _MM_HINT_T0);
     if constexpr (BITS == 6) _mm_prefetch(reinterpret_cast<const char*>(b + (u + 16) * 16), _MM_HINT_T0);
     __m512 v[4];
-    weights_avx512<BITS, ZP>(w, t, a, b, srow, zrow, u, v);
+    weights_avx512<BITS, DEC, ZP>(w, t, a, b, srow, zrow, u, v);
     for (int i = 0; i < 4; ++i)
       for (int m = 0; m < MR; ++m)
         acc[m][i % kChains] =
@@ -456,31 +559,31 @@ void row_avx512(const Packed& w, const Avx512Tables<BITS>& t, int64_t n, const f
   }
 }
 
-template <int BITS, bool ZP>
+template <int BITS, Dec DEC, bool ZP>
 void rows_avx512_t(const Packed& w, const float* xp, int64_t ldx, int64_t M, int64_t n0, int64_t n1, float* y,
                    int64_t ldy) {
-  const Avx512Tables<BITS> t(w);
+  const Avx512Consts<BITS, DEC> t(w);
   for (int64_t n = n0; n < n1; ++n) {
     int64_t m = 0;
-    for (; m + 4 <= M; m += 4) row_avx512<BITS, ZP, 4>(w, t, n, xp + m * ldx, ldx, y + m * ldy, ldy);
+    for (; m + 4 <= M; m += 4) row_avx512<BITS, DEC, ZP, 4>(w, t, n, xp + m * ldx, ldx, y + m * ldy, ldy);
     switch (M - m) {
-      case 3: row_avx512<BITS, ZP, 3>(w, t, n, xp + m * ldx, ldx, y + m * ldy, ldy); break;
-      case 2: row_avx512<BITS, ZP, 2>(w, t, n, xp + m * ldx, ldx, y + m * ldy, ldy); break;
-      case 1: row_avx512<BITS, ZP, 1>(w, t, n, xp + m * ldx, ldx, y + m * ldy, ldy); break;
+      case 3: row_avx512<BITS, DEC, ZP, 3>(w, t, n, xp + m * ldx, ldx, y + m * ldy, ldy); break;
+      case 2: row_avx512<BITS, DEC, ZP, 2>(w, t, n, xp + m * ldx, ldx, y + m * ldy, ldy); break;
+      case 1: row_avx512<BITS, DEC, ZP, 1>(w, t, n, xp + m * ldx, ldx, y + m * ldy, ldy); break;
       default: break;
     }
   }
 }
 
-template <int BITS, bool ZP>
+template <int BITS, Dec DEC, bool ZP>
 void dequant_avx512_t(const Packed& w, int64_t n0, int64_t n1, float* out) {
-  const Avx512Tables<BITS> t(w);
+  const Avx512Consts<BITS, DEC> t(w);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* a = w.plane_a + n * w.lda;
     const uint8_t* b = w.plane_b ? w.plane_b + n * w.ldb : nullptr;
     for (int64_t u = 0; u < w.K / kUnit; ++u) {
       __m512 v[4];
-      weights_avx512<BITS, ZP>(w, t, a, b, w.scales + n * w.groups, ZP ? w.zeros + n * w.groups : nullptr, u, v);
+      weights_avx512<BITS, DEC, ZP>(w, t, a, b, w.scales + n * w.groups, ZP ? w.zeros + n * w.groups : nullptr, u, v);
       float* o = out + n * w.K + u * kUnit;
       for (int i = 0; i < 4; ++i) {
         _mm256_storeu_ps(o + 8 * i, _mm512_castps512_ps256(v[i]));
@@ -509,19 +612,94 @@ at::Tensor x_unit_order(const at::Tensor& x) {
   return x.reshape({M, K / kUnit, 2, 4, 8}).transpose(2, 3).contiguous().reshape({M, K});
 }
 
+// Calls f(bits, decoder, has_zero_points) with compile-time values, for the combinations
+// make_packed can produce.
 template <class F>
 void with_format(const Packed& w, F&& f) {
+  using std::integral_constant;
+  using T = std::true_type;
+  using N = std::false_type;
+  constexpr auto B4 = integral_constant<int, 4>{};
+  constexpr auto B6 = integral_constant<int, 6>{};
+  constexpr auto B8 = integral_constant<int, 8>{};
+  constexpr auto table = integral_constant<Dec, Dec::Table>{};
+  constexpr auto sint = integral_constant<Dec, Dec::SignedInt>{};
+  constexpr auto unsig = integral_constant<Dec, Dec::UnsignedInt>{};
+  constexpr auto flt = integral_constant<Dec, Dec::Float>{};
+  constexpr auto special = integral_constant<Dec, Dec::FloatSpecial>{};
   const bool zp = w.zeros != nullptr;
-  switch (w.bits * 2 + zp) {
-    case 8: f(std::integral_constant<int, 4>{}, std::false_type{}); break;
-    case 9: f(std::integral_constant<int, 4>{}, std::true_type{}); break;
-    case 12: f(std::integral_constant<int, 6>{}, std::false_type{}); break;
-    case 13: f(std::integral_constant<int, 6>{}, std::true_type{}); break;
-    case 16: f(std::integral_constant<int, 8>{}, std::false_type{}); break;
-    case 17: f(std::integral_constant<int, 8>{}, std::true_type{}); break;
-    default: TORCH_CHECK(false, "code width ", w.bits, " has no kernel; use 4, 6 or 8 bits");
+  switch (w.bits * 100 + static_cast<int>(w.dec) * 10 + zp) {
+    case 400: f(B4, table, N{}); break;
+    case 401: f(B4, table, T{}); break;
+    case 600: f(B6, table, N{}); break;
+    case 601: f(B6, table, T{}); break;
+    case 800: f(B8, table, N{}); break;
+    case 801: f(B8, table, T{}); break;
+    case 810: f(B8, sint, N{}); break;
+    case 811: f(B8, sint, T{}); break;
+    case 820: f(B8, unsig, N{}); break;
+    case 821: f(B8, unsig, T{}); break;
+    case 830: f(B8, flt, N{}); break;
+    case 840: f(B8, special, N{}); break;
+    default: TORCH_CHECK(false, "no kernel for ", w.bits, "-bit codes with decoder ", static_cast<int>(w.dec),
+                         zp ? " and zero points" : "", "; pass zero points only for integer formats");
   }
 }
+
+// The decoder for `bits`-bit codes of a format described by `decode` = {kind, ebits,
+// mbits, bias, special}: kind 0 table, 1 signed integer, 2 unsigned integer, 3 float;
+// special 0 finite, 1 fn (all-ones code is NaN), 2 ieee (all-ones exponent is inf/NaN).
+// Anything the arithmetic decoders do not cover takes the table.
+Dec pick_decoder(int64_t bits, const std::vector<int64_t>& decode) {
+  TORCH_CHECK(decode.size() == 5, "decode must be [kind, ebits, mbits, bias, special]");
+  const int64_t kind = decode[0], e = decode[1], m = decode[2], bias = decode[3], special = decode[4];
+  TORCH_CHECK(kind >= 0 && kind <= 3 && special >= 0 && special <= 2, "unknown decode kind ", kind,
+              " or special rule ", special);
+  if (bits == 4) return Dec::Table;  // one vpshufb per 32 codes: cheaper than arithmetic
+  if (kind == 1 || kind == 2) return bits == 8 ? (kind == 1 ? Dec::SignedInt : Dec::UnsignedInt) : Dec::Table;
+  if (kind != 3 || bits != 8 || e < 1 || m < 0) return Dec::Table;
+  // Codes are sign-extended from bit 7 and placed in fp16, whose all-ones exponent (E = 31)
+  // is inf/NaN: only an ieee format may use it.
+  const bool layout = 1 + e + m == 8 && m <= 10 && (e < 5 || (e == 5 && special == 2));
+  // 2^(127 - bias) and 2^(15 - bias) must be normal fp32s, and so must every value.
+  const bool range = 127 - bias <= 127 && 15 - bias >= -126 && 1 - bias - m >= -126 && (1 << e) - 1 - bias <= 127;
+  if (!layout || !range) return Dec::Table;
+  return special == 0 ? Dec::Float : Dec::FloatSpecial;
+}
+
+std::string decoder_name(Dec dec) {
+  switch (dec) {
+    case Dec::SignedInt: return "signed_int";
+    case Dec::UnsignedInt: return "unsigned_int";
+    case Dec::Float: return "float";
+    case Dec::FloatSpecial: return "float_special";
+    default: return "table";
+  }
+}
+
+void set_float_decode(Packed& w, const std::vector<int64_t>& decode) {
+  const int e = static_cast<int>(decode[1]), m = static_cast<int>(decode[2]), bias = static_cast<int>(decode[3]);
+  w.fbits = 1 + e + m;
+  w.mbits = m;
+  w.em_mask = (1u << (e + m)) - 1;
+  w.mask32 = 0x80000000u | w.em_mask << (23 - m);
+  w.special32 = decode[4] == 1 ? w.em_mask << (23 - m) : ((1u << e) - 1) << 23;
+  w.pow2 = std::ldexp(1.0f, 127 - bias);
+  w.mask16 = static_cast<uint16_t>(0x8000u | w.em_mask << (10 - m));
+  w.special16 = static_cast<uint16_t>(decode[4] == 1 ? w.em_mask << (10 - m) : ((1u << e) - 1) << 10);
+  w.pow2_16 = std::ldexp(1.0f, 15 - bias);
+}
+
+// Subnormal fp32 patterns are part of the float decode (and of exact fp32 sums): the
+// caller's thread may have set flush-to-zero / denormals-are-zero (torch.set_flush_denormal),
+// so each worker clears both for the duration of the kernel.
+struct KeepDenormals {
+#if FPBENCH_X86
+  unsigned saved = _mm_getcsr();
+  KeepDenormals() { _mm_setcsr(saved & ~(_MM_FLUSH_ZERO_ON | 0x0040u)); }  // 0x0040: DAZ
+  ~KeepDenormals() { _mm_setcsr(saved); }
+#endif
+};
 
 struct Owned {  // what a Packed points into, built per call (2^bits + K/8 entries)
   std::vector<int32_t> group_of;
@@ -530,7 +708,7 @@ struct Owned {  // what a Packed points into, built per call (2^bits + K/8 entri
 
 Packed make_packed(const at::Tensor& plane_a, const at::Tensor& plane_b, const at::Tensor& table,
                    const at::Tensor& scales, const at::Tensor& zeros, int64_t bits, int64_t K, int64_t G,
-                   Owned& owned) {
+                   const std::vector<int64_t>& decode, Owned& owned) {
   TORCH_CHECK(bits == 4 || bits == 6 || bits == 8, "code width ", bits, " has no kernel; use 4, 6 or 8 bits");
   TORCH_CHECK(K % kUnit == 0, "K = ", K, " must be a multiple of ", kUnit);
   TORCH_CHECK(G >= 8 && G % 8 == 0, "group size ", G, " must be a multiple of 8");
@@ -579,7 +757,12 @@ Packed make_packed(const at::Tensor& plane_a, const at::Tensor& plane_b, const a
            owned.group_of.data(),
            values,
            owned.table_lo.data(),
-           owned.table_hi.data()};
+           owned.table_hi.data(),
+           pick_decoder(bits, decode),
+           0, 0, 0, 0, 0, 0.f, 0, 0, 0.f};
+  if (w.dec == Dec::Float || w.dec == Dec::FloatSpecial) set_float_decode(w, decode);
+  TORCH_CHECK(!zp || w.dec != Dec::Float && w.dec != Dec::FloatSpecial,
+              "zero points are for integer formats; a float format takes scales only");
   return w;
 }
 
@@ -589,10 +772,10 @@ int64_t row_grain(int64_t N) {  // rows per task: a few tasks per thread balance
 
 at::Tensor lut_linear(const at::Tensor& x_in, const at::Tensor& plane_a, const at::Tensor& plane_b,
                       const at::Tensor& table, const at::Tensor& scales, const at::Tensor& zeros, int64_t bits,
-                      int64_t K, int64_t G, const std::string& isa_request) {
+                      int64_t K, int64_t G, const std::vector<int64_t>& decode, const std::string& isa_request) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == K, "x must be [M, K] with K = ", K);
   Owned owned;
-  const Packed w = make_packed(plane_a, plane_b, table, scales, zeros, bits, K, G, owned);
+  const Packed w = make_packed(plane_a, plane_b, table, scales, zeros, bits, K, G, decode, owned);
   const Isa isa = pick_isa(isa_request);
   at::Tensor x = x_in.to(torch::kFloat32).contiguous();
   const int64_t M = x.size(0);
@@ -603,13 +786,14 @@ at::Tensor lut_linear(const at::Tensor& x_in, const at::Tensor& plane_a, const a
 #endif
   const float* xp = x.data_ptr<float>();
   at::parallel_for(0, w.N, row_grain(w.N), [&](int64_t n0, int64_t n1) {
+    const KeepDenormals keep;
 #if FPBENCH_X86
     if (isa == Isa::Avx512) {
-      with_format(w, [&](auto b, auto z) { rows_avx512_t<decltype(b)::value, decltype(z)::value>(w, xp, K, M, n0, n1, yp, w.N); });
+      with_format(w, [&](auto b, auto d, auto z) { rows_avx512_t<decltype(b)::value, decltype(d)::value, decltype(z)::value>(w, xp, K, M, n0, n1, yp, w.N); });
       return;
     }
     if (isa == Isa::Avx2) {
-      with_format(w, [&](auto b, auto z) { rows_avx2_t<decltype(b)::value, decltype(z)::value>(w, xp, K, M, n0, n1, yp, w.N); });
+      with_format(w, [&](auto b, auto d, auto z) { rows_avx2_t<decltype(b)::value, decltype(d)::value, decltype(z)::value>(w, xp, K, M, n0, n1, yp, w.N); });
       return;
     }
 #endif
@@ -620,20 +804,21 @@ at::Tensor lut_linear(const at::Tensor& x_in, const at::Tensor& plane_a, const a
 
 at::Tensor lut_dequantize(const at::Tensor& plane_a, const at::Tensor& plane_b, const at::Tensor& table,
                           const at::Tensor& scales, const at::Tensor& zeros, int64_t bits, int64_t K, int64_t G,
-                          const std::string& isa_request) {
+                          const std::vector<int64_t>& decode, const std::string& isa_request) {
   Owned owned;
-  const Packed w = make_packed(plane_a, plane_b, table, scales, zeros, bits, K, G, owned);
+  const Packed w = make_packed(plane_a, plane_b, table, scales, zeros, bits, K, G, decode, owned);
   const Isa isa = pick_isa(isa_request);
   at::Tensor out = torch::empty({w.N, K}, torch::kFloat32);
   float* op = out.data_ptr<float>();
   at::parallel_for(0, w.N, row_grain(w.N), [&](int64_t n0, int64_t n1) {
+    const KeepDenormals keep;
 #if FPBENCH_X86
     if (isa == Isa::Avx512) {
-      with_format(w, [&](auto b, auto z) { dequant_avx512_t<decltype(b)::value, decltype(z)::value>(w, n0, n1, op); });
+      with_format(w, [&](auto b, auto d, auto z) { dequant_avx512_t<decltype(b)::value, decltype(d)::value, decltype(z)::value>(w, n0, n1, op); });
       return;
     }
     if (isa == Isa::Avx2) {
-      with_format(w, [&](auto b, auto z) { dequant_avx2_t<decltype(b)::value, decltype(z)::value>(w, n0, n1, op); });
+      with_format(w, [&](auto b, auto d, auto z) { dequant_avx2_t<decltype(b)::value, decltype(d)::value, decltype(z)::value>(w, n0, n1, op); });
       return;
     }
 #endif
@@ -691,6 +876,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "y = x @ w^T, w = (table[code] - zero) * scale per group, from packed 4/6/8-bit codes; fp32 result");
   m.def("lut_dequantize", &lut_dequantize, "fp32 weights [N, K] decoded by the kernel's own code path");
   m.def("stream_read_gbps", &stream_read_gbps, "best streaming-read bandwidth in GB/s with the given ISA's loads");
+  m.def("decoder", [](int64_t bits, const std::vector<int64_t>& decode) { return decoder_name(pick_decoder(bits, decode)); },
+        "the decoder the kernels use for these codes: table, signed_int, unsigned_int, float or float_special");
   m.def("best_isa", [] { return isa_name(best_isa()); }, "widest ISA this CPU supports");
   m.def("position_to_k", [](int64_t p) { return position_to_k(static_cast<int>(p)); },
         "weight offset inside a 64-weight unit of code position p");
