@@ -11,6 +11,10 @@ export TOKENIZERS_PARALLELISM ?= false
 # datasets missing there come from the Hugging Face hub when it is reachable.
 FPBENCH_DATA_DIR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
 export FPBENCH_DATA_DIR
+# With a local data folder, the reproduce targets run offline: every dataset they need is
+# there (HumanEval ships in its package), zero-shot tasks take the local lm-eval configs
+# as the committed reference did, and nothing waits on an unreachable hub.
+OFFLINE := $(if $(FPBENCH_DATA_DIR),HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1,)
 # `make reproduce` (quick tier, about 15 minutes on 2 cores): every family on small limits,
 # into a fresh results/ (git-ignored; reruns resume from it), then a reproduction check
 # against the committed reference/. One sweep alone: make reproduce REPRODUCE_CONFIGS=configs/quick/gptq.yaml
@@ -50,12 +54,12 @@ test-fast: install
 # The sweeps of REPRODUCE_CONFIGS, the report, and the reproduction check (exit 1 when a
 # metric differs from reference/ beyond its tolerance; the report is written either way).
 reproduce: install
-	set -e; for config in $(REPRODUCE_CONFIGS); do $(BIN)/fpbench sweep $$config --out results; done
+	set -e; for config in $(REPRODUCE_CONFIGS); do $(OFFLINE) $(BIN)/fpbench sweep $$config --out results; done
 	$(BIN)/fpbench report results --reference reference
 
 reproduce-full: install
-	set -e; for config in $(FULL_CONFIGS); do $(BIN)/fpbench sweep $$config --out results-full; done
-	set -e; for config in $(FULL_UNLIMITED_CONFIGS); do $(BIN)/fpbench sweep $$config --limit none --out results-full; done
+	set -e; for config in $(FULL_CONFIGS); do $(OFFLINE) $(BIN)/fpbench sweep $$config --out results-full; done
+	set -e; for config in $(FULL_UNLIMITED_CONFIGS); do $(OFFLINE) $(BIN)/fpbench sweep $$config --limit none --out results-full; done
 	$(BIN)/fpbench report results-full --reference reference-full
 
 # Build the compiled CPU kernels now (otherwise they build on first use), outside pip.
