@@ -87,15 +87,20 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
 
 
 def _label_rows(frame: pd.DataFrame) -> pd.Series:
-    """Row label = scheme name, plus the variant fields that differ among its records."""
-    varying = []
+    """Row label = scheme name, plus the variant fields that differ among that scheme's
+    records of one task and metric (a scheme measured at one limit per task keeps one row,
+    whatever limits other schemes or its other tasks used)."""
+    varying: dict = {}
     for column in VARIANT_FIELDS:
-        if column in frame and frame.groupby(["scheme", "task", "metric"])[column].nunique(dropna=False).max() > 1:
-            varying.append(column)
+        if column not in frame:
+            continue
+        counts = frame.groupby(["scheme", "task", "metric"])[column].nunique(dropna=False)
+        for scheme in counts[counts > 1].index.get_level_values("scheme").unique():
+            varying.setdefault(scheme, []).append(column)
 
     def label(row) -> str:
         parts = []
-        for column in varying:
+        for column in varying.get(row["scheme"], ()):
             value = row[column]
             if column == "options":
                 if isinstance(value, str):
