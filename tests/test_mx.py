@@ -22,10 +22,10 @@ import torch
 
 from fpbench.errors import FpbenchError
 from fpbench.quant.activations import ActQuantizer
-from fpbench.quant.formats import BlockFormat, get_format
+from fpbench.quant.formats import get_format
 from fpbench.quant.gptq import gptq_quantize_weight
 from fpbench.quant.scheme import Granularity, Scheme
-from fpbench.quant.weights import bits_per_weight, compute_scales, quantize_weight
+from fpbench.quant.weights import bits_per_weight, quantize_weight
 
 from conftest import layer_objective
 

@@ -427,9 +427,9 @@ def kernel_latency_section(bench_dir: Path) -> list[str]:
         return []
     lines = ["## Kernel latency", ""]
     if kernel_records:
-        lines += [f"Weight-only linear kernels (`fpbench bench`, cold weights). Cells: median ms · × vs "
-                  f"torch_bf16 (same run; above 1 is faster) · GB/s of weights · fraction of the measured "
-                  f"bandwidth roofline.", ""]
+        lines += ["Weight-only linear kernels (`fpbench bench`, cold weights). Cells: median ms · × vs "
+                  "torch_bf16 (same run; above 1 is faster) · GB/s of weights · fraction of the measured "
+                  "bandwidth roofline.", ""]
         lines += _machine_lines(kernel_records, f"{BENCH_DIR}/bench.jsonl")
         frame = pd.DataFrame(kernel_records)
         for column in ("vs_bf16", "gbps", "roofline_fraction"):
