@@ -261,16 +261,6 @@ def test_bits_per_weight_of_block_formats():
 
 
 # -- schemes ---------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["mxfp4_e2m1/g32/rtn", "mxfp4_e2m1:ceil/g32/gptq", "nvfp4/g16/rtn",
-                                  "mxint8/g32/rtn", "int8/channel/rtn/a:mxfp8_e4m3-block-dynamic",
-                                  "nvfp4/g16/rtn/a:nvfp4-block-dynamic", "int4/g128/rtn/s:fp32",
-                                  "int4/g128/rtn/s:e8m0/a:int8-token-dynamic", "fp6_e3m2/channel/rtn/s:bf16"])
-def test_block_and_scale_format_names_round_trip(name):
-    scheme = Scheme.parse(name)
-    assert scheme.name == name
-    assert Scheme.parse(scheme.name) == scheme
-
-
 def test_block_scheme_defaults_and_errors():
     assert Scheme.parse("mxfp4_e2m1").name == "mxfp4_e2m1/g32/rtn"
     assert Scheme("nvfp4").granularity == Granularity("group", 16)

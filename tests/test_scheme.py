@@ -43,7 +43,10 @@ def test_missing_granularity_and_bad_algo():
 
 @pytest.mark.parametrize("name", ["int4/g128/rtn/s:fp32", "int4/g128/rtn/s:bf16", "int4/g32/rtn/s:e8m0",
                                   "fp6_e3m2/channel/rtn/s:fp8_e4m3", "int8/channel/rtn/s:fp32/a:int8-token-dynamic",
-                                  "mxfp4_e2m1/g32/rtn", "mxfp4_e2m1:ceil/g32/rtn", "nvfp4/g16/gptq@wikitext2"])
+                                  "mxfp4_e2m1/g32/rtn", "mxfp4_e2m1:ceil/g32/rtn", "nvfp4/g16/gptq@wikitext2",
+                                  "mxfp4_e2m1:ceil/g32/gptq", "nvfp4/g16/rtn", "mxint8/g32/rtn",
+                                  "int8/channel/rtn/a:mxfp8_e4m3-block-dynamic", "nvfp4/g16/rtn/a:nvfp4-block-dynamic",
+                                  "int4/g128/rtn/s:e8m0/a:int8-token-dynamic", "fp6_e3m2/channel/rtn/s:bf16"])
 def test_scale_format_and_block_names_round_trip(name):
     scheme = Scheme.parse(name)
     assert scheme.name == name
