@@ -133,36 +133,37 @@ class FloatFormat:
         """Round onto the grid (RNE, saturating). Works in float32, or float64 for float64
         input; both are exact because the quantum is a power of two."""
         work = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+        int_type, shift, ieee_bias = (torch.int64, 52, 1023) if work.dtype == torch.float64 else (torch.int32, 23, 127)
         magnitude = work.abs()
-        # frexp: magnitude = m * 2^e with m in [0.5, 1), so floor(log2) = e - 1, exactly.
-        _, exp = torch.frexp(magnitude)
-        exponent = torch.clamp(exp - 1, min=self.emin)  # subnormals share emin's quantum
-        quantum = torch.ldexp(torch.ones_like(work), (exponent - self.mbits).to(torch.int32))
-        # torch.round is round-half-to-even; a carry into the next binade lands on its
-        # first value, which is on the grid.
-        rounded = torch.round(magnitude / quantum) * quantum
-        rounded = torch.clamp(rounded, max=self.max)  # saturate (also turns inf into max)
-        rounded = torch.where(torch.isnan(work), work, rounded)
-        return torch.copysign(rounded, work).to(x.dtype)
+        # floor(log2 |x|) is the biased exponent field less the bias; clamped to
+        # [emin, emax]: subnormals share emin's quantum, and anything from 2^(emax+1) up
+        # (inf and NaN included) rounds above max and saturates below. In-place steps:
+        # each pass over a fresh full-size tensor costs as much as the arithmetic.
+        exponent = (magnitude.view(int_type) >> shift).sub_(ieee_bias).clamp_(self.emin, self.emax).sub_(self.mbits)
+        quantum = ((exponent + ieee_bias) << shift).view(work.dtype)
+        inverse = exponent.neg_().add_(ieee_bias).bitwise_left_shift_(shift).view(work.dtype)
+        # Scaling by a power of two is exact; torch.round is round-half-to-even; a carry
+        # into the next binade lands on its first value, which is on the grid. clamp
+        # saturates (inf becomes max) and keeps NaN.
+        rounded = magnitude.mul_(inverse).round_().mul_(quantum).clamp_(max=self.max)
+        return rounded.copysign_(work).to(x.dtype)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Bit patterns (uint8) of round(x). NaN maps to the NaN code where one exists."""
-        value = self.round(x.to(torch.float64))
-        magnitude = value.abs()
-        sign = torch.signbit(value).to(torch.int64)
-        _, exp = torch.frexp(magnitude)
-        exponent = exp.to(torch.int64) - 1
-        is_normal = magnitude >= self.min_normal
-        exp_field = torch.where(is_normal, exponent + self.bias, torch.zeros_like(exponent))
-        mantissa = torch.where(
-            is_normal,
-            magnitude / torch.ldexp(torch.ones_like(magnitude), exponent.to(torch.int32)) - 1,
-            magnitude / self.min_subnormal,
-        )
-        mantissa_field = torch.where(
-            is_normal, mantissa * 2**self.mbits, mantissa
-        ).round().to(torch.int64)
-        codes = (sign << (self.bits - 1)) | (exp_field << self.mbits) | mantissa_field
+        """Bit patterns (uint8) of round(x). NaN maps to the NaN code where one exists.
+
+        Every grid value of a format of at most 8 bits is a normal float32 (or zero), so
+        its fields are read straight off the float32 bit pattern: the exponent field and
+        the top ``mbits`` mantissa bits for normals, value / min_subnormal (an exact
+        integer) for subnormals."""
+        value = self.round(x if x.dtype == torch.float64 else x.to(torch.float32)).to(torch.float32)
+        pattern = value.view(torch.int32)
+        # Normals: float32 exponent and top mantissa bits, exponent rebiased.
+        fields = ((pattern >> (23 - self.mbits)) & ((1 << (8 + self.mbits)) - 1)).sub_((127 - self.bias) << self.mbits)
+        # Subnormals (value / min_subnormal < 2^mbits, an exact integer); clamped first so
+        # large values cannot overflow the integer conversion.
+        scaled = value.abs().mul_(1 / self.min_subnormal).clamp_(max=1 << self.mbits).to(torch.int32)
+        codes = torch.where(scaled < (1 << self.mbits), scaled, fields)
+        codes.bitwise_or_((pattern >> 31) & (1 << (self.bits - 1)))  # the sign bit on top
         nan = torch.isnan(value)
         if nan.any():
             if self.special == "finite":
