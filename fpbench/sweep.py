@@ -67,14 +67,17 @@ RUN_FIELD_KEYS = run_field_keys()
 
 
 # Rough per-stage seconds for the dry-run estimate when the results store has no timing
-# for a model/task yet (the default 135M model on 2 shared CPU cores: about 15 s per
-# 2048-token perplexity window and 10-30 s for an RTN pass; other models differ, and the
-# dry run says when it is guessing). Timings in the store replace them.
+# for a model/task yet: the default 135M model on 2 CPU cores (AMD EPYC, AVX2), measured
+# for the quick tier (10 s per 2048-token perplexity window, 0.7 s per zero-shot item,
+# about 15 s per generated summary, 2-3 s per RTN pass, GPTQ about 1 minute plus 3.5 s
+# per 512-token calibration window). Other models and machines differ, and the dry run
+# says when it is guessing; timings in the store replace these.
 DEFAULT_LOAD_S = 5.0
-DEFAULT_QUANTIZE_S = {"rtn": 15.0, "gptq": 300.0}
-DEFAULT_ITEM_S = {"perplexity": 15.0}
+DEFAULT_QUANTIZE_S = {"rtn": 3.0}
+DEFAULT_GPTQ_S = (60.0, 3.5)  # fixed seconds, seconds per calibration window of 512 tokens
+DEFAULT_ITEM_S = {"perplexity": 10.0, "zeroshot": 0.7, "codegen": 8.0, "summarization": 15.0}
 DEFAULT_ITEM_S_OTHER = 5.0
-DEFAULT_LATENCY_S = 30.0  # the latency task: warm-up, three decode passes, three prefills
+DEFAULT_LATENCY_S = 25.0  # the latency task: warm-up, three decode passes, three prefills
 DEFAULT_ITEMS = 100  # items assumed for a task without a limit and without history
 
 
@@ -393,6 +396,14 @@ class Estimator:
 
         return DEFAULT_MODEL_NAME if spec in (None, "", "default") else spec
 
+    @staticmethod
+    def _default_quantize_s(config: RunConfig) -> float:
+        if config.scheme.algo == "gptq":
+            gptq = config.stage("gptq")
+            fixed, per_window = DEFAULT_GPTQ_S
+            return fixed + per_window * gptq.calib_samples * gptq.calib_seqlen / 512
+        return DEFAULT_QUANTIZE_S.get(config.scheme.algo, 10.0)
+
     def run_seconds(self, config: RunConfig, tasks: list[str]) -> tuple[float, bool]:
         """(estimated seconds, whether every stage's estimate comes from history)."""
         if not tasks:
@@ -400,8 +411,7 @@ class Estimator:
         model = self._model_name(config.model)
         history = self.quantize_s.get((model, config.scheme.algo))
         from_history = bool(history)
-        seconds = DEFAULT_LOAD_S + (statistics.median(history) if history
-                                    else DEFAULT_QUANTIZE_S.get(config.scheme.algo, 10.0))
+        seconds = DEFAULT_LOAD_S + (statistics.median(history) if history else self._default_quantize_s(config))
         for task in tasks:
             if get_task(task).family == "latency":  # a fixed amount of work, whatever the limit
                 history = self.task_s.get((model, task))
