@@ -195,7 +195,7 @@ def test_linear_matches_float64(module, isa, fmt, m):
     n, k = 37, 576
     w = torch.randn(n, k, generator=gen)
     w[0, :4] = torch.tensor([1e-4, -2e-4, 0.0, -0.0])  # small values land on subnormal codes
-    for granularity in ("channel", "group:32"):
+    for granularity in ("channel", "group:32", "group:128"):  # K = 576: a last group of 64
         qweight = quantize_weight(w, fmt, Granularity.parse(granularity))
         weight = qweight.dequantize()
         x = torch.randn(m, k, generator=gen)
