@@ -76,10 +76,17 @@ enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2 };
 // took 1.12 ms instead of 0.62 ms for a 1024x4096 fp6_e3m2 GEMV with 9% such codes.
 // FloatSpecial: the same plus a compare that gives codes with the all-ones exponent
 // (ieee) or the all-ones code (fn) the all-ones exponent, keeping sign and mantissa: inf
-// or NaN. 6-bit codes keep the table: their bit-placement decode, whose lane order is
-// the bf16 widening's, had to go through fp32 subnormals and measured slower than the
-// 4-table lookup.
-enum class Dec { Table = 0, SignedInt = 1, UnsignedInt = 2, Float = 3, FloatSpecial = 4 };
+// or NaN. Fp16Nibble: 6-bit minifloats with 3 exponent and 2 mantissa bits and no
+// special codes (FP6 E3M2). The fp16 pattern of value * 2^(bias - 15) is
+// (s << 15) | (E:M << 8): its low byte is 0 and its high byte is T[code >> 2] | (code & 3),
+// T[n] = (n >> 3) << 7 | (n & 7) << 2, so one vpshufb on the 4-bit plane, an OR with the
+// 2-bit plane and vcvtph2ps decode 32 codes (the 4-table lookup takes 8 lookups and 6
+// blends). Its lanes come out in code-position order (see weights_avx2), so the AVX2
+// GEMV reads x from a per-call copy in that order, times 2^(15 - bias) (exact: each
+// product v * x is then the same real number as with the format's values, rounded the
+// same). Other 6-bit formats keep the table; so do dequantization and the AVX-512 and
+// scalar kernels for E3M2 codes, and groups that are not a multiple of 32.
+enum class Dec { Table = 0, SignedInt = 1, UnsignedInt = 2, Float = 3, FloatSpecial = 4, Fp16Nibble = 5 };
 
 Isa best_isa() {
 #if FPBENCH_X86
@@ -216,7 +223,11 @@ struct Avx2Consts {
   __m256i mask16, special16;  // Float*: fp16-pattern masks
   __m128i shift16;
   __m256 pow2;
+  __m256i top;  // Fp16Nibble: T[n], the fp16 high byte of the codes n << 2 .. n << 2 | 3
   explicit Avx2Consts(const Packed& w) {
+    alignas(16) uint8_t high[16];
+    for (int n = 0; n < 16; ++n) high[n] = static_cast<uint8_t>((n >> 3) << 7 | (n & 7) << 2);
+    top = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(high)));
     for (int s = 0; s < kSub; ++s) {
       lo[s] = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.table_lo + 16 * s)));
       hi[s] = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.table_hi + 16 * s)));
@@ -316,6 +327,23 @@ inline void weights_avx2(const Packed& w, const Avx2Consts<BITS, DEC>& t, const 
         v[i] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes));
       }
     }
+  } else if constexpr (DEC == Dec::Fp16Nibble) {
+    static_assert(BITS == 6, "the fp16 nibble decoder is for 6-bit codes");
+    // v[i] lane e holds code position 32h + 8i + e of the unit (not weight k: the caller
+    // reads x in position order); the group scale below is still right, as each half of
+    // a unit lies in one group (G a multiple of 32).
+    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + u * 32));
+    const __m256i nibbles = _mm256_and_si256(h ? _mm256_srli_epi16(bytes, 4) : bytes, _mm256_set1_epi8(15));
+    const __m256i fields = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + u * 16)));
+    const __m256i shift = h ? _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6) : _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2);
+    const __m256i low2 = _mm256_and_si256(_mm256_srlv_epi32(fields, shift), _mm256_set1_epi8(3));
+    const __m256i high = _mm256_or_si256(_mm256_shuffle_epi8(t.top, nibbles), low2);
+    const __m256i w0 = _mm256_unpacklo_epi8(_mm256_setzero_si256(), high);
+    const __m256i w1 = _mm256_unpackhi_epi8(_mm256_setzero_si256(), high);
+    v[0] = _mm256_cvtph_ps(_mm256_castsi256_si128(w0));
+    v[1] = _mm256_cvtph_ps(_mm256_castsi256_si128(w1));
+    v[2] = _mm256_cvtph_ps(_mm256_extracti128_si256(w0, 1));
+    v[3] = _mm256_cvtph_ps(_mm256_extracti128_si256(w1, 1));
   } else {
     static_assert(DEC == Dec::Table, "4- and 6-bit codes decode through the table");
     __m256i lo, hi;
@@ -674,6 +702,16 @@ at::Tensor x_unit_order(const at::Tensor& x) {
   return x.reshape({M, K / kUnit, 2, 4, 8}).transpose(2, 3).contiguous().reshape({M, K});
 }
 
+// x with each 64-column unit in code-position order: column p of a unit holds x at
+// k = position_to_k(p), the weight whose code sits at position p (Dec::Fp16Nibble).
+at::Tensor x_position_order(const at::Tensor& x) {
+  const int64_t M = x.size(0), K = x.size(1);
+  std::vector<int64_t> order(kUnit);
+  for (int p = 0; p < kUnit; ++p) order[p] = position_to_k(p);
+  const at::Tensor index = torch::tensor(order, torch::kLong);
+  return x.reshape({M, K / kUnit, kUnit}).index_select(2, index).reshape({M, K});
+}
+
 // Calls f(bits, decoder, has_zero_points) with compile-time values, for the combinations
 // make_packed can produce.
 template <class F>
@@ -719,6 +757,8 @@ Dec pick_decoder(int64_t bits, const std::vector<int64_t>& decode) {
               " or special rule ", special);
   if (bits == 4) return Dec::Table;  // one vpshufb per 32 codes: cheaper than arithmetic
   if (kind == 1 || kind == 2) return bits == 8 ? (kind == 1 ? Dec::SignedInt : Dec::UnsignedInt) : Dec::Table;
+  if (bits == 6) return kind == 3 && e == 3 && m == 2 && special == 0 && bias >= -100 && bias <= 100 ? Dec::Fp16Nibble
+                                                                                               : Dec::Table;
   if (kind != 3 || bits != 8 || e < 1 || m < 0) return Dec::Table;
   // Codes are sign-extended from bit 7 and placed in fp16, whose all-ones exponent (E = 31)
   // is inf/NaN: only an ieee format may use it.
@@ -735,6 +775,7 @@ std::string decoder_name(Dec dec) {
     case Dec::UnsignedInt: return "unsigned_int";
     case Dec::Float: return "float";
     case Dec::FloatSpecial: return "float_special";
+    case Dec::Fp16Nibble: return "fp16_nibble";
     default: return "table";
   }
 }
@@ -823,8 +864,9 @@ Packed make_packed(const at::Tensor& plane_a, const at::Tensor& plane_b, const a
            owned.table_hi.data(),
            pick_decoder(bits, decode),
            0, 0, 0, 0, 0, 0.f, 0, 0, 0.f};
-  if (w.dec == Dec::Float || w.dec == Dec::FloatSpecial) set_float_decode(w, decode);
-  TORCH_CHECK(!zp || w.dec != Dec::Float && w.dec != Dec::FloatSpecial,
+  if (w.dec == Dec::Fp16Nibble && G % 32 != 0) w.dec = Dec::Table;  // a half unit spans two groups
+  if (w.dec == Dec::Float || w.dec == Dec::FloatSpecial || w.dec == Dec::Fp16Nibble) set_float_decode(w, decode);
+  TORCH_CHECK(!zp || w.dec == Dec::Table || w.dec == Dec::SignedInt || w.dec == Dec::UnsignedInt,
               "zero points are for integer formats; a float format takes scales only");
   return w;
 }
@@ -838,14 +880,17 @@ at::Tensor lut_linear(const at::Tensor& x_in, const at::Tensor& plane_a, const a
                       int64_t K, int64_t G, const std::vector<int64_t>& decode, const std::string& isa_request) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == K, "x must be [M, K] with K = ", K);
   Owned owned;
-  const Packed w = make_packed(plane_a, plane_b, table, scales, zeros, bits, K, G, decode, owned);
+  Packed w = make_packed(plane_a, plane_b, table, scales, zeros, bits, K, G, decode, owned);
   const Isa isa = pick_isa(isa_request);
+  const bool nibble = isa == Isa::Avx2 && w.dec == Dec::Fp16Nibble;
+  if (w.dec == Dec::Fp16Nibble && !nibble) w.dec = Dec::Table;
   at::Tensor x = x_in.to(torch::kFloat32).contiguous();
   const int64_t M = x.size(0);
   at::Tensor y = torch::empty({M, w.N}, torch::kFloat32);
   float* yp = y.data_ptr<float>();
 #if FPBENCH_X86
   if (isa == Isa::Avx512) x = x_unit_order(x);
+  if (nibble) x = x_position_order(x) * w.pow2_16;
 #endif
   const float* xp = x.data_ptr<float>();
   at::parallel_for(0, w.N, row_grain(w.N), [&](int64_t n0, int64_t n1) {
@@ -853,6 +898,10 @@ at::Tensor lut_linear(const at::Tensor& x_in, const at::Tensor& plane_a, const a
 #if FPBENCH_X86
     if (isa == Isa::Avx512) {
       with_format(w, [&](auto b, auto d, auto z) { rows_avx512_t<decltype(b)::value, decltype(d)::value, decltype(z)::value>(w, xp, K, M, n0, n1, yp, w.N); });
+      return;
+    }
+    if (nibble) {
+      rows_avx2_t<6, Dec::Fp16Nibble, false>(w, xp, K, M, n0, n1, yp, w.N);
       return;
     }
     if (isa == Isa::Avx2) {
@@ -869,7 +918,8 @@ at::Tensor lut_dequantize(const at::Tensor& plane_a, const at::Tensor& plane_b, 
                           const at::Tensor& scales, const at::Tensor& zeros, int64_t bits, int64_t K, int64_t G,
                           const std::vector<int64_t>& decode, const std::string& isa_request) {
   Owned owned;
-  const Packed w = make_packed(plane_a, plane_b, table, scales, zeros, bits, K, G, decode, owned);
+  Packed w = make_packed(plane_a, plane_b, table, scales, zeros, bits, K, G, decode, owned);
+  if (w.dec == Dec::Fp16Nibble) w.dec = Dec::Table;  // writes weights in k order
   const Isa isa = pick_isa(isa_request);
   at::Tensor out = torch::empty({w.N, K}, torch::kFloat32);
   float* op = out.data_ptr<float>();
