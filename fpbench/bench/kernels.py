@@ -19,7 +19,8 @@ Kernels: ``torch_fp32`` and ``torch_bf16`` (F.linear), ``torch_int8_bf16``
 (``_weight_int8pack_mm``, per-channel), ``torch_int4_bf16``
 (``_weight_int4pack_mm_for_cpu``, groups of 128), and fpbench's table-lookup kernel for
 any ``FORMAT/GRANULARITY`` it supports (``int4/g128``, ``fp6_e3m2/channel``, ...; a bare
-format name means both ``/channel`` and ``/g128``), with fp32 activations. ``vs_bf16`` =
+format name means both ``/channel`` and ``/g128``, a bare block format its own block:
+``mxfp4_e2m1``, ``nvfp4``), with fp32 activations. ``vs_bf16`` =
 torch_bf16's median / this kernel's median (above 1 = faster than bf16), ``vs_fp32`` the
 same against torch_fp32.
 """
@@ -95,8 +96,16 @@ def parse_batches(text: str | None) -> list[int]:
     return batches
 
 
+def _format_or_none(name: str):
+    try:
+        return get_format(name)
+    except FpbenchError:
+        return None  # reported below, with the kernel names to choose from
+
+
 def parse_kernels(names: list[str] | None) -> list[str]:
-    """Torch kernel names as they are; ``FORMAT`` -> ``FORMAT/channel``, ``FORMAT/g128``."""
+    """Torch kernel names as they are; ``FORMAT`` -> ``FORMAT/channel``, ``FORMAT/g128``
+    (a block format: its block, ``mxfp4_e2m1/g32``)."""
     if not names:
         return list(KERNELS)
     out = []
@@ -105,7 +114,8 @@ def parse_kernels(names: list[str] | None) -> list[str]:
             out.append(name)
             continue
         fmt, _, gran = name.partition("/")
-        for g in [gran] if gran else DEFAULT_GRANULARITIES:
+        block = getattr(_format_or_none(fmt), "block_size", None)
+        for g in [gran] if gran else [f"g{block}"] if block else DEFAULT_GRANULARITIES:
             try:
                 scheme = Scheme(fmt, Granularity.parse(g))
                 check_kernel_scheme(scheme)
