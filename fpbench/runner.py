@@ -95,11 +95,12 @@ def parse_tasks(text: str | None) -> list[str]:
     return tasks
 
 
-def with_latency(tasks: list[str], scheme: Scheme, backend: str, requested: bool) -> list[str]:
-    """Tasks plus "latency" when asked for (--latency, or any --backend kernel run) and the
-    scheme runs on a real kernel; a simulated-only scheme gets no latency task."""
+def with_latency(tasks: list[str], scheme: Scheme, backend: str, requested: bool | None) -> list[str]:
+    """Tasks plus "latency" when asked for (``requested`` True; None: any --backend kernel
+    run) and the scheme runs on a real kernel; a simulated-only scheme gets no latency task."""
     tasks = [t for t in tasks if t != LATENCY_TASK or latency_path(scheme, backend)]
-    if (requested or backend == "kernel") and latency_path(scheme, backend) and LATENCY_TASK not in tasks:
+    wanted = requested if requested is not None else backend == "kernel"
+    if wanted and latency_path(scheme, backend) and LATENCY_TASK not in tasks:
         tasks.append(LATENCY_TASK)
     return tasks
 
@@ -117,7 +118,7 @@ def plan_runs(values: dict) -> list[RunConfig]:
         scheme, scheme_values = calibrated_scheme(scheme, values, values.get("data_dir"))
         backend = values.get("backend") or default_of("backend")
         configs.append(RunConfig(
-            scheme=scheme, tasks=with_latency(tasks, scheme, backend, bool(values.get("latency"))),
+            scheme=scheme, tasks=with_latency(tasks, scheme, backend, True if values.get("latency") else None),
             model=values.get("model"), limit=values.get("limit"),
             seqlen=values.get("seqlen"), data_dir=values.get("data_dir"), seed=values.get("seed", 0),
             include_head=bool(values.get("include_head")), out_dir=values.get("out") or default_of("out"),

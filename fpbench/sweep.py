@@ -56,7 +56,8 @@ CONFIG_KEYS = {
     "include_head": "also quantize the output head (default false)",
     "data_dir": "folder of local dataset copies (default: FPBENCH_DATA_DIR)",
     "latency": "true: also run the 'latency' task (decode and prefill speed on this CPU) for every scheme "
-               "that runs on a kernel (a scheme mapping may say latency: true too)",
+               "that runs on a kernel; false: not even for backend: kernel runs, which measure it by default "
+               "(a scheme mapping may say latency: true/false too)",
     "options": "stage options for every run (GPTQ, generation, zero-shot...): keys of fpbench.options",
 }
 
@@ -108,7 +109,7 @@ class SweepConfig:
     include_head: bool = False
     data_dir: str | None = None
     options: dict = field(default_factory=dict)
-    latency: bool = False
+    latency: bool | None = None  # None: latency for kernel runs only (as `fpbench run`)
     digest: str = ""  # hash of the file's content, for the sweep log
 
 
@@ -314,8 +315,8 @@ def load_config(path: str | Path, limit_override: str | None = None,
         _check_options(options, EXTRA_KEYS)
     except FpbenchError as exc:
         raise _fail(path, f"options: {exc}") from exc
-    latency = raw.get("latency", False)
-    if not isinstance(latency, bool):
+    latency = raw.get("latency")
+    if not isinstance(latency, (bool, type(None))):
         raise _fail(path, f"latency must be true or false, not {latency!r}")
     data_dir = data_dir_override or raw.get("data_dir")
     if data_dir is not None and not Path(str(data_dir)).expanduser().is_dir():
@@ -339,7 +340,8 @@ def expand(config: SweepConfig, out_dir: str = "results", progress: bool = True)
                 for task in config.tasks:
                     by_limit.setdefault(config.limits[task], []).append(task)
                 run_fields = dict(spec.run_fields)
-                latency = bool(run_fields.pop("latency", False)) or config.latency
+                scheme_latency = run_fields.pop("latency", None)
+                latency = config.latency if scheme_latency is None else bool(scheme_latency)
                 backend = run_fields.get("backend", RUN_FIELD_KEYS["backend"].field_default)
                 for number, (limit, tasks) in enumerate(by_limit.items()):
                     # the latency task ignores limits: it joins the first run (one model load)

@@ -109,6 +109,23 @@ def test_invalid_yaml_and_missing_file(tmp_path):
         load_config(tmp_path / "absent.yaml")
 
 
+def test_latency_false_turns_off_the_kernel_runs_own_latency(tmp_path, fake):
+    kernel = {"name": "fp6_e3m2/channel/rtn", "backend": "kernel"}
+    default = load_config(write_config(tmp_path / "a.yaml", schemes=["int8/channel/rtn", kernel]))
+    off = load_config(write_config(tmp_path / "b.yaml", schemes=["int8/channel/rtn", kernel], latency=False))
+    on = load_config(write_config(tmp_path / "c.yaml", schemes=["int8/channel/rtn", kernel], latency=True))
+    mixed = load_config(write_config(tmp_path / "d.yaml", latency=False,
+                                     schemes=["int8/channel/rtn", dict(kernel, latency=True)]))
+
+    def timed(config):
+        return [r.scheme.name for r, _ in expand(config) if "latency" in r.tasks]
+
+    assert timed(default) == ["fp6_e3m2/channel/rtn"]  # kernel runs measure it by default
+    assert timed(off) == []
+    assert timed(on) == ["int8/channel/rtn", "fp6_e3m2/channel/rtn"]  # int8/channel: torch's int8 kernel
+    assert timed(mixed) == ["fp6_e3m2/channel/rtn"]  # the scheme's own key wins
+
+
 def test_scheme_mapping_keys_go_to_scheme_runconfig_or_options(tmp_path, fake):
     path = write_config(tmp_path / "c.yaml", schemes=[
         "int4/g128/rtn",
