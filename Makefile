@@ -51,15 +51,16 @@ test: install
 test-fast: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
 
-# The sweeps of REPRODUCE_CONFIGS, the report, and the reproduction check (exit 1 when a
-# metric differs from reference/ beyond its tolerance; the report is written either way).
+# The sweeps of REPRODUCE_CONFIGS, then one report (each sweep's own would redraw the
+# plots, about 20 s each) and the reproduction check (exit 1 when a metric differs from
+# reference/ beyond its tolerance; the report is written either way).
 reproduce: install
-	set -e; for config in $(REPRODUCE_CONFIGS); do $(OFFLINE) $(BIN)/fpbench sweep $$config --out results; done
+	set -e; for config in $(REPRODUCE_CONFIGS); do $(OFFLINE) $(BIN)/fpbench sweep $$config --out results --no-report; done
 	$(BIN)/fpbench report results --reference reference
 
 reproduce-full: install
-	set -e; for config in $(FULL_CONFIGS); do $(OFFLINE) $(BIN)/fpbench sweep $$config --out results-full; done
-	set -e; for config in $(FULL_UNLIMITED_CONFIGS); do $(OFFLINE) $(BIN)/fpbench sweep $$config --limit none --out results-full; done
+	set -e; for config in $(FULL_CONFIGS); do $(OFFLINE) $(BIN)/fpbench sweep $$config --out results-full --no-report; done
+	set -e; for config in $(FULL_UNLIMITED_CONFIGS); do $(OFFLINE) $(BIN)/fpbench sweep $$config --limit none --out results-full --no-report; done
 	$(BIN)/fpbench report results-full --reference reference-full
 
 # Build the compiled CPU kernels now (otherwise they build on first use), outside pip.

@@ -204,8 +204,10 @@ def bench(shapes, batches, kernel_names, repeats, e2e, generation, problems, new
 @click.option("--limit", "limit_override", default=None, metavar="N|none",
               help="Override the config's limit for every task; 'none' evaluates the full test sets.")
 @data_dir_option("Folder with local dataset copies (overrides the config's data_dir; also FPBENCH_DATA_DIR).")
+@click.option("--no-report", is_flag=True,
+              help="Skip the report at the end (e.g. when several sweeps are followed by one `fpbench report`).")
 @no_progress_option
-def sweep(config_path, shard, dry_run, force, out_dir, limit_override, data_dir, no_progress):
+def sweep(config_path, shard, dry_run, force, out_dir, limit_override, data_dir, no_report, no_progress):
     """Run a sweep config: models x schemes x tasks, resuming from stored records.
 
     The config is validated before any model loads. Each finished task's records are
@@ -234,7 +236,7 @@ def sweep(config_path, shard, dry_run, force, out_dir, limit_override, data_dir,
     ensure_writable(out_dir)
     summary = run_sweep(config, out_dir, shard_spec, force, progress=not no_progress, echo=click.echo)
     click.echo(summary_text(summary))
-    if summary.records or summary.skipped:
+    if (summary.records or summary.skipped) and not no_report:
         click.echo(f"report: {write_report(out_dir)}")
     if summary.failed:
         raise FpbenchError(f"{len(summary.failed)} of {summary.runs} runs failed (first: "

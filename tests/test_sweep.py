@@ -270,6 +270,14 @@ def test_sweep_cli_failure_is_reported_and_others_run(tmp_path, fake, monkeypatc
     assert (tmp_path / "out" / "REPORT.md").is_file()
 
 
+def test_sweep_no_report_writes_records_only(tmp_path, fake):
+    path = write_config(tmp_path / "c.yaml")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["sweep", str(path), "--out", str(out), "--no-report", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert len(ResultStore(out).read()) == 8 and not (out / "REPORT.md").exists()
+
+
 CRASH_SCRIPT = textwrap.dedent("""
     import sys
     sys.path.insert(0, {tests!r})

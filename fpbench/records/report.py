@@ -336,10 +336,18 @@ def _distinct(frame: pd.DataFrame, column: str, display=str) -> str:
 
 def _figures(model: str, table: pd.DataFrame, base: str | None, columns: list[str], out_dir: Path) -> list[Path]:
     """One figure per x axis (bits per weight; decode tokens/s when measured), a panel per
-    headline metric."""
+    task: its first headline metric (perplexity, acc, pass@1, rouge1). A panel for every
+    metric made 27-panel figures that took 25 s to draw and were hard to read."""
+    tasks_seen, first_per_task = set(), []
+    for column in columns:  # "<task> <metric>", a task's headline metric first
+        task = column.rsplit(" ", 1)[0]
+        if task not in tasks_seen:
+            tasks_seen.add(task)
+            first_per_task.append(column)
+
     def panels(x_column: str, pareto: bool) -> list[Panel]:
         result = []
-        for column in columns:
+        for column in first_per_task:
             metric = column.rsplit(" ", 1)[-1]
             points = [(row, float(x), float(y)) for row, x, y in zip(table.index, table[x_column], table[column])
                       if pd.notna(x) and pd.notna(y)]
