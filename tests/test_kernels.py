@@ -79,18 +79,23 @@ def test_value_tables_against_ml_dtypes():
     assert value_table("int4").tolist() == list(range(8)) + [0] + list(range(-7, 0))
 
 
-@pytest.mark.parametrize("isa", ISAS_HERE)
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("granularity", ["channel", "group:16", "group:32", "group:128"])
-def test_every_code_dequantizes_exactly(module, isa, fmt, granularity):
+def _every_code_weight(fmt, granularity):
+    """Every code of the format at every position of 9 rows x 320 (5 units; group:128
+    leaves a ragged last group of 64), with random scales (and zero points)."""
     gran = Granularity.parse(granularity)
-    n, k = 9, 320  # 320 = 5 units; group:128 leaves a ragged last group of 64
-    codes = _every_code(fmt, n, k)
+    n, k = 9, 320
     groups = 1 if gran.kind == "channel" else -(-k // gran.group_size)
     gen = torch.Generator().manual_seed(1)
     scales = torch.rand(n, groups, generator=gen) + 0.5
     zeros = torch.rand(n, groups, generator=gen) * 15 if fmt.endswith("_asym") else None
-    qweight = QuantizedWeight(codes, scales, zeros, fmt, gran)
+    return QuantizedWeight(_every_code(fmt, n, k), scales, zeros, fmt, gran)
+
+
+@pytest.mark.parametrize("isa", ISAS_HERE)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("granularity", ["channel", "group:16", "group:32", "group:128"])
+def test_every_code_dequantizes_exactly(module, isa, fmt, granularity):
+    qweight = _every_code_weight(fmt, granularity)
     got = _call(module, qweight, isa)
     expected = qweight.dequantize()
     assert torch.equal(got.isnan(), expected.isnan())
@@ -107,15 +112,8 @@ def test_every_code_multiplies_exactly(module, isa, fmt, granularity):
     # The GEMV's own decode (not the dequantization path: for FP6 E3M2 on AVX2 they
     # differ): with one-hot rows of x, y[m, n] is the single product w[n, m] * 1, which
     # must be the dequantized weight bit for bit, for every code at every position.
-    gran = Granularity.parse(granularity)
-    n, k = 9, 320
-    codes = _every_code(fmt, n, k)
-    groups = 1 if gran.kind == "channel" else -(-k // gran.group_size)
-    gen = torch.Generator().manual_seed(2)
-    scales = torch.rand(n, groups, generator=gen) + 0.5
-    zeros = torch.rand(n, groups, generator=gen) * 15 if fmt.endswith("_asym") else None
-    qweight = QuantizedWeight(codes, scales, zeros, fmt, gran)
-    got = _call(module, qweight, isa, torch.eye(k))
+    qweight = _every_code_weight(fmt, granularity)
+    got = _call(module, qweight, isa, torch.eye(qweight.codes.shape[1]))
     assert torch.equal(got.T, qweight.dequantize())
 
 
