@@ -15,7 +15,7 @@ export FPBENCH_DATA_DIR
 # there (HumanEval ships in its package), zero-shot tasks take the local lm-eval configs
 # as the committed reference did, and nothing waits on an unreachable hub.
 OFFLINE := $(if $(FPBENCH_DATA_DIR),HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1,)
-# `make reproduce` (quick tier, about 13 minutes of sweeps on 2 cores): every family on small limits,
+# `make reproduce` (quick tier, 12 minutes measured on 2 cores after make install): every family on small limits,
 # into a fresh results/ (git-ignored; reruns resume from it), then a reproduction check
 # against the committed reference/. One sweep alone: make reproduce REPRODUCE_CONFIGS=configs/quick/gptq.yaml
 REPRODUCE_CONFIGS ?= configs/quick/perplexity.yaml configs/quick/gptq.yaml configs/quick/zeroshot.yaml configs/quick/generative.yaml
