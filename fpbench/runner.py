@@ -141,10 +141,6 @@ def latency_metrics(loaded, quantized, config: RunConfig) -> list[Metric]:
     timing = measure(model, model.config.vocab_size, loaded.max_length, settings)
     modules = dict(model.named_modules())
     isa = getattr(modules[layer_names[0]], "isa", None) if layer_names else None
-    if isa == "auto":  # name the ISA the kernels picked on this CPU
-        from fpbench.kernels import build as kernels
-
-        isa = kernels.load().best_isa()
     details = {"latency_path": path, "kernel_isa": isa or f"torch {torch.backends.cpu.get_cpu_capability()}",
                "weight_bytes": weight_bytes(model, layer_names), "batch": 1,
                "prompt_tokens": settings.prompt_tokens, "new_tokens": settings.new_tokens,

@@ -105,12 +105,16 @@ def load(verbose: bool = False):
 
 
 def isa(requested: str | None = None) -> str:
-    """The ISA to run: ``requested``, else ``$FPBENCH_KERNEL_ISA``, else auto."""
+    """The ISA to run, by name (avx512, avx2, scalar): ``requested``, else
+    ``$FPBENCH_KERNEL_ISA``, else (auto) the widest this CPU supports."""
     name = (requested or os.environ.get("FPBENCH_KERNEL_ISA") or "auto").lower()
     if name not in ISAS:
         raise FpbenchError(f"kernel ISA {name!r} is unknown; use one of {', '.join(ISAS)}")
-    if name != "auto" and ISAS.index(name) < ISAS.index(load().best_isa()):
-        raise FpbenchError(f"this CPU cannot run the {name} kernels (best: {load().best_isa()}); use auto")
+    best = load().best_isa()
+    if name == "auto":
+        return best
+    if ISAS.index(name) < ISAS.index(best):
+        raise FpbenchError(f"this CPU cannot run the {name} kernels (best: {best}); use auto")
     return name
 
 

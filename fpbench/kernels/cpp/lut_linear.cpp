@@ -48,6 +48,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -207,6 +208,20 @@ void rows_scalar(const Packed& w, const float* x, int64_t ldx, int64_t M, int64_
 }
 
 #if FPBENCH_X86
+// Calls f(MR, m) for the row tiles of M rows of x: tiles of 4 from m = 0, then one of the
+// 1-3 rows left; MR is a compile-time integral_constant (the SIMD kernels unroll over it).
+template <class F>
+void for_row_tiles(int64_t M, F&& f) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) f(std::integral_constant<int, 4>{}, m);
+  switch (M - m) {
+    case 3: f(std::integral_constant<int, 3>{}, m); break;
+    case 2: f(std::integral_constant<int, 2>{}, m); break;
+    case 1: f(std::integral_constant<int, 1>{}, m); break;
+    default: break;
+  }
+}
+
 // ---------------------------------------------------------------- AVX2 (+ FMA)
 //
 // A unit is two halves of 32 codes, one ymm of code bytes each; a half decodes into
@@ -445,46 +460,21 @@ void row_avx2_grouped(const Packed& w, const Avx2Consts<BITS, DEC>& t, int64_t n
   for (int m = 0; m < MR; ++m) y[m * ldy + n] = hsum256(acc[m]);
 }
 
-template <int BITS, Dec DEC>
-void rows_avx2_grouped(const Packed& w, const Avx2Consts<BITS, DEC>& t, const float* x, int64_t ldx, int64_t M,
-                       int64_t n0, int64_t n1, float* y, int64_t ldy) {
-  for (int64_t n = n0; n < n1; ++n) {
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) row_avx2_grouped<BITS, DEC, 4>(w, t, n, x + m * ldx, ldx, y + m * ldy, ldy);
-    switch (M - m) {
-      case 3: row_avx2_grouped<BITS, DEC, 3>(w, t, n, x + m * ldx, ldx, y + m * ldy, ldy); break;
-      case 2: row_avx2_grouped<BITS, DEC, 2>(w, t, n, x + m * ldx, ldx, y + m * ldy, ldy); break;
-      case 1: row_avx2_grouped<BITS, DEC, 1>(w, t, n, x + m * ldx, ldx, y + m * ldy, ldy); break;
-      default: break;
-    }
-  }
-}
-
-template <int BITS, Dec DEC, bool ZP, bool PER_CHANNEL>
-void rows_avx2_c(const Packed& w, const Avx2Consts<BITS, DEC>& t, const float* x, int64_t ldx, int64_t M, int64_t n0,
-                 int64_t n1, float* y, int64_t ldy) {
-  for (int64_t n = n0; n < n1; ++n) {
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) row_avx2<BITS, DEC, ZP, 4, PER_CHANNEL>(w, t, n, x + m * ldx, ldx, y + m * ldy, ldy);
-    switch (M - m) {
-      case 3: row_avx2<BITS, DEC, ZP, 3, PER_CHANNEL>(w, t, n, x + m * ldx, ldx, y + m * ldy, ldy); break;
-      case 2: row_avx2<BITS, DEC, ZP, 2, PER_CHANNEL>(w, t, n, x + m * ldx, ldx, y + m * ldy, ldy); break;
-      case 1: row_avx2<BITS, DEC, ZP, 1, PER_CHANNEL>(w, t, n, x + m * ldx, ldx, y + m * ldy, ldy); break;
-      default: break;
-    }
-  }
-}
-
 template <int BITS, Dec DEC, bool ZP>
 void rows_avx2_t(const Packed& w, const float* x, int64_t ldx, int64_t M, int64_t n0, int64_t n1, float* y,
                  int64_t ldy) {
   const Avx2Consts<BITS, DEC> t(w);
-  if (!ZP && w.groups == 1)
-    rows_avx2_c<BITS, DEC, false, true>(w, t, x, ldx, M, n0, n1, y, ldy);
-  else if (!ZP && w.group_size % (2 * kUnit) == 0)
-    rows_avx2_grouped<BITS, DEC>(w, t, x, ldx, M, n0, n1, y, ldy);
-  else
-    rows_avx2_c<BITS, DEC, ZP, false>(w, t, x, ldx, M, n0, n1, y, ldy);
+  const bool per_channel = !ZP && w.groups == 1, folded = !ZP && w.group_size % (2 * kUnit) == 0;
+  for (int64_t n = n0; n < n1; ++n)
+    for_row_tiles(M, [&](auto mr, int64_t m) {
+      constexpr int MR = decltype(mr)::value;
+      if (per_channel)
+        row_avx2<BITS, DEC, false, MR, true>(w, t, n, x + m * ldx, ldx, y + m * ldy, ldy);
+      else if (folded)
+        row_avx2_grouped<BITS, DEC, MR>(w, t, n, x + m * ldx, ldx, y + m * ldy, ldy);
+      else
+        row_avx2<BITS, DEC, ZP, MR, false>(w, t, n, x + m * ldx, ldx, y + m * ldy, ldy);
+    });
 }
 
 template <int BITS, Dec DEC, bool ZP>
@@ -653,16 +643,10 @@ template <int BITS, Dec DEC, bool ZP>
 void rows_avx512_t(const Packed& w, const float* xp, int64_t ldx, int64_t M, int64_t n0, int64_t n1, float* y,
                    int64_t ldy) {
   const Avx512Consts<BITS, DEC> t(w);
-  for (int64_t n = n0; n < n1; ++n) {
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) row_avx512<BITS, DEC, ZP, 4>(w, t, n, xp + m * ldx, ldx, y + m * ldy, ldy);
-    switch (M - m) {
-      case 3: row_avx512<BITS, DEC, ZP, 3>(w, t, n, xp + m * ldx, ldx, y + m * ldy, ldy); break;
-      case 2: row_avx512<BITS, DEC, ZP, 2>(w, t, n, xp + m * ldx, ldx, y + m * ldy, ldy); break;
-      case 1: row_avx512<BITS, DEC, ZP, 1>(w, t, n, xp + m * ldx, ldx, y + m * ldy, ldy); break;
-      default: break;
-    }
-  }
+  for (int64_t n = n0; n < n1; ++n)
+    for_row_tiles(M, [&](auto mr, int64_t m) {
+      row_avx512<BITS, DEC, ZP, decltype(mr)::value>(w, t, n, xp + m * ldx, ldx, y + m * ldy, ldy);
+    });
 }
 
 template <int BITS, Dec DEC, bool ZP>
