@@ -18,14 +18,17 @@ def _bound(x, w, k):
     return (k + 2) * 2.0**-24 * (x.abs().double() @ w.abs().double().T) + 1e-30
 
 
+@pytest.mark.parametrize("isa", ["auto", "scalar"])
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("batch_shape", [(1,), (3, 5), (2, 20)])  # (2, 20): the dequantize + GEMM path
-def test_linear_equals_simulated_linear(fmt, batch_shape):
+# (3, 5): 15 rows, the GEMV; (2, 20): 40 rows, the blocked GEMM (SIMD) or, with the scalar
+# kernels the dequantize + torch GEMM path
+@pytest.mark.parametrize("batch_shape", [(1,), (3, 5), (2, 20)])
+def test_linear_equals_simulated_linear(isa, fmt, batch_shape):
     gen = torch.Generator().manual_seed(0)
     linear = nn.Linear(576, 96, bias=True)
     for granularity in ("channel", "group:64"):
         qweight = quantize_weight(linear.weight.data, fmt, Granularity.parse(granularity))
-        module = LutLinear.from_quantized(qweight, linear.bias)
+        module = LutLinear.from_quantized(qweight, linear.bias, isa=isa)
         weight = qweight.dequantize()
         assert torch.equal(module.dequantized_weight(), weight)
         x = torch.randn(*batch_shape, 576, generator=gen)
@@ -153,11 +156,51 @@ def test_e2e_decode_on_a_tiny_model(tmp_path):
     shape = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=300)
     records = run_e2e(new_tokens=4, out_dir=str(tmp_path), progress=False, shape=shape, include_default=False)
-    assert [r["variant"] for r in records] == ["bf16", "fp6_kernel"]
+    assert [r["variant"] for r in records] == ["fp32", "bf16", "fp6_kernel"]
     assert all(r["tokens_per_s"] > 0 for r in records)
-    assert records[1]["model_bytes"] < records[0]["model_bytes"]
-    assert (tmp_path / "e2e.jsonl").read_text().count("\n") == 2
-    assert "fp6_kernel" in e2e_table(records)
+    assert records[2]["model_bytes"] < records[1]["model_bytes"] < records[0]["model_bytes"]
+    best = max(records[0]["tokens_per_s"], records[1]["tokens_per_s"])
+    assert records[2]["speedup_vs_best_dense"] == round(records[2]["tokens_per_s"] / best, 3)
+    assert (tmp_path / "e2e.jsonl").read_text().count("\n") == 3
+    text = e2e_table(records)
+    assert "fp6_kernel" in text and "pip install llama-cpp-python" in text  # no peer: how to add it
+
+
+def test_llama_cpp_peer_is_timed_through_its_generator(monkeypatch, tmp_path):
+    # The glue around llama-cpp-python (an optional extra, absent in CI): a stand-in
+    # module records what the harness asks of it; the ratio line names both speeds.
+    import sys
+    import types
+
+    from fpbench.bench.e2e import PROMPT_TOKENS, e2e_table, llama_cpp_decode
+
+    calls = []
+
+    class Llama:
+        def __init__(self, model_path, n_threads, **kwargs):
+            calls.append(("init", model_path, n_threads))
+
+        def n_vocab(self):
+            return 50
+
+        def reset(self):
+            pass
+
+        def generate(self, tokens, **kwargs):
+            calls.append(("generate", len(tokens), kwargs["temp"], kwargs["top_k"]))
+            while True:  # like llama.cpp's: endless until the caller stops
+                calls.append("token")
+                yield 1
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=Llama))
+    tps, seconds = llama_cpp_decode(tmp_path / "m.gguf", new_tokens=5, threads=2)
+    assert tps > 0 and seconds > 0
+    assert calls[0] == ("init", str(tmp_path / "m.gguf"), 2)
+    assert calls.count(("generate", PROMPT_TOKENS, 0.0, 1)) == 2 and calls.count("token") == 2 + 5
+    records = [{"model": "m", "variant": v, "tokens_per_s": t, "ms_per_token": 1e3 / t, "speedup_vs_bf16": 1.0,
+                "speedup_vs_best_dense": 1.0, "model_bytes": 1} for v, t in
+               (("fp32", 8.0), ("bf16", 10.0), ("fp6_kernel", 15.0), ("llama.cpp (Q4_1 GGUF)", 60.0))]
+    assert "FP6 kernel 15.0 tokens/s = 0.25x llama.cpp's 60.0" in e2e_table(records)
 
 
 def test_bf16_model_decodes_with_the_kernel():

@@ -15,6 +15,7 @@ from fpbench.quant.weights import QuantizedWeight, quantize_weight
 
 ISAS_HERE = [isa for isa in ("avx512", "avx2", "scalar")
              if kernels.ISAS.index(isa) >= kernels.ISAS.index(kernels.load().best_isa())]
+BLOCKED_MIN_ROWS = kernels.load().blocked_min_rows()  # x rows from which the SIMD ISAs take the blocked GEMM
 FORMATS = ["fp4_e2m1", "fp6_e2m3", "fp6_e3m2", "fp8_e4m3", "fp8_e5m2", "fp8_e3m4",
            "int4", "int4_asym", "int8", "int8_asym"]
 
@@ -110,11 +111,15 @@ FINITE_FORMATS = [f for f in FORMATS if not f.startswith("fp8")]  # no inf/NaN c
 @pytest.mark.parametrize("granularity", ["channel", "group:16", "group:32", "group:128"])
 def test_every_code_multiplies_exactly(module, isa, fmt, granularity):
     # The GEMV's own decode (not the dequantization path: for FP6 E3M2 on AVX2 they
-    # differ): with one-hot rows of x, y[m, n] is the single product w[n, m] * 1, which
-    # must be the dequantized weight bit for bit, for every code at every position.
+    # differ) and the blocked GEMM's tiles: with one-hot rows of x, y[m, n] is the single
+    # product w[n, m] * 1, which must be the dequantized weight bit for bit, for every
+    # code at every position. Up to 4 rows per call take the GEMV, all of them the GEMM.
     qweight = _every_code_weight(fmt, granularity)
-    got = _call(module, qweight, isa, torch.eye(qweight.codes.shape[1]))
-    assert torch.equal(got.T, qweight.dequantize())
+    eye = torch.eye(qweight.codes.shape[1])
+    assert BLOCKED_MIN_ROWS > 4
+    gemv = torch.cat([_call(module, qweight, isa, eye[i:i + 4]) for i in range(0, len(eye), 4)])
+    assert torch.equal(gemv.T, qweight.dequantize())
+    assert torch.equal(_call(module, qweight, isa, eye).T, qweight.dequantize())
 
 
 ML_DTYPES = {"fp4_e2m1": "float4_e2m1fn", "fp6_e2m3": "float6_e2m3fn", "fp6_e3m2": "float6_e3m2fn",
@@ -209,10 +214,11 @@ def test_flush_denormal_mode_does_not_change_results(module, isa):
 
 @pytest.mark.parametrize("isa", ISAS_HERE)
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7])  # every 4-row tile tail
+# GEMV: every 4-row tile tail; blocked GEMM: a full and a padded block of x rows.
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, BLOCKED_MIN_ROWS, 2 * BLOCKED_MIN_ROWS + 1])
 def test_linear_matches_float64(module, isa, fmt, m):
     gen = torch.Generator().manual_seed(m)
-    n, k = 37, 576
+    n, k = 37, 576  # the GEMM's tiles: 37 = 24 + 6 + 6 + 1 rows, 576 = 256 + 256 + 64 columns
     w = torch.randn(n, k, generator=gen)
     w[0, :4] = torch.tensor([1e-4, -2e-4, 0.0, -0.0])  # small values land on subnormal codes
     for granularity in ("channel", "group:32", "group:128"):  # K = 576: a last group of 64
@@ -224,14 +230,18 @@ def test_linear_matches_float64(module, isa, fmt, m):
         assert bool((err <= _bound(x, weight, k)).all()), (granularity, float(err.max()))
 
 
-def test_isas_agree_on_large_rows(module):
-    # Many rows per thread and a long K: the threaded split and the prefetch distance.
-    qweight = quantize_weight(torch.randn(300, 4096), "fp6_e3m2", Granularity.parse("group:128"))
-    x = torch.randn(3, 4096)
+@pytest.mark.parametrize("fmt", ["fp6_e3m2", "int4_asym"])
+@pytest.mark.parametrize("m", [3, BLOCKED_MIN_ROWS + 1])
+def test_isas_agree_on_large_rows(module, fmt, m):
+    # Many rows per thread and a long K: the threaded split and the prefetch distance; for
+    # the blocked GEMM, K = 2048 + 2048 + 64 spans three column panels, the last ragged.
+    k = 4160
+    qweight = quantize_weight(torch.randn(300, k), fmt, Granularity.parse("group:128"))
+    x = torch.randn(m, k)
     outputs = [_call(module, qweight, isa, x) for isa in ISAS_HERE]
     weight = qweight.dequantize()
     for y in outputs:
-        assert bool(((y.double() - x.double() @ weight.double().T).abs() <= _bound(x, weight, 4096)).all())
+        assert bool(((y.double() - x.double() @ weight.double().T).abs() <= _bound(x, weight, k)).all())
 
 
 def test_stream_bandwidth_is_positive(module):

@@ -1,11 +1,16 @@
-"""End-to-end decode speed: tokens/s at batch 1, bf16 weights vs FP6 weights on the kernel.
+"""End-to-end decode speed: tokens/s at batch 1, torch's dense weights vs FP6 weights on
+the kernel, and llama.cpp on the default model's own GGUF as a peer.
 
 Two models: a randomly initialised Llama-shaped model of about 1.1B parameters
 (TinyLlama's shape: weights far larger than the cache, so decoding is bandwidth-bound
 as in real deployment; random weights do not change the speed), and the default model.
-Each is timed in bf16, then quantized (RTN, fp6_e3m2 per channel) with its linear
-layers swapped for ``LutLinear``. Greedy decoding of exactly ``new_tokens`` tokens
-after a short prompt; the time covers generation only (prefill included, ~1 token's work).
+Each is timed in fp32 and bf16 (the faster of the two is torch's best dense decode on
+this CPU: bf16 needs native bf16 instructions to win), then quantized (RTN, fp6_e3m2
+per channel) with its linear layers swapped for ``LutLinear``. Greedy decoding of
+exactly ``new_tokens`` tokens after a short prompt; the time covers generation only
+(prefill included, ~1 token's work). When ``llama-cpp-python`` is installed (an optional
+extra, ``pip install llama-cpp-python``: it compiles llama.cpp for about 10 minutes),
+llama.cpp decodes the default model's GGUF in the same run, with as many threads.
 """
 
 from __future__ import annotations
@@ -58,21 +63,55 @@ def _weight_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
+def _record(model_name: str, variant: str, tps: float, seconds: float, model_bytes: int) -> dict:
+    return {"model": model_name, "variant": variant, "tokens_per_s": round(tps, 3),
+            "ms_per_token": round(1e3 / tps, 2), "decode_s": round(seconds, 2), "model_bytes": model_bytes}
+
+
 def measure_model(name: str, model, new_tokens: int, progress: bool) -> list[dict]:
     vocab = model.config.vocab_size
-    model = model.to(torch.bfloat16)
     records = []
-    tps, seconds = decode_tokens_per_s(model, new_tokens, vocab)
-    records.append({"model": name, "variant": "bf16", "tokens_per_s": round(tps, 3),
-                    "ms_per_token": round(1e3 / tps, 2), "decode_s": round(seconds, 2),
-                    "model_bytes": _weight_bytes(model)})
+    for dtype, variant in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        model = model.to(dtype)
+        tps, seconds = decode_tokens_per_s(model, new_tokens, vocab)
+        records.append(_record(name, variant, tps, seconds, _weight_bytes(model)))
     quantized = quantize_model(model, Scheme.parse(FP6_SCHEME), progress=progress)
     use_kernel_linears(model, quantized.weights)
     tps, seconds = decode_tokens_per_s(model, new_tokens, vocab)
-    records.append({"model": name, "variant": "fp6_kernel", "tokens_per_s": round(tps, 3),
-                    "ms_per_token": round(1e3 / tps, 2), "decode_s": round(seconds, 2),
-                    "model_bytes": _weight_bytes(model)})
+    records.append(_record(name, "fp6_kernel", tps, seconds, _weight_bytes(model)))
     return records
+
+
+LLAMA_CPP_MISSING = ("llama.cpp peer not timed: llama-cpp-python is not installed. To time it in the same run: "
+                     "pip install llama-cpp-python (compiles llama.cpp, about 10 minutes; not part of make install)")
+
+
+def llama_cpp_decode(gguf_path: Path, new_tokens: int, threads: int, seed: int = 0) -> tuple[float, float]:
+    """(tokens/s, seconds) of llama.cpp's greedy decoding of exactly ``new_tokens`` at
+    batch 1 after a ``PROMPT_TOKENS``-token prompt, as ``decode_tokens_per_s`` times torch."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf_path), n_ctx=PROMPT_TOKENS + new_tokens + 16, n_threads=threads,
+                n_threads_batch=threads, n_batch=PROMPT_TOKENS, verbose=False)
+    prompt = torch.randint(0, llm.n_vocab(), (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+    def generate(count: int) -> None:
+        llm.reset()
+        for produced, _ in enumerate(llm.generate(prompt, top_k=1, temp=0.0, reset=True), start=1):
+            if produced == count:  # the generator never stops on its own at end-of-sequence
+                break
+
+    generate(2)  # warm-up
+    start = time.perf_counter()
+    generate(new_tokens)
+    seconds = time.perf_counter() - start
+    return new_tokens / seconds, seconds
+
+
+def llama_cpp_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
 
 
 def run_e2e(new_tokens: int = 128, out_dir: str | None = None, progress: bool = True,
@@ -80,21 +119,39 @@ def run_e2e(new_tokens: int = 128, out_dir: str | None = None, progress: bool = 
     records = measure_model("random-llama-1.1b" if shape is None else "random-llama", random_llama(shape),
                             new_tokens, progress)
     if include_default:
-        from fpbench.models import load_model
+        from fpbench.models import default_gguf_path, load_model
 
         loaded = load_model(None)
         records += measure_model(loaded.name, loaded.model, new_tokens, progress)
+        if llama_cpp_available():
+            gguf = default_gguf_path()
+            tps, seconds = llama_cpp_decode(gguf, new_tokens, torch.get_num_threads())
+            records.append(_record(loaded.name, "llama.cpp (Q4_1 GGUF)", tps, seconds, gguf.stat().st_size))
     env = environment() | {"new_tokens": new_tokens, "batch": 1, "time": utc_now()}
-    bf16 = {r["model"]: r["tokens_per_s"] for r in records if r["variant"] == "bf16"}
-    for record in records:
-        record.update(env, speedup_vs_bf16=round(record["tokens_per_s"] / bf16[record["model"]], 3))
+    for model_name in dict.fromkeys(r["model"] for r in records):
+        rows = [r for r in records if r["model"] == model_name]
+        by_variant = {r["variant"]: r["tokens_per_s"] for r in rows}
+        best_dense = max(by_variant["fp32"], by_variant["bf16"])
+        for record in rows:
+            record.update(env, speedup_vs_bf16=round(record["tokens_per_s"] / by_variant["bf16"], 3),
+                          speedup_vs_best_dense=round(record["tokens_per_s"] / best_dense, 3))
     if out_dir:
         append_jsonl(Path(out_dir) / "e2e.jsonl", records, E2E_BENCH.name)
     return records
 
 
 def e2e_table(records: list[dict]) -> str:
+    """The records as a table, then the FP6 kernel's ratio to llama.cpp, or how to add it."""
     import pandas as pd
 
-    columns = ["model", "variant", "tokens_per_s", "ms_per_token", "speedup_vs_bf16", "model_bytes"]
-    return pd.DataFrame(records)[columns].to_markdown(index=False)
+    columns = ["model", "variant", "tokens_per_s", "ms_per_token", "speedup_vs_bf16", "speedup_vs_best_dense",
+               "model_bytes"]
+    text = pd.DataFrame(records)[columns].to_markdown(index=False)
+    peers = {(r["model"], r["variant"]): r["tokens_per_s"] for r in records}
+    llama = [(model, tps) for (model, variant), tps in peers.items() if variant.startswith("llama.cpp")]
+    for model, tps in llama:
+        text += (f"\n{model}: FP6 kernel {peers[(model, 'fp6_kernel')]:.1f} tokens/s = "
+                 f"{peers[(model, 'fp6_kernel')] / tps:.2f}x llama.cpp's {tps:.1f} (same run, same threads)")
+    if not llama:
+        text += "\n" + LLAMA_CPP_MISSING
+    return text

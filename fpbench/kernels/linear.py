@@ -26,8 +26,9 @@ from fpbench.quant.formats import BlockFormat, FloatFormat, IntFormat, get_forma
 from fpbench.quant.scheme import Granularity
 from fpbench.quant.weights import QuantizedWeight
 
-# Batch rows (tokens) from which the layer dequantizes its weights once and calls torch's
-# fp32 GEMM instead of streaming the packed weights once per 4 rows.
+# Batch rows (tokens) from which the scalar kernels' layer dequantizes its weights once and
+# calls torch's fp32 GEMM. The SIMD kernels have a blocked GEMM of their own from
+# ``kernels.load().blocked_min_rows()`` rows (decoded tiles reused from cache).
 GEMM_MIN_ROWS = 32
 GROUP_MULTIPLE = 16  # G must be a multiple of this
 INT_BITS = (4, 8)
@@ -126,7 +127,7 @@ class LutLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] >= GEMM_MIN_ROWS:
+        if rows.shape[0] >= GEMM_MIN_ROWS and self.isa == "scalar":
             y = rows.float() @ self.dequantized_weight().T
         else:
             y = kernels.load().lut_linear(rows, *self._args(), self.isa)

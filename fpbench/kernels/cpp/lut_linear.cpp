@@ -477,18 +477,105 @@ void rows_avx2_t(const Packed& w, const float* x, int64_t ldx, int64_t M, int64_
     });
 }
 
+// Dequantized weights of rows n0..n1 and units u0..u1 into out: row n at out + (n - n0) * ld,
+// unit u at column (u - u0) * 64.
 template <int BITS, Dec DEC, bool ZP>
-void dequant_avx2_t(const Packed& w, int64_t n0, int64_t n1, float* out) {
-  const Avx2Consts<BITS, DEC> t(w);
+void dequant_tile_avx2(const Packed& w, const Avx2Consts<BITS, DEC>& t, int64_t n0, int64_t n1, int64_t u0,
+                       int64_t u1, float* out, int64_t ld) {
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* a = w.plane_a + n * w.lda;
     const uint8_t* b = w.plane_b ? w.plane_b + n * w.ldb : nullptr;
-    for (int64_t u = 0; u < w.K / kUnit; ++u)
+    float* o = out + (n - n0) * ld - u0 * kUnit;
+    for (int64_t u = u0; u < u1; ++u) {
+      _mm_prefetch(reinterpret_cast<const char*>(a + (u + 8) * (w.lda * kUnit / w.K)), _MM_HINT_T0);
+      if constexpr (BITS == 6) _mm_prefetch(reinterpret_cast<const char*>(b + (u + 16) * 16), _MM_HINT_T0);
       for (int h = 0; h < 2; ++h) {
         __m256 v[4];
         weights_avx2<BITS, DEC, ZP>(w, t, a, b, w.scales + n * w.groups, ZP ? w.zeros + n * w.groups : nullptr, u, h, v);
-        for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + n * w.K + u * kUnit + 32 * h + 8 * i, v[i]);
+        for (int i = 0; i < 4; ++i) _mm256_storeu_ps(o + u * kUnit + 32 * h + 8 * i, v[i]);
       }
+    }
+  }
+}
+
+template <int BITS, Dec DEC, bool ZP>
+void dequant_avx2_t(const Packed& w, int64_t n0, int64_t n1, float* out) {
+  const Avx2Consts<BITS, DEC> t(w);
+  dequant_tile_avx2<BITS, DEC, ZP>(w, t, n0, n1, 0, w.K / kUnit, out + n0 * w.K, w.K);
+}
+
+// ---- blocked GEMM (prefill): from kBlockedMinRows rows of x, each thread decodes a panel
+// of whole weight rows once into fp32 (the weights lut_dequantize gives, bit for bit; row
+// by row, so the codes stream in order as in the GEMV) and multiplies every row of x by
+// it while it sits in L2: the decode is paid once per panel instead of once per 4 rows
+// of x, and no [N, K] fp32 copy is written. (Tiles of a few hundred columns of many rows
+// read the codes in short runs far apart: latency-bound, 7x slower to decode here.) The
+// product is computed transposed, y^T = W x^T, so that a weight is one broadcast and
+// x^T (copied once per call, rows padded to 16) gives the vectors: 6 weight rows x 16
+// rows of x in 12 accumulators, 8 loads per 12 FMAs, no horizontal sums. x^T is stored
+// as Mp/16 blocks [K, 16], each read in order (one column strip of a plain [K, Mp] x^T
+// is a 64-byte run per 4*Mp bytes: at 512 rows, 20% slower). Each y[m, n]
+// sums its products in k order per kSliceCols columns, then the slices' sums: another
+// fp32 summation order, within the same bound.
+constexpr int64_t kPanelBytes = 256 * 1024;  // half this AMD EPYC's L2; x^T slices need the rest
+constexpr int64_t kPanelCols = 2048;         // long runs of codes per row; x^T's columns in L3
+constexpr int64_t kSliceCols = 256;          // columns per pass over a panel: 6 rows' slice in L1
+constexpr int64_t kXtCols = 16;              // rows of x per block: two ymm
+#ifndef FPBENCH_BLOCKED_MIN_ROWS
+#define FPBENCH_BLOCKED_MIN_ROWS 16
+#endif
+constexpr int64_t kBlockedMinRows = FPBENCH_BLOCKED_MIN_ROWS;
+
+// yt[j, 0..16) += sum_k wt[j, k] * xt[k, 0..16) for j < NR (wt rows ldw apart).
+template <int NR>
+inline void block_avx2(const float* wt, int64_t ldw, const float* xt, int64_t kc, float* yt, int64_t ldyt) {
+  constexpr int64_t ldxt = kXtCols;
+  __m256 acc[NR][2];
+  for (int j = 0; j < NR; ++j) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 x0 = _mm256_loadu_ps(xt + k * ldxt), x1 = _mm256_loadu_ps(xt + k * ldxt + 8);
+    for (int j = 0; j < NR; ++j) {
+      const __m256 wv = _mm256_broadcast_ss(wt + j * ldw + k);
+      acc[j][0] = _mm256_fmadd_ps(wv, x0, acc[j][0]);
+      acc[j][1] = _mm256_fmadd_ps(wv, x1, acc[j][1]);
+    }
+  }
+  for (int j = 0; j < NR; ++j) {
+    _mm256_storeu_ps(yt + j * ldyt, _mm256_add_ps(_mm256_loadu_ps(yt + j * ldyt), acc[j][0]));
+    _mm256_storeu_ps(yt + j * ldyt + 8, _mm256_add_ps(_mm256_loadu_ps(yt + j * ldyt + 8), acc[j][1]));
+  }
+}
+
+// Rows n0..n1 of yt = (W x^T) [N, Mp] (zero on entry) from xt = x^T as [Mp/16, K, 16].
+template <int BITS, Dec DEC, bool ZP>
+void gemm_avx2_t(const Packed& w, const float* xt, int64_t Mp, int64_t n0, int64_t n1, float* yt) {
+  const Avx2Consts<BITS, DEC> t(w);
+  const int64_t K = w.K, cols = std::min(K, kPanelCols);
+  const int64_t panel_rows = std::clamp<int64_t>(kPanelBytes / (4 * cols) / 6 * 6, 6, 24);
+  std::vector<float> panel(panel_rows * cols);
+  for (int64_t kb = 0; kb < K; kb += cols) {  // x^T's columns kb.. stay in L3 for all panels
+    const int64_t kb_end = std::min(kb + cols, K);
+    for (int64_t nb = n0; nb < n1; nb += panel_rows) {
+      const int64_t rows = std::min(panel_rows, n1 - nb);
+      dequant_tile_avx2<BITS, DEC, ZP>(w, t, nb, nb + rows, kb / kUnit, kb_end / kUnit, panel.data(), cols);
+      for (int64_t k0 = kb; k0 < kb_end; k0 += kSliceCols) {
+        const int64_t kc = std::min(kSliceCols, kb_end - k0);
+        for (int64_t m0 = 0; m0 < Mp; m0 += kXtCols)
+          for (int64_t j = 0; j < rows; j += 6) {
+            const float* wt = panel.data() + j * cols + (k0 - kb);
+            const float* xb = xt + m0 * K + k0 * kXtCols;
+            float* yb = yt + (nb + j) * Mp + m0;
+            switch (std::min<int64_t>(6, rows - j)) {
+              case 6: block_avx2<6>(wt, cols, xb, kc, yb, Mp); break;
+              case 5: block_avx2<5>(wt, cols, xb, kc, yb, Mp); break;
+              case 4: block_avx2<4>(wt, cols, xb, kc, yb, Mp); break;
+              case 3: block_avx2<3>(wt, cols, xb, kc, yb, Mp); break;
+              case 2: block_avx2<2>(wt, cols, xb, kc, yb, Mp); break;
+              default: block_avx2<1>(wt, cols, xb, kc, yb, Mp); break;
+            }
+          }
+      }
+    }
   }
 }
 
@@ -872,10 +959,30 @@ at::Tensor lut_linear(const at::Tensor& x_in, const at::Tensor& plane_a, const a
   Owned owned;
   Packed w = make_packed(plane_a, plane_b, table, scales, zeros, bits, K, G, decode, owned);
   const Isa isa = pick_isa(isa_request);
-  const bool nibble = isa == Isa::Avx2 && w.dec == Dec::Fp16Nibble;
-  if (w.dec == Dec::Fp16Nibble && !nibble) w.dec = Dec::Table;
   at::Tensor x = x_in.to(torch::kFloat32).contiguous();
   const int64_t M = x.size(0);
+#if FPBENCH_X86
+  if (isa != Isa::Scalar && M >= kBlockedMinRows) {
+    // Both SIMD ISAs take the AVX2 tiles: decoded once per tile, the weights no longer
+    // set the pace, and natural-order tiles need no reordered x.
+    if (w.dec == Dec::Fp16Nibble) w.dec = Dec::Table;
+    const int64_t Mp = (M + kXtCols - 1) / kXtCols * kXtCols;
+    at::Tensor xt = torch::zeros({Mp, K}, torch::kFloat32);
+    xt.narrow(0, 0, M).copy_(x);
+    xt = xt.view({Mp / kXtCols, kXtCols, K}).transpose(1, 2).contiguous();
+    at::Tensor yt = torch::zeros({w.N, Mp}, torch::kFloat32);
+    const float* xtp = xt.data_ptr<float>();
+    float* ytp = yt.data_ptr<float>();
+    at::parallel_for(0, w.N, std::max<int64_t>(24, row_grain(w.N)), [&](int64_t n0, int64_t n1) {
+      const KeepDenormals keep;
+      with_format(w, [&](auto b, auto d, auto z) { gemm_avx2_t<decltype(b)::value, decltype(d)::value, decltype(z)::value>(w, xtp, Mp, n0, n1, ytp); });
+    });
+    at::Tensor y = yt.narrow(1, 0, M).t().contiguous();
+    return y;
+  }
+#endif
+  const bool nibble = isa == Isa::Avx2 && w.dec == Dec::Fp16Nibble;
+  if (w.dec == Dec::Fp16Nibble && !nibble) w.dec = Dec::Table;
   at::Tensor y = torch::empty({M, w.N}, torch::kFloat32);
   float* yp = y.data_ptr<float>();
 #if FPBENCH_X86
@@ -981,6 +1088,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("stream_read_gbps", &stream_read_gbps, "best streaming-read bandwidth in GB/s with the given ISA's loads");
   m.def("decoder", [](int64_t bits, const std::vector<int64_t>& decode) { return decoder_name(pick_decoder(bits, decode)); },
         "the decoder the kernels use for these codes: table, signed_int, unsigned_int, float or float_special");
+  m.def("blocked_min_rows", [] { return kBlockedMinRows; },
+        "rows of x from which the SIMD kernels decode weight tiles once and reuse them (blocked GEMM)");
   m.def("best_isa", [] { return isa_name(best_isa()); }, "widest ISA this CPU supports");
   m.def("position_to_k", [](int64_t p) { return position_to_k(static_cast<int>(p)); },
         "weight offset inside a 64-weight unit of code position p");
