@@ -28,7 +28,7 @@ from fpbench.quant.weights import QuantizedWeight
 
 # Batch rows (tokens) from which the scalar kernels' layer dequantizes its weights once and
 # calls torch's fp32 GEMM. The SIMD kernels have a blocked GEMM of their own from
-# ``kernels.load().blocked_min_rows()`` rows (decoded tiles reused from cache).
+# ``kernels.load().blocked_min_rows()`` rows (decoded panels reused from cache).
 GEMM_MIN_ROWS = 32
 GROUP_MULTIPLE = 16  # G must be a multiple of this
 INT_BITS = (4, 8)

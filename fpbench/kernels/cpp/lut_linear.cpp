@@ -513,18 +513,15 @@ void dequant_avx2_t(const Packed& w, int64_t n0, int64_t n1, float* out) {
 // product is computed transposed, y^T = W x^T, so that a weight is one broadcast and
 // x^T (copied once per call, rows padded to 16) gives the vectors: 6 weight rows x 16
 // rows of x in 12 accumulators, 8 loads per 12 FMAs, no horizontal sums. x^T is stored
-// as Mp/16 blocks [K, 16], each read in order (one column strip of a plain [K, Mp] x^T
-// is a 64-byte run per 4*Mp bytes: at 512 rows, 20% slower). Each y[m, n]
-// sums its products in k order per kSliceCols columns, then the slices' sums: another
-// fp32 summation order, within the same bound.
+// as Mp/16 blocks [K, 16], each read in order (a column strip of a plain [K, Mp] x^T
+// would be a 64-byte run every 4*Mp bytes). Each y[m, n] sums its products in k order
+// per kSliceCols columns, then the slices' sums: another fp32 summation order, within
+// the same bound.
 constexpr int64_t kPanelBytes = 256 * 1024;  // half this AMD EPYC's L2; x^T slices need the rest
 constexpr int64_t kPanelCols = 2048;         // long runs of codes per row; x^T's columns in L3
 constexpr int64_t kSliceCols = 256;          // columns per pass over a panel: 6 rows' slice in L1
 constexpr int64_t kXtCols = 16;              // rows of x per block: two ymm
-#ifndef FPBENCH_BLOCKED_MIN_ROWS
-#define FPBENCH_BLOCKED_MIN_ROWS 16
-#endif
-constexpr int64_t kBlockedMinRows = FPBENCH_BLOCKED_MIN_ROWS;
+constexpr int64_t kBlockedMinRows = 16;       // below, the GEMV (measured crossover: 12-16 rows)
 
 // yt[j, 0..16) += sum_k wt[j, k] * xt[k, 0..16) for j < NR (wt rows ldw apart).
 template <int NR>
@@ -963,8 +960,8 @@ at::Tensor lut_linear(const at::Tensor& x_in, const at::Tensor& plane_a, const a
   const int64_t M = x.size(0);
 #if FPBENCH_X86
   if (isa != Isa::Scalar && M >= kBlockedMinRows) {
-    // Both SIMD ISAs take the AVX2 tiles: decoded once per tile, the weights no longer
-    // set the pace, and natural-order tiles need no reordered x.
+    // Both SIMD ISAs take the AVX2 blocked GEMM: with panels decoded once, the decode no
+    // longer sets the pace, and natural-order panels need no reordered x.
     if (w.dec == Dec::Fp16Nibble) w.dec = Dec::Table;
     const int64_t Mp = (M + kXtCols - 1) / kXtCols * kXtCols;
     at::Tensor xt = torch::zeros({Mp, K}, torch::kFloat32);
@@ -1089,7 +1086,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decoder", [](int64_t bits, const std::vector<int64_t>& decode) { return decoder_name(pick_decoder(bits, decode)); },
         "the decoder the kernels use for these codes: table, signed_int, unsigned_int, float or float_special");
   m.def("blocked_min_rows", [] { return kBlockedMinRows; },
-        "rows of x from which the SIMD kernels decode weight tiles once and reuse them (blocked GEMM)");
+        "rows of x from which the SIMD kernels decode weight panels once and reuse them (blocked GEMM)");
   m.def("best_isa", [] { return isa_name(best_isa()); }, "widest ISA this CPU supports");
   m.def("position_to_k", [](int64_t p) { return position_to_k(static_cast<int>(p)); },
         "weight offset inside a 64-weight unit of code position p");
