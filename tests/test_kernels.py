@@ -111,7 +111,7 @@ FINITE_FORMATS = [f for f in FORMATS if not f.startswith("fp8")]  # no inf/NaN c
 @pytest.mark.parametrize("granularity", ["channel", "group:16", "group:32", "group:128"])
 def test_every_code_multiplies_exactly(module, isa, fmt, granularity):
     # The GEMV's own decode (not the dequantization path: for FP6 E3M2 on AVX2 they
-    # differ) and the blocked GEMM's tiles: with one-hot rows of x, y[m, n] is the single
+    # differ) and the blocked GEMM's panels: with one-hot rows of x, y[m, n] is the single
     # product w[n, m] * 1, which must be the dequantized weight bit for bit, for every
     # code at every position. Up to 4 rows per call take the GEMV, all of them the GEMM.
     qweight = _every_code_weight(fmt, granularity)
@@ -218,7 +218,7 @@ def test_flush_denormal_mode_does_not_change_results(module, isa):
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, BLOCKED_MIN_ROWS, 2 * BLOCKED_MIN_ROWS + 1])
 def test_linear_matches_float64(module, isa, fmt, m):
     gen = torch.Generator().manual_seed(m)
-    n, k = 37, 576  # the GEMM's tiles: 37 = 24 + 6 + 6 + 1 rows, 576 = 256 + 256 + 64 columns
+    n, k = 37, 576  # blocked GEMM: panels of 24 + 13 rows (register blocks 6, 6, 1), slices 256 + 256 + 64
     w = torch.randn(n, k, generator=gen)
     w[0, :4] = torch.tensor([1e-4, -2e-4, 0.0, -0.0])  # small values land on subnormal codes
     for granularity in ("channel", "group:32", "group:128"):  # K = 576: a last group of 64
