@@ -208,6 +208,14 @@ void rows_scalar(const Packed& w, const float* x, int64_t ldx, int64_t M, int64_
 }
 
 #if FPBENCH_X86
+// Prefetch a row's codes 8 units ahead of unit u (the 2-bit plane 16 units ahead): a row
+// is a few KiB, too short for the hardware prefetcher to ramp up on its own.
+template <int BITS>
+inline void prefetch_ahead(const Packed& w, const uint8_t* a, const uint8_t* b, int64_t u) {
+  _mm_prefetch(reinterpret_cast<const char*>(a + (u + 8) * (w.lda * kUnit / w.K)), _MM_HINT_T0);
+  if constexpr (BITS == 6) _mm_prefetch(reinterpret_cast<const char*>(b + (u + 16) * 16), _MM_HINT_T0);
+}
+
 // Calls f(MR, m) for the row tiles of M rows of x: tiles of 4 from m = 0, then one of the
 // 1-3 rows left; MR is a compile-time integral_constant (the SIMD kernels unroll over it).
 template <class F>
@@ -396,9 +404,7 @@ void row_avx2(const Packed& w, const Avx2Consts<BITS, DEC>& t, int64_t n, const 
     for (int c = 0; c < kChains; ++c) acc[m][c] = _mm256_setzero_ps();
   const int64_t units = w.K / kUnit;
   for (int64_t u = 0; u < units; ++u) {
-    // A row is a few KiB: too short for the hardware prefetcher to ramp up on its own.
-    _mm_prefetch(reinterpret_cast<const char*>(a + (u + 8) * (w.lda / units)), _MM_HINT_T0);
-    if constexpr (BITS == 6) _mm_prefetch(reinterpret_cast<const char*>(b + (u + 16) * 16), _MM_HINT_T0);
+    prefetch_ahead<BITS>(w, a, b, u);
     for (int h = 0; h < 2; ++h) {
       __m256 v[4];
       weights_avx2<BITS, DEC, ZP, !PER_CHANNEL>(w, t, a, b, srow, zrow, u, h, v);
@@ -439,8 +445,7 @@ void row_avx2_grouped(const Packed& w, const Avx2Consts<BITS, DEC>& t, int64_t n
     for (int m = 0; m < MR; ++m)
       for (int c = 0; c < kChains; ++c) part[m][c] = _mm256_setzero_ps();
     for (int64_t u = u0; u < u1; ++u) {
-      _mm_prefetch(reinterpret_cast<const char*>(a + (u + 8) * (w.lda / units)), _MM_HINT_T0);
-      if constexpr (BITS == 6) _mm_prefetch(reinterpret_cast<const char*>(b + (u + 16) * 16), _MM_HINT_T0);
+      prefetch_ahead<BITS>(w, a, b, u);
       for (int h = 0; h < 2; ++h) {
         __m256 v[4];
         weights_avx2<BITS, DEC, false, false>(w, t, a, b, srow, nullptr, u, h, v);
@@ -487,8 +492,7 @@ void dequant_tile_avx2(const Packed& w, const Avx2Consts<BITS, DEC>& t, int64_t 
     const uint8_t* b = w.plane_b ? w.plane_b + n * w.ldb : nullptr;
     float* o = out + (n - n0) * ld - u0 * kUnit;
     for (int64_t u = u0; u < u1; ++u) {
-      _mm_prefetch(reinterpret_cast<const char*>(a + (u + 8) * (w.lda * kUnit / w.K)), _MM_HINT_T0);
-      if constexpr (BITS == 6) _mm_prefetch(reinterpret_cast<const char*>(b + (u + 16) * 16), _MM_HINT_T0);
+      prefetch_ahead<BITS>(w, a, b, u);
       for (int h = 0; h < 2; ++h) {
         __m256 v[4];
         weights_avx2<BITS, DEC, ZP>(w, t, a, b, w.scales + n * w.groups, ZP ? w.zeros + n * w.groups : nullptr, u, h, v);
@@ -707,8 +711,7 @@ void row_avx512(const Packed& w, const Avx512Consts<BITS, DEC>& t, int64_t n, co
     for (int c = 0; c < kChains; ++c) acc[m][c] = _mm512_setzero_ps();
   const int64_t units = w.K / kUnit;
   for (int64_t u = 0; u < units; ++u) {
-    _mm_prefetch(reinterpret_cast<const char*>(a + (u + 8) * (w.lda / units)), _MM_HINT_T0);
-    if constexpr (BITS == 6) _mm_prefetch(reinterpret_cast<const char*>(b + (u + 16) * 16), _MM_HINT_T0);
+    prefetch_ahead<BITS>(w, a, b, u);
     __m512 v[4];
     weights_avx512<BITS, DEC, ZP>(w, t, a, b, srow, zrow, u, v);
     for (int i = 0; i < 4; ++i)
