@@ -144,7 +144,8 @@ def latency_metrics(loaded, quantized, config: RunConfig) -> list[Metric]:
     details = {"latency_path": path, "kernel_isa": isa or f"torch {torch.backends.cpu.get_cpu_capability()}",
                "weight_bytes": weight_bytes(model, layer_names), "batch": 1,
                "prompt_tokens": settings.prompt_tokens, "new_tokens": settings.new_tokens,
-               "prefill_tokens": timing["prefill_tokens"], "repeats": settings.repeats}
+               "prefill_tokens": timing["prefill_tokens"], "repeats": settings.repeats,
+               "decode_loop": timing["decode_loop"]}
     values = {"decode_ms_per_token": timing["decode_ms_per_token"],
               "decode_tokens_per_s": timing["decode_tokens_per_s"],
               "prefill_tokens_per_s": timing["prefill_tokens_per_s"],

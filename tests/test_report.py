@@ -259,8 +259,11 @@ def test_kernel_latency_section_from_bench_logs(tmp_path):
     append_jsonl(tmp_path / "bench" / "e2e.jsonl", [
         {"model": "tiny", "variant": "bf16", "tokens_per_s": 10.0, "ms_per_token": 100.0, "speedup_vs_bf16": 1.0,
          "model_bytes": 2_000_000, "cpu": "AMD EPYC", "time": "2026-01-01T00:00:00+00:00"},
-        {"model": "tiny", "variant": "fp6_kernel", "tokens_per_s": 25.0, "ms_per_token": 40.0,
-         "speedup_vs_bf16": 2.5, "model_bytes": 900_000, "cpu": "AMD EPYC", "time": "2026-01-01T00:00:00+00:00"}],
+        {"model": "tiny", "variant": "fp6_kernel", "loop": "lean", "tokens_per_s": 25.0, "ms_per_token": 40.0,
+         "speedup_vs_bf16": 2.5, "model_bytes": 900_000, "cpu": "AMD EPYC", "time": "2026-01-01T00:00:00+00:00"},
+        {"model": "tiny", "variant": "fp6_kernel", "loop": "transformers", "tokens_per_s": 20.0,
+         "ms_per_token": 50.0, "speedup_vs_bf16": 2.0, "model_bytes": 900_000, "cpu": "AMD EPYC",
+         "time": "2026-01-01T00:00:00+00:00"}],
         "e2e_bench")
     text = build_report(make_records(), tmp_path, plots=False)["report"].read_text()
     section = text[text.index("## Kernel latency"):text.index("## Runs and environment")]
@@ -273,7 +276,11 @@ def test_kernel_latency_section_from_bench_logs(tmp_path):
     assert row("torch_bf16") == [f"2.000 · 1.00× · {gbps(2.0)} · 50%", f"4.000 · 1.00× · {gbps(4.0)} · 25%"]
     assert row("fpbench_fp6")[0] == "0.250 · 8.00× · " + gbps(0.5) + " · 50%"  # ms and × from the rerun
     assert row("fpbench_fp6")[1] == f"1.000 · 4.00× · {gbps(1.0)} · 25%"
-    assert "| tiny    | fp6_kernel | 25.00        | 40.00        | 2.50×       | 0.9        |" in section
+    # one row per decode loop (records from before loops were named count as transformers)
+    assert "| tiny    | fp6_kernel | lean         | 25.00        | 40.00        | 2.50×       | 0.9        |" \
+        in section
+    assert "| tiny    | fp6_kernel | transformers | 20.00        | 50.00        | 2.00×       | 0.9        |" \
+        in section
     assert "Warning" not in section
     append_jsonl(tmp_path / "bench" / "bench.jsonl", bench_rows(cpu="Intel Xeon")[:1], "kernel_bench")
     text = build_report(make_records(), tmp_path, plots=False)["report"].read_text()

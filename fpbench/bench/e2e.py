@@ -8,7 +8,10 @@ Each is timed in fp32 and bf16 (the faster of the two is torch's best dense deco
 this CPU: bf16 needs native bf16 instructions to win), then quantized (RTN, fp6_e3m2
 per channel) with its linear layers swapped for ``LutLinear``. Greedy decoding of
 exactly ``new_tokens`` tokens after a short prompt; the time covers generation only
-(prefill included, ~1 token's work). When ``llama-cpp-python`` is installed (an optional
+(prefill included, ~1 token's work). Every variant decodes in ``LeanDecoder`` (the
+transformers forward's logits without its per-token framework work; loop "lean"), and the
+FP6 kernel once more in ``model.generate`` (loop "transformers"), so the table shows what
+the framework costs per token. When ``llama-cpp-python`` is installed (an optional
 extra, ``pip install llama-cpp-python``: it compiles llama.cpp for about 10 minutes),
 llama.cpp decodes the default model's GGUF in the same run, with as many threads.
 """
@@ -20,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from fpbench.errors import FpbenchError
+from fpbench.eval.lean_decode import LeanDecoder, lean_decoder_support
 from fpbench.kernels.linear import use_kernel_linears
 from fpbench.quant.model import quantize_model
 from fpbench.records.environment import environment, utc_now
@@ -47,9 +52,19 @@ def random_llama(shape: dict | None = None, seed: int = 0):
 
 
 @torch.no_grad()
-def decode_tokens_per_s(model, new_tokens: int, vocab_size: int, seed: int = 0) -> tuple[float, float]:
-    """(tokens/s, seconds) of greedy decoding of exactly ``new_tokens`` at batch 1."""
+def decode_tokens_per_s(model, new_tokens: int, vocab_size: int, seed: int = 0,
+                        loop: str = "lean") -> tuple[float, float]:
+    """(tokens/s, seconds) of greedy decoding of exactly ``new_tokens`` at batch 1, in
+    ``LeanDecoder`` (loop "lean") or ``model.generate`` (loop "transformers")."""
     prompt = torch.randint(0, vocab_size, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(seed))
+    if loop == "lean":
+        decoder = LeanDecoder(model, PROMPT_TOKENS + new_tokens)
+        decoder.generate(prompt, 2)  # warm-up
+        start = time.perf_counter()
+        generated = len(decoder.generate(prompt, new_tokens))
+        return generated / (seconds := time.perf_counter() - start), seconds
+    if loop != "transformers":
+        raise FpbenchError(f"unknown decode loop {loop!r}; use lean or transformers")
     settings = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
     model.generate(prompt, max_new_tokens=2, min_new_tokens=2, **settings)  # warm-up
     start = time.perf_counter()
@@ -63,22 +78,24 @@ def _weight_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
-def _record(model_name: str, variant: str, tps: float, seconds: float, model_bytes: int) -> dict:
-    return {"model": model_name, "variant": variant, "tokens_per_s": round(tps, 3),
+def _record(model_name: str, variant: str, loop: str, tps: float, seconds: float, model_bytes: int) -> dict:
+    return {"model": model_name, "variant": variant, "loop": loop, "tokens_per_s": round(tps, 3),
             "ms_per_token": round(1e3 / tps, 2), "decode_s": round(seconds, 2), "model_bytes": model_bytes}
 
 
 def measure_model(name: str, model, new_tokens: int, progress: bool) -> list[dict]:
     vocab = model.config.vocab_size
+    loop = "transformers" if lean_decoder_support(model) else "lean"
     records = []
     for dtype, variant in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         model = model.to(dtype)
-        tps, seconds = decode_tokens_per_s(model, new_tokens, vocab)
-        records.append(_record(name, variant, tps, seconds, _weight_bytes(model)))
+        tps, seconds = decode_tokens_per_s(model, new_tokens, vocab, loop=loop)
+        records.append(_record(name, variant, loop, tps, seconds, _weight_bytes(model)))
     quantized = quantize_model(model, Scheme.parse(FP6_SCHEME), progress=progress)
     use_kernel_linears(model, quantized.weights)
-    tps, seconds = decode_tokens_per_s(model, new_tokens, vocab)
-    records.append(_record(name, "fp6_kernel", tps, seconds, _weight_bytes(model)))
+    for fp6_loop in dict.fromkeys((loop, "transformers")):
+        tps, seconds = decode_tokens_per_s(model, new_tokens, vocab, loop=fp6_loop)
+        records.append(_record(name, "fp6_kernel", fp6_loop, tps, seconds, _weight_bytes(model)))
     return records
 
 
@@ -126,11 +143,13 @@ def run_e2e(new_tokens: int = 128, out_dir: str | None = None, progress: bool = 
         if llama_cpp_available():
             gguf = default_gguf_path()
             tps, seconds = llama_cpp_decode(gguf, new_tokens, torch.get_num_threads())
-            records.append(_record(loaded.name, "llama.cpp (Q4_1 GGUF)", tps, seconds, gguf.stat().st_size))
+            records.append(_record(loaded.name, "llama.cpp (Q4_1 GGUF)", "llama.cpp", tps, seconds,
+                                   gguf.stat().st_size))
     env = environment() | {"new_tokens": new_tokens, "batch": 1, "time": utc_now()}
     for model_name in dict.fromkeys(r["model"] for r in records):
         rows = [r for r in records if r["model"] == model_name]
-        by_variant = {r["variant"]: r["tokens_per_s"] for r in rows}
+        # ratios within the loop the model's dense rows ran in (the lean one where it applies)
+        by_variant = {r["variant"]: r["tokens_per_s"] for r in rows if r["loop"] == rows[0]["loop"]}
         best_dense = max(by_variant["fp32"], by_variant["bf16"])
         for record in rows:
             record.update(env, speedup_vs_bf16=round(record["tokens_per_s"] / by_variant["bf16"], 3),
@@ -144,10 +163,14 @@ def e2e_table(records: list[dict]) -> str:
     """The records as a table, then the FP6 kernel's ratio to llama.cpp, or how to add it."""
     import pandas as pd
 
-    columns = ["model", "variant", "tokens_per_s", "ms_per_token", "speedup_vs_bf16", "speedup_vs_best_dense",
-               "model_bytes"]
+    columns = ["model", "variant", "loop", "tokens_per_s", "ms_per_token", "speedup_vs_bf16",
+               "speedup_vs_best_dense", "model_bytes"]
     text = pd.DataFrame(records)[columns].to_markdown(index=False)
-    peers = {(r["model"], r["variant"]): r["tokens_per_s"] for r in records}
+    main_loop: dict = {}  # per model, the loop its dense rows ran in
+    for r in records:
+        main_loop.setdefault(r["model"], r.get("loop"))
+    peers = {(r["model"], r["variant"]): r["tokens_per_s"] for r in records
+             if r.get("loop") in (main_loop[r["model"]], "llama.cpp")}
     llama = [(model, tps) for (model, variant), tps in peers.items() if variant.startswith("llama.cpp")]
     for model, tps in llama:
         text += (f"\n{model}: FP6 kernel {peers[(model, 'fp6_kernel')]:.1f} tokens/s = "

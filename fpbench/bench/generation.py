@@ -25,8 +25,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteriaList
 
-from fpbench.eval.generation import (DEFAULT_BATCH_SIZE, GenerationSettings, SlotCache, StopPerSequence, count_new_tokens,
-                         cut_at_stop, eos_ids, few_row_linears, generate)
+from fpbench.eval.generation import (DEFAULT_BATCH_SIZE, GenerationSettings, SlotCache, StopPerSequence, cache_keyword,
+                                     count_new_tokens, cut_at_stop, eos_ids, few_row_linears, generate)
 from fpbench.records.environment import environment, utc_now
 from fpbench.records.schema import GENERATION_BENCH
 from fpbench.records.store import append_jsonl
@@ -68,7 +68,7 @@ def decode_step_ms(model, rows: tuple[int, ...] = STEP_ROWS, context: int = STEP
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(model.config.vocab_size, (max(rows), context), generator=generator)
     cache = SlotCache()
-    model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True,
+    model(input_ids=ids, attention_mask=torch.ones_like(ids), **{cache_keyword(model): cache}, use_cache=True,
           logits_to_keep=1)
     length, result = context, {}
     for n in sorted(rows, reverse=True):
@@ -79,7 +79,7 @@ def decode_step_ms(model, rows: tuple[int, ...] = STEP_ROWS, context: int = STEP
                 with few_row_linears(model) if form == "few_row" else nullcontext():
                     start = time.perf_counter()
                     model(input_ids=ids[:n, -1:], attention_mask=torch.ones(n, length + 1, dtype=torch.long),
-                          position_ids=torch.full((n, 1), length), past_key_values=cache, use_cache=True)
+                          position_ids=torch.full((n, 1), length), **{cache_keyword(model): cache}, use_cache=True)
                     seconds.append(time.perf_counter() - start)
                 length += 1
         result[str(n)] = {form: round(1e3 * statistics.median(t), 2) for form, t in times.items()}

@@ -16,6 +16,7 @@ their own beam-search settings.
 
 from __future__ import annotations
 
+import inspect
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -186,6 +187,17 @@ class _GrowingLayer(DynamicLayer):
 _GROW = 64  # spare columns beyond doubling, so short generations never reallocate
 
 
+def cache_keyword(model) -> str:
+    """The forward's name for the KV cache: ``cache`` in transformers 5 (which deprecates
+    ``past_key_values`` with a warning), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_cache(output):
+    """The KV cache a forward returned, under either name."""
+    return output["cache"] if "cache" in output else output["past_key_values"]
+
+
 class SlotCache(DynamicCache):
     """The KV cache of a batch whose rows come and go (see :func:`decode_batched`)."""
 
@@ -308,6 +320,7 @@ def decode_batched(model, tokenizer, prompts: list[list[int]], settings: Generat
     end = torch.tensor(sorted(end_ids), dtype=torch.long)
     rows: list[int] = []  # batch row -> prompt index
     cache = mask = position = logits = None
+    keyword = cache_keyword(model)
     while pending or rows:
         if pending and (not rows or capacity - len(rows) >= refill_at):
             new, pending = pending[:capacity - len(rows)], pending[capacity - len(rows):]
@@ -315,7 +328,7 @@ def decode_batched(model, tokenizer, prompts: list[list[int]], settings: Generat
             new_cache = SlotCache()
             positions = (new_mask.cumsum(-1) - 1).clamp(min=0)
             new_logits = model(input_ids=ids, attention_mask=new_mask, position_ids=positions,
-                               past_key_values=new_cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
+                               **{keyword: new_cache}, use_cache=True, logits_to_keep=1).logits[:, -1, :]
             if rows:
                 width = max(mask.shape[1], new_mask.shape[1])
                 mask = torch.cat([torch.nn.functional.pad(mask, (width - mask.shape[1], 0)),
@@ -349,7 +362,7 @@ def decode_batched(model, tokenizer, prompts: list[list[int]], settings: Generat
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         position = position + 1
         logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position[:, None],
-                       past_key_values=cache, use_cache=True).logits[:, -1, :]
+                       **{keyword: cache}, use_cache=True).logits[:, -1, :]
     return generated
 
 

@@ -11,10 +11,13 @@ Measured where a scheme really runs, never estimated:
 A scheme with none of these (activation quantization, or weights simulated in fp32 with
 no kernel) has no latency: :func:`latency_path` returns None and no record is written.
 
-What is timed, at batch 1 with the HF forward and its KV cache: ``decode_ms_per_token``,
-the mean time of one decode step over ``new_tokens`` greedy steps after a fixed
-``prompt_tokens``-token prompt (median over ``repeats``, a warm-up pass excluded), and
-``prefill_tokens_per_s`` over a ``prefill_tokens``-token prompt (median of ``repeats``).
+What is timed, at batch 1: ``decode_ms_per_token``, the mean time of one decode step over
+``new_tokens`` greedy steps after a fixed ``prompt_tokens``-token prompt (median over
+``repeats``, a warm-up pass excluded), and ``prefill_tokens_per_s`` over a
+``prefill_tokens``-token prompt (the transformers forward, median of ``repeats``). Decode
+steps run in ``lean_decode.LeanDecoder`` where it supports the model (the same logits as
+the transformers forward, without its per-token framework work; ``decode_loop`` "lean"),
+else in the transformers forward with its KV cache (``decode_loop`` "transformers").
 ``weight_mb`` counts the bytes the quantized linear layers hold for their weights
 (packed codes, scales, zero points; not biases), so it tracks the format's real size.
 """
@@ -30,6 +33,8 @@ import torch
 from torch import nn
 
 from fpbench.errors import FpbenchError
+from fpbench.eval.generation import cache_keyword, output_cache
+from fpbench.eval.lean_decode import LeanDecoder, lean_decoder_support
 
 PATHS = ("fpbench-kernel", "torch-fp32", "torch-bf16", "torch-int8")
 
@@ -105,15 +110,28 @@ def weight_bytes(model: nn.Module, layer_names) -> int:
     return total
 
 
+def decode_loop(model: nn.Module) -> str:
+    """Which loop times the decode steps of ``model``: "lean" or "transformers"."""
+    return "transformers" if lean_decoder_support(model) else "lean"
+
+
 @torch.no_grad()
 def _decode_ms_per_token(model, prompt: torch.Tensor, new_tokens: int) -> float:
-    out = model(input_ids=prompt, use_cache=True)
-    past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
     steps = []
+    if decode_loop(model) == "lean":
+        decoder = LeanDecoder(model, prompt.shape[1] + new_tokens)
+        token = decoder.prefill(prompt).argmax(-1, keepdim=True)
+        for _ in range(new_tokens):
+            started = time.perf_counter()
+            token = decoder.step(token).argmax(-1, keepdim=True)
+            steps.append(time.perf_counter() - started)
+        return 1e3 * sum(steps) / len(steps)
+    out, keyword = model(input_ids=prompt, use_cache=True), cache_keyword(model)
+    past, token = output_cache(out), out.logits[:, -1:].argmax(-1)
     for _ in range(new_tokens):
         started = time.perf_counter()
-        out = model(input_ids=token, past_key_values=past, use_cache=True)
-        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out = model(input_ids=token, **{keyword: past}, use_cache=True)
+        past, token = output_cache(out), out.logits[:, -1:].argmax(-1)
         steps.append(time.perf_counter() - started)
     return 1e3 * sum(steps) / len(steps)
 
@@ -140,4 +158,5 @@ def measure(model: nn.Module, vocab_size: int, max_length: int | None,
                                   for _ in range(settings.repeats))
     prefill_s = statistics.median(_prefill_s(model, long_prompt) for _ in range(settings.repeats))
     return {"decode_ms_per_token": decode_ms, "decode_tokens_per_s": 1e3 / decode_ms,
-            "prefill_tokens_per_s": prefill_tokens / prefill_s, "prefill_tokens": prefill_tokens}
+            "prefill_tokens_per_s": prefill_tokens / prefill_s, "prefill_tokens": prefill_tokens,
+            "decode_loop": decode_loop(model)}

@@ -114,6 +114,29 @@ class LutLinear(nn.Module):
                        isa: str | None = None) -> LutLinear:
         return cls(qweight, bias, isa)
 
+    @classmethod
+    def stacked(cls, layers: list[LutLinear]) -> LutLinear:
+        """One layer whose output rows are ``layers``' rows in order (q, k, v of an
+        attention; gate and up of an MLP): one kernel call instead of several. Each output
+        row is the same dot product in the same order as in its own layer, so the
+        outputs equal the separate calls' bit for bit."""
+        first = layers[0]
+        same = ("in_features", "format", "bits", "group_size", "isa", "decode")
+        if any(getattr(layer, key) != getattr(first, key) for layer in layers for key in same):
+            raise FpbenchError("only layers with the same input width, format, group size and ISA stack")
+        if len({layer.bias is None for layer in layers}) > 1:
+            raise FpbenchError("layers stack only when all or none of them have a bias")
+        stacked = cls.__new__(cls)
+        nn.Module.__init__(stacked)
+        for key in same:
+            setattr(stacked, key, getattr(first, key))
+        stacked.out_features = sum(layer.out_features for layer in layers)
+        for name in ("plane_a", "plane_b", "scales", "zero_points", "bias"):
+            parts = [layer._buffers[name] for layer in layers]
+            stacked.register_buffer(name, None if parts[0] is None else aligned(torch.cat(parts)))
+        stacked.register_buffer("table", first.table)
+        return stacked
+
     def _args(self):
         # Straight from the buffer dict: nn.Module attribute lookup of six buffers costs
         # about 10 us, a fifth of a small layer's decode step.

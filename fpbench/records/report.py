@@ -430,7 +430,8 @@ def kernel_latency_section(bench_dir: Path) -> list[str]:
     weight shape: kernel x batch) and e2e.jsonl (decode tokens/s per model and variant);
     no lines when neither exists."""
     kernel_records = _latest(read_jsonl(bench_dir / "bench.jsonl", KERNEL_BENCH.name), ("kernel", "M", "N", "K"))
-    e2e_records = _latest(read_jsonl(bench_dir / "e2e.jsonl", E2E_BENCH.name), ("model", "variant"))
+    e2e_records = _latest(read_jsonl(bench_dir / "e2e.jsonl", E2E_BENCH.name),
+                          ("model", "variant", "loop"))
     if not kernel_records and not e2e_records:
         return []
     lines = ["## Kernel latency", ""]
@@ -454,7 +455,8 @@ def kernel_latency_section(bench_dir: Path) -> list[str]:
     if e2e_records:
         lines += ["End-to-end decode at batch 1 (`fpbench bench --e2e`):", ""]
         lines += _machine_lines(e2e_records, f"{BENCH_DIR}/e2e.jsonl")
-        rows = [{"model": r["model"], "variant": r["variant"], "tokens/s ↑": _number(r.get("tokens_per_s"), ".2f"),
+        rows = [{"model": r["model"], "variant": r["variant"], "loop": r.get("loop", "transformers"),
+                 "tokens/s ↑": _number(r.get("tokens_per_s"), ".2f"),
                  "ms/token ↓": _number(r.get("ms_per_token"), ".2f"),
                  "× vs bf16": _number(r.get("speedup_vs_bf16"), ".2f", "×"),
                  "model MB": _number(None if r.get("model_bytes") is None else r["model_bytes"] / 1e6, ".1f")}

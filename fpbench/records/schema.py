@@ -98,8 +98,8 @@ KERNEL_BENCH = RecordKind(
 E2E_BENCH = RecordKind(
     "e2e_bench",
     required={"model": STR, "variant": STR, "tokens_per_s": NUM, "time": STR},
-    optional={**ENVIRONMENT, "ms_per_token": NUM, "decode_s": NUM, "model_bytes": INT, "new_tokens": INT,
-              "batch": INT, "speedup_vs_bf16": NUM, "speedup_vs_best_dense": NUM},
+    optional={**ENVIRONMENT, "loop": STR, "ms_per_token": NUM, "decode_s": NUM, "model_bytes": INT,
+              "new_tokens": INT, "batch": INT, "speedup_vs_bf16": NUM, "speedup_vs_best_dense": NUM},
 )
 
 GENERATION_BENCH = RecordKind(

@@ -1,0 +1,83 @@
+"""The lean decode loop: the transformers forward's logits bit for bit, so greedy tokens
+are identical, for dense weights and for fpbench's kernel layers (stacked per block)."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from conftest import tiny_llama
+from fpbench.errors import FpbenchError
+from fpbench.eval.generation import cache_keyword, output_cache
+from fpbench.eval.lean_decode import LeanDecoder, lean_decoder_support
+from fpbench.kernels.linear import LutLinear, use_kernel_linears
+from fpbench.quant.model import quantize_model
+from fpbench.quant.scheme import Granularity, Scheme
+from fpbench.quant.weights import quantize_weight
+
+PROMPT = torch.tensor([[5, 17, 99, 3, 250, 42, 7]])
+
+
+def _model(dtype, scheme: str | None):
+    model = tiny_llama(vocab_size=256, layers=2, hidden=128, seed=1).to(dtype)
+    if scheme:
+        quantized = quantize_model(model, Scheme.parse(scheme), progress=False)
+        use_kernel_linears(model, quantized.weights)
+    return model
+
+
+@pytest.mark.parametrize("scheme", [None, "fp6_e3m2/channel/rtn", "int4/g64/rtn", "nvfp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_logits_equal_the_transformers_forward(dtype, scheme):
+    model = _model(dtype, scheme)
+    decoder = LeanDecoder(model, max_length=32)
+    if scheme:  # q/k/v and gate/up run as one kernel layer each
+        assert [len(block.qkv) for block in decoder.blocks] == [1, 1]
+        assert [len(block.gate_up) for block in decoder.blocks] == [1, 1]
+    logits = decoder.prefill(PROMPT)
+    out = model(input_ids=PROMPT, use_cache=True)
+    cache, keyword = output_cache(out), cache_keyword(model)
+    assert torch.equal(logits, out.logits[:, -1])
+    for _ in range(12):
+        token = logits.argmax(-1, keepdim=True)
+        logits = decoder.step(token)
+        out = model(input_ids=token, **{keyword: cache}, use_cache=True)
+        cache = output_cache(out)
+        assert torch.equal(logits, out.logits[:, -1])
+
+
+@pytest.mark.parametrize("scheme", [None, "fp6_e3m2/channel/rtn"])
+@torch.no_grad()
+def test_greedy_tokens_equal_generate(scheme):
+    model = _model(torch.bfloat16, scheme)
+    expected = model.generate(PROMPT, max_new_tokens=20, min_new_tokens=20, do_sample=False,
+                              pad_token_id=0, eos_token_id=None)[0, PROMPT.shape[1]:].tolist()
+    assert LeanDecoder(model, max_length=64).generate(PROMPT, 20) == expected
+
+
+def test_stacked_layers_equal_separate_calls_bit_for_bit():
+    torch.manual_seed(0)
+    for name, granularity in (("fp6_e3m2", Granularity("channel")), ("int4_asym", Granularity("group", 64))):
+        layers = [LutLinear(quantize_weight(torch.randn(n, 192), name, granularity), torch.randn(n))
+                  for n in (96, 32, 32)]
+        stacked = LutLinear.stacked(layers)
+        for rows in (1, 3, 40):  # the GEMV and the blocked GEMM
+            x = torch.randn(rows, 192)
+            assert torch.equal(stacked(x), torch.cat([layer(x) for layer in layers], dim=-1))
+
+
+def test_layers_that_differ_do_not_stack():
+    a = LutLinear(quantize_weight(torch.randn(32, 64), "fp6_e3m2", Granularity("channel")))
+    b = LutLinear(quantize_weight(torch.randn(32, 64), "int4", Granularity("channel")))
+    with pytest.raises(FpbenchError, match="same input width, format"):
+        LutLinear.stacked([a, b])
+
+
+def test_other_models_are_refused_with_the_reason():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    assert "gpt2" in lean_decoder_support(gpt2)
+    with pytest.raises(FpbenchError, match="lean decode loop cannot run"):
+        LeanDecoder(gpt2, max_length=8)
+    decoder = LeanDecoder(_model(torch.float32, None), max_length=PROMPT.shape[1])
+    with pytest.raises(FpbenchError, match="no room"):
+        decoder.prefill(PROMPT)
