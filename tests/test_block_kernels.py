@@ -46,19 +46,32 @@ def test_nvfp4_tensor_scale_is_folded_exactly():
     assert torch.equal(view.scales, (qweight.scales * qweight.tensor_scale).float())
 
 
-@pytest.mark.parametrize("name", ["mxfp4_e2m1/g32/rtn", "nvfp4/g16/rtn"])
-def test_packed_bytes_follow_the_format(name):
+@pytest.mark.parametrize("name", [*BLOCK_SCHEMES, "fp6_e3m2/channel/rtn", "fp8_e4m3/channel/rtn", "int4/g128/rtn",
+                                  "int4_asym/g32/rtn", "int8/channel/rtn", "fp4_e2m1/g32/rtn",
+                                  "int4/g64/rtn/s:bf16", "int4_asym/g32/rtn/s:e4m3", "fp4_e2m1/g32/rtn/s:e8m0",
+                                  "int8/channel/rtn/s:fp32"])
+def test_packed_bytes_are_the_bits_per_weight(name):
+    # Scales (and zero points) are stored in their scale format's width (fp16 by default,
+    # E8M0 codes for MX, E4M3 codes plus the fp32 tensor scale for NVFP4), so the layer
+    # holds exactly the bits per weight the scheme reports; and decodes them exactly.
+    scheme = Scheme.parse(name)
     qweight = _weight(name)
     layer = LutLinear(qweight)
     weights = qweight.codes.numel()
-    # 4-bit codes, and one fp32 scale per block in the kernel's buffers
-    block = Scheme.parse(name).granularity.group_size
-    assert packed_bytes(layer) == weights // 2 + 4 * weights // block
-    # the format itself stores 8-bit scales: 4.25 (MX) and 4.5 (NVFP4, plus the tensor scale) bits
-    expected = 4 + 8 / block
-    scheme = Scheme.parse(name)
-    assert bits_per_weight(get_format(scheme.format), scheme.granularity, tuple(qweight.codes.shape),
-                           scheme.scale_format) == pytest.approx(expected + (32 / weights if block == 16 else 0))
+    bits = bits_per_weight(get_format(scheme.format), scheme.granularity, tuple(qweight.codes.shape),
+                           scheme.scale_format)
+    assert packed_bytes(layer) * 8 == pytest.approx(bits * weights, abs=1e-6)
+    assert torch.equal(layer.dequantized_weight().view(torch.int32), qweight.dequantize().view(torch.int32))
+
+
+def test_scales_fall_back_to_fp32_where_a_narrower_store_would_not_be_exact():
+    from fpbench.kernels.packing import stored_scales
+
+    values = torch.tensor([[0.5, 3.0e-8, 1.0 + 2.0**-12]])  # not all fp16 values
+    stored, table = stored_scales(values, "fp16")
+    assert stored.dtype == torch.float32 and table.numel() == 0 and torch.equal(stored, values)
+    stored, table = stored_scales(torch.tensor([[0.25, 448.0]]), "fp8_e4m3", torch.tensor(2.0**-20))
+    assert stored.dtype == torch.uint8 and torch.equal(table[stored.long()], torch.tensor([[0.25, 448.0]]) * 2.0**-20)
 
 
 @pytest.mark.parametrize("name, message", [

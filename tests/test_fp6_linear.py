@@ -85,11 +85,11 @@ def test_other_schemes_refused_in_one_line(scheme, problem):
 
 def test_packed_bytes_counts_codes_scales_and_zero_points():
     n, k = 96, 576
-    for fmt, gran, expected in [
-        ("fp6_e3m2", "channel", n * k * 6 // 8 + n * 4),
-        ("int4", "group:128", n * k // 2 + n * 5 * 4),  # 576 = 4 full groups + a ragged one
-        ("int4_asym", "group:32", n * k // 2 + 2 * n * 18 * 4),
-        ("fp8_e4m3", "channel", n * k + n * 4),
+    for fmt, gran, expected in [  # scales and zero points in fp16, the default scale format
+        ("fp6_e3m2", "channel", n * k * 6 // 8 + n * 2),
+        ("int4", "group:128", n * k // 2 + n * 5 * 2),  # 576 = 4 full groups + a ragged one
+        ("int4_asym", "group:32", n * k // 2 + 2 * n * 18 * 2),
+        ("fp8_e4m3", "channel", n * k + n * 2),
     ]:
         module = LutLinear.from_quantized(quantize_weight(torch.randn(n, k), fmt, Granularity.parse(gran)))
         assert packed_bytes(module) == expected, fmt

@@ -79,8 +79,9 @@ def test_kernel_latency_counts_the_packed_layers(tiny_model_dir, data_dir, tmp_p
     latency = {r["metric"]: r for r in records if r["task"] == "latency"}
     assert latency["weight_mb"]["latency_path"] == "fpbench-kernel"
     assert latency["weight_mb"]["kernel_isa"] in ("avx512", "avx2", "scalar")  # the ISA picked, not "auto"
-    # 4-bit codes plus one fp32 scale per 32 weights: 4 + 1 bits per weight in the kernel's buffers
+    # 4-bit codes plus one fp16 scale per 32 weights: the 4.5 bits per weight the scheme reports
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     weights = sum(m.weight.numel() for name, m in model.named_modules()
                   if isinstance(m, torch.nn.Linear) and name != "lm_head")
-    assert latency["weight_mb"]["weight_bytes"] == pytest.approx(weights * 5 / 8, rel=0.02)
+    assert latency["weight_mb"]["weight_bytes"] == weights * 4.5 / 8
+    assert records[0]["bits_per_weight"] == pytest.approx(4.5)

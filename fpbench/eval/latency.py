@@ -35,6 +35,7 @@ from torch import nn
 from fpbench.errors import FpbenchError
 from fpbench.eval.generation import cache_keyword, output_cache
 from fpbench.eval.lean_decode import LeanDecoder, lean_decoder_support
+from fpbench.kernels.linear import LutLinear, packed_bytes
 
 PATHS = ("fpbench-kernel", "torch-fp32", "torch-bf16", "torch-int8")
 
@@ -101,10 +102,16 @@ def prepare(model: nn.Module, path: str, layer_names, weights: dict | None = Non
 
 
 def weight_bytes(model: nn.Module, layer_names) -> int:
+    """Bytes of the linear layers' weights: a kernel layer's ``packed_bytes`` (codes,
+    scales, zero points), else every parameter and buffer but the bias."""
     modules = dict(model.named_modules())
     total = 0
     for name in layer_names:
-        for tensor_name, tensor in list(modules[name].named_parameters()) + list(modules[name].named_buffers()):
+        module = modules[name]
+        if isinstance(module, LutLinear):
+            total += packed_bytes(module)
+            continue
+        for tensor_name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
             if tensor_name != "bias" and tensor is not None:
                 total += tensor.numel() * tensor.element_size()
     return total

@@ -42,18 +42,19 @@ def lean_decoder_support(model: nn.Module) -> str | None:
     return None
 
 
-def _stack(layers: list[nn.Module]) -> list[nn.Module]:
-    """One kernel layer for ``layers`` when they are kernel layers that stack, else them."""
+def _stack(layers: list[nn.Module]) -> tuple[list[nn.Module], list[int] | None]:
+    """(one kernel layer, the widths of its parts) when ``layers`` are kernel layers that
+    stack, else (``layers``, None)."""
     if all(type(layer) is LutLinear for layer in layers):
         try:
-            return [LutLinear.stacked(layers)]
+            return [LutLinear.stacked(layers)], [layer.out_features for layer in layers]
         except FpbenchError:
             pass
-    return layers
+    return layers, None
 
 
-def _outputs(stack: list[nn.Module], x: torch.Tensor, widths: list[int]) -> list[torch.Tensor]:
-    if len(stack) == len(widths):
+def _outputs(stack: list[nn.Module], widths: list[int] | None, x: torch.Tensor) -> list[torch.Tensor]:
+    if widths is None:
         return [layer.forward(x) for layer in stack]
     return list(stack[0].forward(x).split(widths, dim=-1))
 
@@ -79,11 +80,9 @@ class _Block:
         attn, mlp = layer.self_attn, layer.mlp
         self.norm1, self.norm2 = layer.input_layernorm, layer.post_attention_layernorm
         self.head_dim, self.scaling, self.groups = attn.head_dim, attn.scaling, attn.num_key_value_groups
-        self.qkv_widths = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
-        self.qkv = _stack([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.qkv, self.qkv_widths = _stack([attn.q_proj, attn.k_proj, attn.v_proj])
         self.o_proj = attn.o_proj
-        self.gate_up_widths = [mlp.gate_proj.out_features, mlp.up_proj.out_features]
-        self.gate_up = _stack([mlp.gate_proj, mlp.up_proj])
+        self.gate_up, self.gate_up_widths = _stack([mlp.gate_proj, mlp.up_proj])
         self.down_proj, self.act = mlp.down_proj, mlp.act_fn
 
 
@@ -135,7 +134,7 @@ class LeanDecoder:
         for block, keys, values in zip(self.blocks, self.keys, self.values):
             residual = h
             x = _rms_norm(block.norm1, h)
-            q, k, v = _outputs(block.qkv, x, block.qkv_widths)
+            q, k, v = _outputs(block.qkv, block.qkv_widths, x)
             q = q.view(1, 1, -1, block.head_dim).transpose(1, 2)
             k = k.view(1, 1, -1, block.head_dim).transpose(1, 2)
             v = v.view(1, 1, -1, block.head_dim).transpose(1, 2)
@@ -151,7 +150,7 @@ class LeanDecoder:
             h = residual + block.o_proj.forward(attn)
             residual = h
             x = _rms_norm(block.norm2, h)
-            gate, up = _outputs(block.gate_up, x, block.gate_up_widths)
+            gate, up = _outputs(block.gate_up, block.gate_up_widths, x)
             h = residual + block.down_proj.forward(block.act(gate) * up)
         self.length = end
         h = _rms_norm(inner.norm, h)

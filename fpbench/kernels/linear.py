@@ -1,11 +1,13 @@
 """The linear layer that runs on the compiled kernels, and the model surgery that installs it.
 
 ``LutLinear`` serves every weight-only scheme whose codes have at most 8 bits (see
-``KERNEL_FORMATS``): the packed codes (``packing``), the format's value table, one fp32
-scale per output channel or per group of G input weights, and for asymmetric integers
-one fp32 zero point per scale. The weight it multiplies by is
-``(table[code] - zero_point) * scale`` computed in fp32, bit-identical to
-``QuantizedWeight.dequantize()``; outputs equal a float64 product with those weights up
+``KERNEL_FORMATS``): the packed codes (``packing``), the format's value table, one scale
+per output channel or per group of G input weights, and for asymmetric integers one
+zero point per scale. Scales and zero points are stored in their scale format's width
+(fp16 by default, E8M0 codes for MX, E4M3 codes and the tensor scale for NVFP4:
+``packing.stored_scales``), so ``packed_bytes`` is what the scheme's bits per weight
+count. The weight it multiplies by is ``(table[code] - zero_point) * scale`` computed in
+fp32, bit-identical to ``QuantizedWeight.dequantize()``; outputs equal a float64 product with those weights up
 to fp32 summation order. bfloat16 (or fp16) inputs are widened to fp32 (exact) and the
 result is rounded once to the input dtype, after the bias.
 
@@ -21,7 +23,8 @@ from torch import nn
 
 from fpbench.errors import FpbenchError
 from fpbench.kernels import build as kernels
-from fpbench.kernels.packing import UNIT, aligned, code_bits, code_indices, decode_params, pack_codes, value_table
+from fpbench.kernels.packing import (UNIT, aligned, code_bits, code_indices, decode_params, pack_codes, stored_scales,
+                                     value_table)
 from fpbench.quant.formats import BlockFormat, FloatFormat, IntFormat, get_format
 from fpbench.quant.scheme import Granularity
 from fpbench.quant.weights import QuantizedWeight
@@ -86,6 +89,7 @@ class LutLinear(nn.Module):
 
     def __init__(self, qweight: QuantizedWeight, bias: torch.Tensor | None = None, isa: str | None = None):
         super().__init__()
+        stored_as = qweight  # scales as the scheme stores them (block formats: block scales)
         qweight = element_view(qweight)
         if problem := kernel_support_error(qweight.format, qweight.granularity):
             raise FpbenchError(problem)
@@ -103,10 +107,16 @@ class LutLinear(nn.Module):
         self.register_buffer("plane_a", plane_a)
         self.register_buffer("plane_b", aligned(torch.empty(0, dtype=torch.uint8)) if plane_b is None else plane_b)
         self.register_buffer("table", value_table(qweight.format))
-        self.register_buffer("scales", qweight.scales.float().reshape(self.out_features, -1).contiguous())
-        zero_points = qweight.zero_points
-        self.register_buffer("zero_points", torch.empty(0) if zero_points is None
-                             else zero_points.float().reshape(self.out_features, -1).contiguous())
+        scales, scale_table = stored_scales(stored_as.scales.reshape(self.out_features, -1), stored_as.scale_format,
+                                            stored_as.tensor_scale)
+        self.register_buffer("scales", aligned(scales))
+        self.register_buffer("scale_table", scale_table)
+        self.register_buffer("tensor_scale", torch.empty(0) if stored_as.tensor_scale is None
+                             else stored_as.tensor_scale.float().reshape(1))  # counted, folded into scale_table
+        zero_points, zero_table = (torch.empty(0), torch.empty(0)) if stored_as.zero_points is None else \
+            stored_scales(stored_as.zero_points.reshape(self.out_features, -1), stored_as.scale_format)
+        self.register_buffer("zero_points", aligned(zero_points))
+        self.register_buffer("zero_table", zero_table)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
 
     @classmethod
@@ -126,6 +136,12 @@ class LutLinear(nn.Module):
             raise FpbenchError("only layers with the same input width, format, group size and ISA stack")
         if len({layer.bias is None for layer in layers}) > 1:
             raise FpbenchError("layers stack only when all or none of them have a bias")
+        for name in ("scales", "zero_points"):
+            if len({layer._buffers[name].dtype for layer in layers}) > 1:
+                raise FpbenchError("only layers whose scales are stored alike stack")
+        for name in ("scale_table", "zero_table"):  # NVFP4: a table per tensor scale
+            if any(not torch.equal(layer._buffers[name], first._buffers[name]) for layer in layers):
+                raise FpbenchError("only layers with the same scale table (NVFP4: tensor scale) stack")
         stacked = cls.__new__(cls)
         nn.Module.__init__(stacked)
         for key in same:
@@ -134,7 +150,8 @@ class LutLinear(nn.Module):
         for name in ("plane_a", "plane_b", "scales", "zero_points", "bias"):
             parts = [layer._buffers[name] for layer in layers]
             stacked.register_buffer(name, None if parts[0] is None else aligned(torch.cat(parts)))
-        stacked.register_buffer("table", first.table)
+        for name in ("table", "scale_table", "zero_table", "tensor_scale"):
+            stacked.register_buffer(name, first._buffers[name])
         return stacked
 
     def _args(self):
@@ -142,18 +159,18 @@ class LutLinear(nn.Module):
         # about 10 us, a fifth of a small layer's decode step.
         b = self._buffers
         return (b["plane_a"], b["plane_b"], b["table"], b["scales"], b["zero_points"], self.bits,
-                self.in_features, self.group_size, self.decode)
+                self.in_features, self.group_size, self.decode, self.isa, b["scale_table"], b["zero_table"])
 
     def dequantized_weight(self) -> torch.Tensor:
         """fp32 [N, K], decoded by the kernel's own code path for its ISA."""
-        return kernels.load().lut_dequantize(*self._args(), self.isa)
+        return kernels.load().lut_dequantize(*self._args())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] >= GEMM_MIN_ROWS and self.isa == "scalar":
             y = rows.float() @ self.dequantized_weight().T
         else:
-            y = kernels.load().lut_linear(rows, *self._args(), self.isa)
+            y = kernels.load().lut_linear(rows, *self._args())
         bias = self._buffers["bias"]
         if bias is not None:
             y += bias
@@ -167,9 +184,10 @@ class LutLinear(nn.Module):
 
 
 def packed_bytes(module: LutLinear) -> int:
-    """Bytes a layer's weights occupy: packed codes, scales and zero points (no bias)."""
+    """Bytes a layer's weights occupy: packed codes, scales and zero points in their
+    stored width, and NVFP4's tensor scale (no bias, no per-format tables)."""
     return sum(t.numel() * t.element_size() for t in (module.plane_a, module.plane_b, module.scales,
-                                                       module.zero_points))
+                                                       module.zero_points, module.tensor_scale))
 
 
 def kernel_linear_for(qweight: QuantizedWeight, bias: torch.Tensor | None = None) -> nn.Module:

@@ -21,7 +21,8 @@ unit:
   16 bytes, position p in bits ``2*(p // 16) .. 2*(p // 16) + 1`` of byte ``p % 16``.
   Every vector load of either plane is aligned and no code straddles a byte.
 
-All planes start at a 64-byte boundary (``aligned``).
+All planes start at a 64-byte boundary (``aligned``). Scales and zero points keep the
+width of their scale format (``stored_scales``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from fpbench.errors import FpbenchError
-from fpbench.quant.formats import FloatFormat, IntFormat, get_format
+from fpbench.quant.formats import FloatFormat, IntFormat, PowerOfTwoFormat, get_format
 
 UNIT = 64
 ALIGN_BYTES = 64  # packed arrays start on a cache line (see ``aligned``)
@@ -138,6 +139,43 @@ def pack_codes(indices: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Te
     low = (by_pos & 3).reshape(n, k // UNIT, 4, 16)
     plane2 = (low[:, :, 0] | low[:, :, 1] << 2 | low[:, :, 2] << 4 | low[:, :, 3] << 6).astype(np.uint8)
     return _to_bytes(plane4), _to_bytes(plane2.reshape(n, k // 4))
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal fp32 tensors, NaN included (any NaN matches any NaN)."""
+    nan = torch.isnan(a)
+    return torch.equal(nan, torch.isnan(b)) and torch.equal(a[~nan].view(torch.int32), b[~nan].view(torch.int32))
+
+
+def stored_scales(values: torch.Tensor, format_name: str,
+                  multiplier: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group scales (or zero points) as the kernels store them, in their scale
+    format's width: (stored, table). fp16 and bf16 values as such (table empty); 8-bit
+    (or narrower) float and power-of-two formats (E4M3, E8M0, ...) as uint8 codes with a
+    256-entry fp32 table of each code's value times ``multiplier`` (NVFP4's tensor scale:
+    the same fp32 product as ``QuantizedWeight.effective_scales``); anything else as fp32
+    values. The kernels' fp32 value of every entry equals ``values * multiplier`` bit for
+    bit (checked here; fp32 is kept where it would not)."""
+    values = values.float().contiguous()
+    effective = values if multiplier is None else values * multiplier.float()
+    empty = torch.empty(0)
+    fmt = get_format(format_name)
+    if multiplier is None and format_name in ("fp16", "bf16"):
+        stored = values.to(torch.float16 if format_name == "fp16" else torch.bfloat16)
+        if _same_bits(stored.float(), values):
+            return stored, empty
+    elif isinstance(fmt, (FloatFormat, PowerOfTwoFormat)) and fmt.bits <= 8:
+        try:
+            codes = fmt.encode(values)
+        except FpbenchError:  # a value the format cannot hold (NaN of a finite format)
+            return effective.contiguous(), empty
+        table = torch.zeros(256, dtype=torch.float32)
+        table[: 1 << fmt.bits] = fmt.decode_table.float()
+        if multiplier is not None:
+            table = table * multiplier.float()
+        if _same_bits(table[codes.long()], effective):
+            return codes.contiguous(), table
+    return effective.contiguous(), empty
 
 
 def unpack_codes(plane_a: torch.Tensor, plane_b: torch.Tensor | None, bits: int) -> torch.Tensor:

@@ -47,6 +47,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -120,14 +121,60 @@ Isa pick_isa(const std::string& requested) {
   return want;
 }
 
+// Scales or zero points [N, groups] as a layer stores them: fp32, fp16 or bf16 values, or
+// the 8-bit codes of their scale format (E8M0, E4M3, ...) with a 256-entry table of each
+// code's exact fp32 value (for NVFP4 times the tensor scale: the same fp32 product the
+// simulator forms), so a layer holds the bytes its bits per weight count.
+enum class Store { None, F32, F16, BF16, Byte };
+
+inline float half_to_float(uint16_t h) {  // exact; portable (the scalar ISA has no F16C)
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16, exp = (h >> 10) & 31u, man = h & 1023u;
+  uint32_t bits;
+  if (exp == 0) {  // zero or subnormal: man * 2^-24, exact in fp32
+    const float v = std::ldexp(static_cast<float>(man), -24);
+    return sign ? -v : v;
+  }
+  bits = sign | (exp == 31 ? 0x7F800000u : (exp + 112) << 23) | man << 13;
+  float v;
+  std::memcpy(&v, &bits, 4);
+  return v;
+}
+
+struct Stored {
+  Store kind = Store::None;
+  const void* data = nullptr;
+  const float* table = nullptr;  // Byte: 256 entries
+
+  // Row n's `groups` values in fp32: in place when stored as fp32, else decoded into buf.
+  const float* row(int64_t n, int64_t groups, float* buf) const {
+    const int64_t at = n * groups;
+    switch (kind) {
+      case Store::F32: return static_cast<const float*>(data) + at;
+      case Store::F16:
+        for (int64_t g = 0; g < groups; ++g) buf[g] = half_to_float(static_cast<const uint16_t*>(data)[at + g]);
+        return buf;
+      case Store::BF16:
+        for (int64_t g = 0; g < groups; ++g) {
+          const uint32_t bits = static_cast<uint32_t>(static_cast<const uint16_t*>(data)[at + g]) << 16;
+          std::memcpy(buf + g, &bits, 4);
+        }
+        return buf;
+      case Store::Byte:
+        for (int64_t g = 0; g < groups; ++g) buf[g] = table[static_cast<const uint8_t*>(data)[at + g]];
+        return buf;
+      default: return nullptr;
+    }
+  }
+};
+
 // One packed weight matrix and its scales, as the kernels read it.
 struct Packed {
   int bits;                  // 4, 6 or 8
   const uint8_t* plane_a;    // 8-bit: codes [N, K]; 4/6-bit: 4-bit plane [N, K/2]
   const uint8_t* plane_b;    // 6-bit: 2-bit plane [N, K/4]; else null
   int64_t lda, ldb;          // bytes per row of each plane
-  const float* scales;       // [N, groups]
-  const float* zeros;        // [N, groups] or null (symmetric formats)
+  Stored scales;             // [N, groups]
+  Stored zeros;              // [N, groups], or kind None (symmetric formats)
   int64_t groups, group_size;  // group_size: G (K for per-channel scales)
   int64_t N, K;
   const int32_t* group_of;   // [K / 8]: group of the 8 weights k = 8j .. 8j+7
@@ -142,6 +189,17 @@ struct Packed {
   float pow2;                // Float*: 2^(127 - bias)
   uint16_t mask16, special16;  // the same for the fp16 placement of the SIMD kernels
   float pow2_16;             // 2^(15 - bias)
+};
+
+// A worker's fp32 copies of the scales and zero points of up to two rows (slot 0, 1).
+struct RowScales {
+  const Packed& w;
+  std::vector<float> buf;
+  explicit RowScales(const Packed& w) : w(w), buf(4 * w.groups) {}
+  const float* scales(int64_t n, int slot = 0) { return w.scales.row(n, w.groups, buf.data() + slot * w.groups); }
+  const float* zeros(int64_t n, int slot = 0) {
+    return w.zeros.row(n, w.groups, buf.data() + (2 + slot) * w.groups);
+  }
 };
 
 // Position p (0..63) of a unit -> weight offset inside the unit: the order in which the
@@ -181,9 +239,9 @@ inline float decode_scalar(const Packed& w, int code) {
   }
 }
 
-void dequant_row_scalar(const Packed& w, int64_t n, float* out) {
-  const float* srow = w.scales + n * w.groups;
-  const float* zrow = w.zeros ? w.zeros + n * w.groups : nullptr;
+void dequant_row_scalar(const Packed& w, RowScales& rs, int64_t n, float* out) {
+  const float* srow = rs.scales(n);
+  const float* zrow = rs.zeros(n);
   for (int64_t u = 0; u < w.K / kUnit; ++u)
     for (int p = 0; p < kUnit; ++p) {
       const int64_t k = u * kUnit + (w.bits == 8 ? p : position_to_k(p));
@@ -197,8 +255,9 @@ void dequant_row_scalar(const Packed& w, int64_t n, float* out) {
 void rows_scalar(const Packed& w, const float* x, int64_t ldx, int64_t M, int64_t n0, int64_t n1,
                  float* y, int64_t ldy) {
   std::vector<float> row(w.K);
+  RowScales rs(w);
   for (int64_t n = n0; n < n1; ++n) {
-    dequant_row_scalar(w, n, row.data());
+    dequant_row_scalar(w, rs, n, row.data());
     for (int64_t m = 0; m < M; ++m) {
       float acc = 0.f;
       for (int64_t k = 0; k < w.K; ++k) acc += x[m * ldx + k] * row[k];
@@ -387,107 +446,148 @@ inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// One weight row against MR rows of x. With few x rows, several accumulators per row
-// hide the FMA latency (a single chain would cap a GEMV at one FMA per 4 cycles).
+// NR weight rows (n .. n + NR - 1) against MR rows of x. With few x rows, several
+// accumulators per row hide the FMA latency (a single chain would cap a GEMV at one FMA
+// per 4 cycles); at M = 1, two weight rows at a time share each load of x and keep two
+// rows' decodes in flight. Each row's sums are the same operations in the same order for
+// any NR, so a row's result does not depend on its neighbours (``LutLinear.stacked``).
 // PER_CHANNEL (one scale, no zero point): the scale multiplies the finished sums, one
 // multiply per row instead of one per 8 weights.
-template <int BITS, Dec DEC, bool ZP, int MR, bool PER_CHANNEL>
-void row_avx2(const Packed& w, const Avx2Consts<BITS, DEC>& t, int64_t n, const float* x, int64_t ldx, float* y,
-              int64_t ldy) {
+template <int BITS, Dec DEC, bool ZP, int MR, bool PER_CHANNEL, int NR = 1>
+void row_avx2(const Packed& w, const Avx2Consts<BITS, DEC>& t, RowScales& rs, int64_t n, const float* x,
+              int64_t ldx, float* y, int64_t ldy) {
   constexpr int kChains = MR >= 4 ? 1 : 4 / MR;
-  const uint8_t* a = w.plane_a + n * w.lda;
-  const uint8_t* b = w.plane_b ? w.plane_b + n * w.ldb : nullptr;
-  const float* srow = w.scales + n * w.groups;
-  const float* zrow = ZP ? w.zeros + n * w.groups : nullptr;
-  __m256 acc[MR][kChains];
-  for (int m = 0; m < MR; ++m)
-    for (int c = 0; c < kChains; ++c) acc[m][c] = _mm256_setzero_ps();
+  const uint8_t *a[NR], *b[NR];
+  const float *srow[NR], *zrow[NR];
+  for (int r = 0; r < NR; ++r) {
+    a[r] = w.plane_a + (n + r) * w.lda;
+    b[r] = w.plane_b ? w.plane_b + (n + r) * w.ldb : nullptr;
+    srow[r] = rs.scales(n + r, r);
+    zrow[r] = ZP ? rs.zeros(n + r, r) : nullptr;
+  }
+  __m256 acc[NR][MR][kChains];
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m)
+      for (int c = 0; c < kChains; ++c) acc[r][m][c] = _mm256_setzero_ps();
   const int64_t units = w.K / kUnit;
   for (int64_t u = 0; u < units; ++u) {
-    prefetch_ahead<BITS>(w, a, b, u);
+    for (int r = 0; r < NR; ++r) prefetch_ahead<BITS>(w, a[r], b[r], u);
     for (int h = 0; h < 2; ++h) {
-      __m256 v[4];
-      weights_avx2<BITS, DEC, ZP, !PER_CHANNEL>(w, t, a, b, srow, zrow, u, h, v);
       const int64_t k = u * kUnit + 32 * h;
-      for (int i = 0; i < 4; ++i)
-        for (int m = 0; m < MR; ++m)
-          acc[m][i % kChains] = _mm256_fmadd_ps(v[i], _mm256_loadu_ps(x + m * ldx + k + 8 * i), acc[m][i % kChains]);
+      for (int r = 0; r < NR; ++r) {
+        __m256 v[4];
+        weights_avx2<BITS, DEC, ZP, !PER_CHANNEL>(w, t, a[r], b[r], srow[r], zrow[r], u, h, v);
+        for (int i = 0; i < 4; ++i)
+          for (int m = 0; m < MR; ++m)
+            acc[r][m][i % kChains] = _mm256_fmadd_ps(v[i], _mm256_loadu_ps(x + m * ldx + k + 8 * i),
+                                                     acc[r][m][i % kChains]);
+      }
     }
   }
-  for (int m = 0; m < MR; ++m) {
-    __m256 total = acc[m][0];
-    for (int c = 1; c < kChains; ++c) total = _mm256_add_ps(total, acc[m][c]);
-    y[m * ldy + n] = PER_CHANNEL ? hsum256(total) * srow[0] : hsum256(total);
-  }
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) {
+      __m256 total = acc[r][m][0];
+      for (int c = 1; c < kChains; ++c) total = _mm256_add_ps(total, acc[r][m][c]);
+      y[m * ldy + n + r] = PER_CHANNEL ? hsum256(total) * srow[r][0] : hsum256(total);
+    }
 }
 
-// One weight row against MR rows of x, for scales per group of G weights (G a multiple of
+// NR weight rows against MR rows of x, for scales per group of G weights (G a multiple of
 // 128) and no zero points: each group's products are summed unscaled and the sum takes
 // the group's scale once, instead of a broadcast and a multiply per 8 weights (int4/g128
 // at M = 1: 1.28x, measured side by side here; with G = 32 or 64 the fold costs what it
 // saves, and those keep row_avx2). The same products as row_avx2, summed in another
-// order: the result stays within the fp32 summation bound.
-template <int BITS, Dec DEC, int MR>
-void row_avx2_grouped(const Packed& w, const Avx2Consts<BITS, DEC>& t, int64_t n, const float* x, int64_t ldx,
-                      float* y, int64_t ldy) {
+// order: the result stays within the fp32 summation bound. NR as in row_avx2.
+template <int BITS, Dec DEC, int MR, int NR = 1>
+void row_avx2_grouped(const Packed& w, const Avx2Consts<BITS, DEC>& t, RowScales& rs, int64_t n, const float* x,
+                      int64_t ldx, float* y, int64_t ldy) {
   constexpr int kChains = MR >= 4 ? 1 : 4 / MR;
-  const uint8_t* a = w.plane_a + n * w.lda;
-  const uint8_t* b = w.plane_b ? w.plane_b + n * w.ldb : nullptr;
-  const float* srow = w.scales + n * w.groups;
-  // One scaled-sum chain per x row besides the kChains partial ones: all of them, the
-  // decode's vectors and its tables stay in the 16 ymm registers.
-  __m256 acc[MR];
-  for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps();
+  const uint8_t *a[NR], *b[NR];
+  const float* srow[NR];
+  for (int r = 0; r < NR; ++r) {
+    a[r] = w.plane_a + (n + r) * w.lda;
+    b[r] = w.plane_b ? w.plane_b + (n + r) * w.ldb : nullptr;
+    srow[r] = rs.scales(n + r, r);
+  }
+  // One scaled-sum chain per x row besides the kChains partial ones.
+  __m256 acc[NR][MR];
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) acc[r][m] = _mm256_setzero_ps();
   const int64_t units = w.K / kUnit, per_group = w.group_size / kUnit;  // units per group
   for (int64_t u0 = 0; u0 < units; u0 += per_group) {
     const int64_t u1 = std::min(u0 + per_group, units);  // the last group may be shorter
-    __m256 part[MR][kChains];
-    for (int m = 0; m < MR; ++m)
-      for (int c = 0; c < kChains; ++c) part[m][c] = _mm256_setzero_ps();
+    __m256 part[NR][MR][kChains];
+    for (int r = 0; r < NR; ++r)
+      for (int m = 0; m < MR; ++m)
+        for (int c = 0; c < kChains; ++c) part[r][m][c] = _mm256_setzero_ps();
     for (int64_t u = u0; u < u1; ++u) {
-      prefetch_ahead<BITS>(w, a, b, u);
+      for (int r = 0; r < NR; ++r) prefetch_ahead<BITS>(w, a[r], b[r], u);
       for (int h = 0; h < 2; ++h) {
-        __m256 v[4];
-        weights_avx2<BITS, DEC, false, false>(w, t, a, b, srow, nullptr, u, h, v);
-        for (int i = 0; i < 4; ++i)
-          for (int m = 0; m < MR; ++m)
-            part[m][i % kChains] = _mm256_fmadd_ps(v[i], _mm256_loadu_ps(x + m * ldx + u * kUnit + 32 * h + 8 * i),
-                                                   part[m][i % kChains]);
+        const int64_t k = u * kUnit + 32 * h;
+        for (int r = 0; r < NR; ++r) {
+          __m256 v[4];
+          weights_avx2<BITS, DEC, false, false>(w, t, a[r], b[r], srow[r], nullptr, u, h, v);
+          for (int i = 0; i < 4; ++i)
+            for (int m = 0; m < MR; ++m)
+              part[r][m][i % kChains] = _mm256_fmadd_ps(v[i], _mm256_loadu_ps(x + m * ldx + k + 8 * i),
+                                                        part[r][m][i % kChains]);
+        }
       }
     }
-    const __m256 scale = _mm256_broadcast_ss(srow + u0 / per_group);
-    for (int m = 0; m < MR; ++m) {
-      __m256 sum = part[m][0];
-      for (int c = 1; c < kChains; ++c) sum = _mm256_add_ps(sum, part[m][c]);
-      acc[m] = _mm256_fmadd_ps(scale, sum, acc[m]);
+    for (int r = 0; r < NR; ++r) {
+      const __m256 scale = _mm256_broadcast_ss(srow[r] + u0 / per_group);
+      for (int m = 0; m < MR; ++m) {
+        __m256 sum = part[r][m][0];
+        for (int c = 1; c < kChains; ++c) sum = _mm256_add_ps(sum, part[r][m][c]);
+        acc[r][m] = _mm256_fmadd_ps(scale, sum, acc[r][m]);
+      }
     }
   }
-  for (int m = 0; m < MR; ++m) y[m * ldy + n] = hsum256(acc[m]);
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) y[m * ldy + n + r] = hsum256(acc[r][m]);
 }
+
+#ifndef FPBENCH_GEMV_ROW_PAIRS
+#define FPBENCH_GEMV_ROW_PAIRS 1
+#endif
 
 template <int BITS, Dec DEC, bool ZP>
 void rows_avx2_t(const Packed& w, const float* x, int64_t ldx, int64_t M, int64_t n0, int64_t n1, float* y,
                  int64_t ldy) {
   const Avx2Consts<BITS, DEC> t(w);
+  RowScales rs(w);
   const bool per_channel = !ZP && w.groups == 1, folded = !ZP && w.group_size % (2 * kUnit) == 0;
-  for (int64_t n = n0; n < n1; ++n)
+  int64_t n = n0;
+  if (FPBENCH_GEMV_ROW_PAIRS && M == 1) {
+    for (; n + 2 <= n1; n += 2) {
+      if (per_channel)
+        row_avx2<BITS, DEC, false, 1, true, 2>(w, t, rs, n, x, ldx, y, ldy);
+      else if (folded)
+        row_avx2_grouped<BITS, DEC, 1, 2>(w, t, rs, n, x, ldx, y, ldy);
+      else
+        row_avx2<BITS, DEC, ZP, 1, false, 2>(w, t, rs, n, x, ldx, y, ldy);
+    }
+  }
+  for (; n < n1; ++n)
     for_row_tiles(M, [&](auto mr, int64_t m) {
       constexpr int MR = decltype(mr)::value;
       if (per_channel)
-        row_avx2<BITS, DEC, false, MR, true>(w, t, n, x + m * ldx, ldx, y + m * ldy, ldy);
+        row_avx2<BITS, DEC, false, MR, true>(w, t, rs, n, x + m * ldx, ldx, y + m * ldy, ldy);
       else if (folded)
-        row_avx2_grouped<BITS, DEC, MR>(w, t, n, x + m * ldx, ldx, y + m * ldy, ldy);
+        row_avx2_grouped<BITS, DEC, MR>(w, t, rs, n, x + m * ldx, ldx, y + m * ldy, ldy);
       else
-        row_avx2<BITS, DEC, ZP, MR, false>(w, t, n, x + m * ldx, ldx, y + m * ldy, ldy);
+        row_avx2<BITS, DEC, ZP, MR, false>(w, t, rs, n, x + m * ldx, ldx, y + m * ldy, ldy);
     });
 }
 
 // Dequantized weights of rows n0..n1 and units u0..u1 into out: row n at out + (n - n0) * ld,
 // unit u at column (u - u0) * 64.
 template <int BITS, Dec DEC, bool ZP>
-void dequant_tile_avx2(const Packed& w, const Avx2Consts<BITS, DEC>& t, int64_t n0, int64_t n1, int64_t u0,
-                       int64_t u1, float* out, int64_t ld) {
+void dequant_tile_avx2(const Packed& w, const Avx2Consts<BITS, DEC>& t, RowScales& rs, int64_t n0, int64_t n1,
+                       int64_t u0, int64_t u1, float* out, int64_t ld) {
   for (int64_t n = n0; n < n1; ++n) {
+    const float* srow = rs.scales(n);
+    const float* zrow = ZP ? rs.zeros(n) : nullptr;
     const uint8_t* a = w.plane_a + n * w.lda;
     const uint8_t* b = w.plane_b ? w.plane_b + n * w.ldb : nullptr;
     float* o = out + (n - n0) * ld - u0 * kUnit;
@@ -495,7 +595,7 @@ void dequant_tile_avx2(const Packed& w, const Avx2Consts<BITS, DEC>& t, int64_t 
       prefetch_ahead<BITS>(w, a, b, u);
       for (int h = 0; h < 2; ++h) {
         __m256 v[4];
-        weights_avx2<BITS, DEC, ZP>(w, t, a, b, w.scales + n * w.groups, ZP ? w.zeros + n * w.groups : nullptr, u, h, v);
+        weights_avx2<BITS, DEC, ZP>(w, t, a, b, srow, zrow, u, h, v);
         for (int i = 0; i < 4; ++i) _mm256_storeu_ps(o + u * kUnit + 32 * h + 8 * i, v[i]);
       }
     }
@@ -505,7 +605,8 @@ void dequant_tile_avx2(const Packed& w, const Avx2Consts<BITS, DEC>& t, int64_t 
 template <int BITS, Dec DEC, bool ZP>
 void dequant_avx2_t(const Packed& w, int64_t n0, int64_t n1, float* out) {
   const Avx2Consts<BITS, DEC> t(w);
-  dequant_tile_avx2<BITS, DEC, ZP>(w, t, n0, n1, 0, w.K / kUnit, out + n0 * w.K, w.K);
+  RowScales rs(w);
+  dequant_tile_avx2<BITS, DEC, ZP>(w, t, rs, n0, n1, 0, w.K / kUnit, out + n0 * w.K, w.K);
 }
 
 // ---- blocked GEMM (prefill): from kBlockedMinRows rows of x, each thread decodes a panel
@@ -551,6 +652,7 @@ inline void block_avx2(const float* wt, int64_t ldw, const float* xt, int64_t kc
 template <int BITS, Dec DEC, bool ZP>
 void gemm_avx2_t(const Packed& w, const float* xt, int64_t Mp, int64_t n0, int64_t n1, float* yt) {
   const Avx2Consts<BITS, DEC> t(w);
+  RowScales rs(w);
   const int64_t K = w.K, cols = std::min(K, kPanelCols);
   const int64_t panel_rows = std::clamp<int64_t>(kPanelBytes / (4 * cols) / 6 * 6, 6, 24);
   std::vector<float> panel(panel_rows * cols);
@@ -558,7 +660,7 @@ void gemm_avx2_t(const Packed& w, const float* xt, int64_t Mp, int64_t n0, int64
     const int64_t kb_end = std::min(kb + cols, K);
     for (int64_t nb = n0; nb < n1; nb += panel_rows) {
       const int64_t rows = std::min(panel_rows, n1 - nb);
-      dequant_tile_avx2<BITS, DEC, ZP>(w, t, nb, nb + rows, kb / kUnit, kb_end / kUnit, panel.data(), cols);
+      dequant_tile_avx2<BITS, DEC, ZP>(w, t, rs, nb, nb + rows, kb / kUnit, kb_end / kUnit, panel.data(), cols);
       for (int64_t k0 = kb; k0 < kb_end; k0 += kSliceCols) {
         const int64_t kc = std::min(kSliceCols, kb_end - k0);
         for (int64_t m0 = 0; m0 < Mp; m0 += kXtCols)
@@ -699,13 +801,13 @@ inline void weights_avx512(const Packed& w, const Avx512Consts<BITS, DEC>& t, co
 }
 
 template <int BITS, Dec DEC, bool ZP, int MR>
-void row_avx512(const Packed& w, const Avx512Consts<BITS, DEC>& t, int64_t n, const float* xp, int64_t ldx, float* y,
-                int64_t ldy) {
+void row_avx512(const Packed& w, const Avx512Consts<BITS, DEC>& t, RowScales& rs, int64_t n, const float* xp,
+                int64_t ldx, float* y, int64_t ldy) {
   constexpr int kChains = MR >= 4 ? 1 : 4 / MR;
   const uint8_t* a = w.plane_a + n * w.lda;
   const uint8_t* b = w.plane_b ? w.plane_b + n * w.ldb : nullptr;
-  const float* srow = w.scales + n * w.groups;
-  const float* zrow = ZP ? w.zeros + n * w.groups : nullptr;
+  const float* srow = rs.scales(n);
+  const float* zrow = ZP ? rs.zeros(n) : nullptr;
   __m512 acc[MR][kChains];
   for (int m = 0; m < MR; ++m)
     for (int c = 0; c < kChains; ++c) acc[m][c] = _mm512_setzero_ps();
@@ -730,21 +832,25 @@ template <int BITS, Dec DEC, bool ZP>
 void rows_avx512_t(const Packed& w, const float* xp, int64_t ldx, int64_t M, int64_t n0, int64_t n1, float* y,
                    int64_t ldy) {
   const Avx512Consts<BITS, DEC> t(w);
+  RowScales rs(w);
   for (int64_t n = n0; n < n1; ++n)
     for_row_tiles(M, [&](auto mr, int64_t m) {
-      row_avx512<BITS, DEC, ZP, decltype(mr)::value>(w, t, n, xp + m * ldx, ldx, y + m * ldy, ldy);
+      row_avx512<BITS, DEC, ZP, decltype(mr)::value>(w, t, rs, n, xp + m * ldx, ldx, y + m * ldy, ldy);
     });
 }
 
 template <int BITS, Dec DEC, bool ZP>
 void dequant_avx512_t(const Packed& w, int64_t n0, int64_t n1, float* out) {
   const Avx512Consts<BITS, DEC> t(w);
+  RowScales rs(w);
   for (int64_t n = n0; n < n1; ++n) {
+    const float* srow = rs.scales(n);
+    const float* zrow = ZP ? rs.zeros(n) : nullptr;
     const uint8_t* a = w.plane_a + n * w.lda;
     const uint8_t* b = w.plane_b ? w.plane_b + n * w.ldb : nullptr;
     for (int64_t u = 0; u < w.K / kUnit; ++u) {
       __m512 v[4];
-      weights_avx512<BITS, DEC, ZP>(w, t, a, b, w.scales + n * w.groups, ZP ? w.zeros + n * w.groups : nullptr, u, v);
+      weights_avx512<BITS, DEC, ZP>(w, t, a, b, srow, zrow, u, v);
       float* o = out + n * w.K + u * kUnit;
       for (int i = 0; i < 4; ++i) {
         _mm256_storeu_ps(o + 8 * i, _mm512_castps512_ps256(v[i]));
@@ -804,7 +910,7 @@ void with_format(const Packed& w, F&& f) {
   constexpr auto unsig = integral_constant<Dec, Dec::UnsignedInt>{};
   constexpr auto flt = integral_constant<Dec, Dec::Float>{};
   constexpr auto special = integral_constant<Dec, Dec::FloatSpecial>{};
-  const bool zp = w.zeros != nullptr;
+  const bool zp = w.zeros.kind != Store::None;
   switch (w.bits * 100 + static_cast<int>(w.dec) * 10 + zp) {
     case 400: f(B4, table, N{}); break;
     case 401: f(B4, table, T{}); break;
@@ -886,9 +992,31 @@ struct Owned {  // what a Packed points into, built per call (2^bits + K/8 entri
   std::vector<uint8_t> table_lo, table_hi;
 };
 
+// Scales or zero points as passed: fp32, fp16 or bf16 values, or uint8 codes with their
+// 256-entry fp32 table. Empty: none (zero points of a symmetric format).
+Stored stored(const at::Tensor& values, const std::optional<at::Tensor>& table, int64_t count, const char* what) {
+  Stored out;
+  if (values.numel() == 0) return out;
+  TORCH_CHECK(values.is_contiguous() && values.numel() == count, what, " must be contiguous [N, ceil(K/G)]");
+  out.data = values.data_ptr();
+  const auto type = values.scalar_type();
+  if (type == torch::kUInt8) {
+    TORCH_CHECK(table && table->scalar_type() == torch::kFloat32 && table->is_contiguous() && table->numel() == 256,
+                what, " stored as 8-bit codes need their fp32 table of 256 values");
+    out.kind = Store::Byte;
+    out.table = table->data_ptr<float>();
+    return out;
+  }
+  TORCH_CHECK(type == torch::kFloat32 || type == torch::kFloat16 || type == torch::kBFloat16, what,
+              " must be fp32, fp16, bf16 or uint8 codes with a table");
+  out.kind = type == torch::kFloat32 ? Store::F32 : type == torch::kFloat16 ? Store::F16 : Store::BF16;
+  return out;
+}
+
 Packed make_packed(const at::Tensor& plane_a, const at::Tensor& plane_b, const at::Tensor& table,
                    const at::Tensor& scales, const at::Tensor& zeros, int64_t bits, int64_t K, int64_t G,
-                   const std::vector<int64_t>& decode, Owned& owned) {
+                   const std::vector<int64_t>& decode, const std::optional<at::Tensor>& scale_table,
+                   const std::optional<at::Tensor>& zero_table, Owned& owned) {
   TORCH_CHECK(bits == 4 || bits == 6 || bits == 8, "code width ", bits, " has no kernel; use 4, 6 or 8 bits");
   TORCH_CHECK(K % kUnit == 0, "K = ", K, " must be a multiple of ", kUnit);
   TORCH_CHECK(G >= 8 && G % 8 == 0, "group size ", G, " must be a multiple of 8");
@@ -903,12 +1031,10 @@ Packed make_packed(const at::Tensor& plane_a, const at::Tensor& plane_b, const a
   TORCH_CHECK(table.dtype() == torch::kFloat32 && table.numel() == (int64_t{1} << bits),
               "the value table must be fp32 with 2^bits entries");
   const int64_t groups = (K + G - 1) / G;
-  TORCH_CHECK(scales.dtype() == torch::kFloat32 && scales.is_contiguous() && scales.numel() == N * groups,
-              "scales must be contiguous fp32 [N, ceil(K/G)]");
-  const bool zp = zeros.numel() > 0;
-  if (zp)
-    TORCH_CHECK(zeros.dtype() == torch::kFloat32 && zeros.is_contiguous() && zeros.numel() == N * groups,
-                "zero points must be contiguous fp32 [N, ceil(K/G)]");
+  const Stored scale_store = stored(scales, scale_table, N * groups, "scales");
+  TORCH_CHECK(scale_store.kind != Store::None, "scales must be given: [N, ceil(K/G)]");
+  const Stored zero_store = stored(zeros, zero_table, N * groups, "zero points");
+  const bool zp = zero_store.kind != Store::None;
   // bf16 byte tables; every value must be exact in bf16 (true of every format <= 8 bits).
   TORCH_CHECK(table.is_contiguous(), "the value table must be contiguous");
   const float* values = table.data_ptr<float>();
@@ -929,8 +1055,8 @@ Packed make_packed(const at::Tensor& plane_a, const at::Tensor& plane_b, const a
            bits == 6 ? plane_b.data_ptr<uint8_t>() : nullptr,
            plane_a.size(1),
            bits == 6 ? plane_b.size(1) : 0,
-           scales.data_ptr<float>(),
-           zp ? zeros.data_ptr<float>() : nullptr,
+           scale_store,
+           zero_store,
            groups,
            G,
            N,
@@ -954,10 +1080,11 @@ int64_t row_grain(int64_t N) {  // rows per task: a few tasks per thread balance
 
 at::Tensor lut_linear(const at::Tensor& x_in, const at::Tensor& plane_a, const at::Tensor& plane_b,
                       const at::Tensor& table, const at::Tensor& scales, const at::Tensor& zeros, int64_t bits,
-                      int64_t K, int64_t G, const std::vector<int64_t>& decode, const std::string& isa_request) {
+                      int64_t K, int64_t G, const std::vector<int64_t>& decode, const std::string& isa_request,
+                      const std::optional<at::Tensor>& scale_table, const std::optional<at::Tensor>& zero_table) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == K, "x must be [M, K] with K = ", K);
   Owned owned;
-  Packed w = make_packed(plane_a, plane_b, table, scales, zeros, bits, K, G, decode, owned);
+  Packed w = make_packed(plane_a, plane_b, table, scales, zeros, bits, K, G, decode, scale_table, zero_table, owned);
   const Isa isa = pick_isa(isa_request);
   at::Tensor x = x_in.to(torch::kFloat32).contiguous();
   const int64_t M = x.size(0);
@@ -1013,9 +1140,10 @@ at::Tensor lut_linear(const at::Tensor& x_in, const at::Tensor& plane_a, const a
 
 at::Tensor lut_dequantize(const at::Tensor& plane_a, const at::Tensor& plane_b, const at::Tensor& table,
                           const at::Tensor& scales, const at::Tensor& zeros, int64_t bits, int64_t K, int64_t G,
-                          const std::vector<int64_t>& decode, const std::string& isa_request) {
+                          const std::vector<int64_t>& decode, const std::string& isa_request,
+                          const std::optional<at::Tensor>& scale_table, const std::optional<at::Tensor>& zero_table) {
   Owned owned;
-  Packed w = make_packed(plane_a, plane_b, table, scales, zeros, bits, K, G, decode, owned);
+  Packed w = make_packed(plane_a, plane_b, table, scales, zeros, bits, K, G, decode, scale_table, zero_table, owned);
   if (w.dec == Dec::Fp16Nibble) w.dec = Dec::Table;  // writes weights in k order
   const Isa isa = pick_isa(isa_request);
   at::Tensor out = torch::empty({w.N, K}, torch::kFloat32);
@@ -1032,7 +1160,8 @@ at::Tensor lut_dequantize(const at::Tensor& plane_a, const at::Tensor& plane_b, 
       return;
     }
 #endif
-    for (int64_t n = n0; n < n1; ++n) dequant_row_scalar(w, n, op + n * K);
+    RowScales rs(w);
+    for (int64_t n = n0; n < n1; ++n) dequant_row_scalar(w, rs, n, op + n * K);
   });
   return out;
 }
@@ -1082,9 +1211,17 @@ double stream_read_gbps(const at::Tensor& buffer, int64_t repeats, const std::st
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // scales / zeros: fp32, fp16 or bf16 values, or uint8 codes with scale_table / zero_table
+  // (256 fp32 values each); zeros empty for symmetric formats.
   m.def("lut_linear", &lut_linear,
-        "y = x @ w^T, w = (table[code] - zero) * scale per group, from packed 4/6/8-bit codes; fp32 result");
-  m.def("lut_dequantize", &lut_dequantize, "fp32 weights [N, K] decoded by the kernel's own code path");
+        "y = x @ w^T, w = (table[code] - zero) * scale per group, from packed 4/6/8-bit codes; fp32 result",
+        py::arg("x"), py::arg("plane_a"), py::arg("plane_b"), py::arg("table"), py::arg("scales"), py::arg("zeros"),
+        py::arg("bits"), py::arg("K"), py::arg("G"), py::arg("decode"), py::arg("isa"),
+        py::arg("scale_table") = py::none(), py::arg("zero_table") = py::none());
+  m.def("lut_dequantize", &lut_dequantize, "fp32 weights [N, K] decoded by the kernel's own code path",
+        py::arg("plane_a"), py::arg("plane_b"), py::arg("table"), py::arg("scales"), py::arg("zeros"),
+        py::arg("bits"), py::arg("K"), py::arg("G"), py::arg("decode"), py::arg("isa"),
+        py::arg("scale_table") = py::none(), py::arg("zero_table") = py::none());
   m.def("stream_read_gbps", &stream_read_gbps, "best streaming-read bandwidth in GB/s with the given ISA's loads");
   m.def("decoder", [](int64_t bits, const std::vector<int64_t>& decode) { return decoder_name(pick_decoder(bits, decode)); },
         "the decoder the kernels use for these codes: table, signed_int, unsigned_int, float or float_special");
