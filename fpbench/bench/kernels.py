@@ -27,6 +27,7 @@ same against torch_fp32.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import time
@@ -40,9 +41,9 @@ from tqdm.auto import tqdm
 from fpbench.errors import FpbenchError
 from fpbench.kernels import build as kernels
 from fpbench.kernels.linear import LutLinear, check_kernel_scheme, packed_bytes
-from fpbench.quant.formats import IntFormat, get_format
+from fpbench.quant.formats import get_format
 from fpbench.quant.scheme import Granularity, Scheme
-from fpbench.quant.weights import QuantizedWeight, group_count
+from fpbench.quant.weights import QuantizedWeight, quantize_weight
 from fpbench.records.environment import environment, utc_now
 from fpbench.records.schema import KERNEL_BENCH
 from fpbench.records.store import append_jsonl
@@ -164,16 +165,17 @@ def _copies(weight_bytes: int) -> int:
 
 
 def _random_qweight(name: str, n: int, k: int, generator: torch.Generator) -> QuantizedWeight:
+    """RTN of a random weight: the codes, and the scales (zero points, NVFP4's tensor
+    scale) in the scheme's own scale format, so the layer stores what a real one does."""
     fmt_name, _, gran = name.partition("/")
-    fmt, granularity = get_format(fmt_name), Granularity.parse(gran)
-    groups = group_count(k, granularity)
-    if isinstance(fmt, IntFormat):
-        codes = torch.randint(fmt.qmin, fmt.qmax + 1, (n, k), generator=generator)
-        codes = codes.to(torch.int8 if fmt.symmetric else torch.uint8)
-    else:
-        codes = torch.randint(0, 1 << fmt.bits, (n, k), dtype=torch.uint8, generator=generator)
-    zeros = None if not isinstance(fmt, IntFormat) or fmt.symmetric else torch.rand(n, groups, generator=generator)
-    return QuantizedWeight(codes, torch.rand(n, groups, generator=generator), zeros, fmt.name, granularity)
+    return quantize_weight(torch.randn(n, k, generator=generator) * 0.02, get_format(fmt_name).name,
+                           Granularity.parse(gran))
+
+
+def _shuffled(qweight: QuantizedWeight, copy: int) -> QuantizedWeight:
+    """Another weight copy with the same storage: the codes rotated (values do not change the time)."""
+    codes = qweight.codes.flatten().roll(copy * 7919).reshape(qweight.codes.shape)
+    return dataclasses.replace(qweight, codes=codes)
 
 
 def prepare(kernel: str, n: int, k: int, generator: torch.Generator) -> Prepared:
@@ -203,9 +205,10 @@ def prepare(kernel: str, n: int, k: int, generator: torch.Generator) -> Prepared
     if kernel in TORCH_KERNELS or "/" not in kernel:
         raise FpbenchError(f"unknown kernel {kernel!r}; choose from {', '.join(TORCH_KERNELS)} "
                            "or FORMAT/GRANULARITY such as int4/g128")
-    first = LutLinear(_random_qweight(kernel, n, k, generator))
+    qweight = _random_qweight(kernel, n, k, generator)
+    first = LutLinear(qweight)
     nbytes = packed_bytes(first)
-    weights = [first] + [LutLinear(_random_qweight(kernel, n, k, generator)) for _ in range(_copies(nbytes) - 1)]
+    weights = [first] + [LutLinear(_shuffled(qweight, copy)) for copy in range(1, _copies(nbytes))]
     return Prepared(weights, nbytes, lambda x, layer: layer(x), torch.float32)
 
 
