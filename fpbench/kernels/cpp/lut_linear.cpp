@@ -191,15 +191,13 @@ struct Packed {
   float pow2_16;             // 2^(15 - bias)
 };
 
-// A worker's fp32 copies of the scales and zero points of up to two rows (slot 0, 1).
+// A worker's fp32 copy of one row's scales and zero points (in place when stored as fp32).
 struct RowScales {
   const Packed& w;
   std::vector<float> buf;
-  explicit RowScales(const Packed& w) : w(w), buf(4 * w.groups) {}
-  const float* scales(int64_t n, int slot = 0) { return w.scales.row(n, w.groups, buf.data() + slot * w.groups); }
-  const float* zeros(int64_t n, int slot = 0) {
-    return w.zeros.row(n, w.groups, buf.data() + (2 + slot) * w.groups);
-  }
+  explicit RowScales(const Packed& w) : w(w), buf(2 * w.groups) {}
+  const float* scales(int64_t n) { return w.scales.row(n, w.groups, buf.data()); }
+  const float* zeros(int64_t n) { return w.zeros.row(n, w.groups, buf.data() + w.groups); }
 };
 
 // Position p (0..63) of a unit -> weight offset inside the unit: the order in which the
@@ -446,110 +444,83 @@ inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// NR weight rows (n .. n + NR - 1) against MR rows of x. With few x rows, several
-// accumulators per row hide the FMA latency (a single chain would cap a GEMV at one FMA
-// per 4 cycles); at M = 1, two weight rows at a time share each load of x and keep two
-// rows' decodes in flight. Each row's sums are the same operations in the same order for
-// any NR, so a row's result does not depend on its neighbours (``LutLinear.stacked``).
+// One weight row against MR rows of x. With few x rows, several accumulators per row
+// hide the FMA latency (a single chain would cap a GEMV at one FMA per 4 cycles).
 // PER_CHANNEL (one scale, no zero point): the scale multiplies the finished sums, one
 // multiply per row instead of one per 8 weights.
-template <int BITS, Dec DEC, bool ZP, int MR, bool PER_CHANNEL, int NR = 1>
+template <int BITS, Dec DEC, bool ZP, int MR, bool PER_CHANNEL>
 void row_avx2(const Packed& w, const Avx2Consts<BITS, DEC>& t, RowScales& rs, int64_t n, const float* x,
               int64_t ldx, float* y, int64_t ldy) {
   constexpr int kChains = MR >= 4 ? 1 : 4 / MR;
-  const uint8_t *a[NR], *b[NR];
-  const float *srow[NR], *zrow[NR];
-  for (int r = 0; r < NR; ++r) {
-    a[r] = w.plane_a + (n + r) * w.lda;
-    b[r] = w.plane_b ? w.plane_b + (n + r) * w.ldb : nullptr;
-    srow[r] = rs.scales(n + r, r);
-    zrow[r] = ZP ? rs.zeros(n + r, r) : nullptr;
-  }
-  __m256 acc[NR][MR][kChains];
-  for (int r = 0; r < NR; ++r)
-    for (int m = 0; m < MR; ++m)
-      for (int c = 0; c < kChains; ++c) acc[r][m][c] = _mm256_setzero_ps();
+  const uint8_t* a = w.plane_a + n * w.lda;
+  const uint8_t* b = w.plane_b ? w.plane_b + n * w.ldb : nullptr;
+  const float* srow = rs.scales(n);
+  const float* zrow = ZP ? rs.zeros(n) : nullptr;
+  __m256 acc[MR][kChains];
+  for (int m = 0; m < MR; ++m)
+    for (int c = 0; c < kChains; ++c) acc[m][c] = _mm256_setzero_ps();
   const int64_t units = w.K / kUnit;
   for (int64_t u = 0; u < units; ++u) {
-    for (int r = 0; r < NR; ++r) prefetch_ahead<BITS>(w, a[r], b[r], u);
+    prefetch_ahead<BITS>(w, a, b, u);
     for (int h = 0; h < 2; ++h) {
+      __m256 v[4];
+      weights_avx2<BITS, DEC, ZP, !PER_CHANNEL>(w, t, a, b, srow, zrow, u, h, v);
       const int64_t k = u * kUnit + 32 * h;
-      for (int r = 0; r < NR; ++r) {
-        __m256 v[4];
-        weights_avx2<BITS, DEC, ZP, !PER_CHANNEL>(w, t, a[r], b[r], srow[r], zrow[r], u, h, v);
-        for (int i = 0; i < 4; ++i)
-          for (int m = 0; m < MR; ++m)
-            acc[r][m][i % kChains] = _mm256_fmadd_ps(v[i], _mm256_loadu_ps(x + m * ldx + k + 8 * i),
-                                                     acc[r][m][i % kChains]);
-      }
+      for (int i = 0; i < 4; ++i)
+        for (int m = 0; m < MR; ++m)
+          acc[m][i % kChains] = _mm256_fmadd_ps(v[i], _mm256_loadu_ps(x + m * ldx + k + 8 * i), acc[m][i % kChains]);
     }
   }
-  for (int r = 0; r < NR; ++r)
-    for (int m = 0; m < MR; ++m) {
-      __m256 total = acc[r][m][0];
-      for (int c = 1; c < kChains; ++c) total = _mm256_add_ps(total, acc[r][m][c]);
-      y[m * ldy + n + r] = PER_CHANNEL ? hsum256(total) * srow[r][0] : hsum256(total);
-    }
+  for (int m = 0; m < MR; ++m) {
+    __m256 total = acc[m][0];
+    for (int c = 1; c < kChains; ++c) total = _mm256_add_ps(total, acc[m][c]);
+    y[m * ldy + n] = PER_CHANNEL ? hsum256(total) * srow[0] : hsum256(total);
+  }
 }
 
-// NR weight rows against MR rows of x, for scales per group of G weights (G a multiple of
+// One weight row against MR rows of x, for scales per group of G weights (G a multiple of
 // 128) and no zero points: each group's products are summed unscaled and the sum takes
 // the group's scale once, instead of a broadcast and a multiply per 8 weights (int4/g128
 // at M = 1: 1.28x, measured side by side here; with G = 32 or 64 the fold costs what it
 // saves, and those keep row_avx2). The same products as row_avx2, summed in another
-// order: the result stays within the fp32 summation bound. NR as in row_avx2.
-template <int BITS, Dec DEC, int MR, int NR = 1>
+// order: the result stays within the fp32 summation bound.
+template <int BITS, Dec DEC, int MR>
 void row_avx2_grouped(const Packed& w, const Avx2Consts<BITS, DEC>& t, RowScales& rs, int64_t n, const float* x,
                       int64_t ldx, float* y, int64_t ldy) {
   constexpr int kChains = MR >= 4 ? 1 : 4 / MR;
-  const uint8_t *a[NR], *b[NR];
-  const float* srow[NR];
-  for (int r = 0; r < NR; ++r) {
-    a[r] = w.plane_a + (n + r) * w.lda;
-    b[r] = w.plane_b ? w.plane_b + (n + r) * w.ldb : nullptr;
-    srow[r] = rs.scales(n + r, r);
-  }
-  // One scaled-sum chain per x row besides the kChains partial ones.
-  __m256 acc[NR][MR];
-  for (int r = 0; r < NR; ++r)
-    for (int m = 0; m < MR; ++m) acc[r][m] = _mm256_setzero_ps();
+  const uint8_t* a = w.plane_a + n * w.lda;
+  const uint8_t* b = w.plane_b ? w.plane_b + n * w.ldb : nullptr;
+  const float* srow = rs.scales(n);
+  // One scaled-sum chain per x row besides the kChains partial ones: all of them, the
+  // decode's vectors and its tables stay in the 16 ymm registers.
+  __m256 acc[MR];
+  for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps();
   const int64_t units = w.K / kUnit, per_group = w.group_size / kUnit;  // units per group
   for (int64_t u0 = 0; u0 < units; u0 += per_group) {
     const int64_t u1 = std::min(u0 + per_group, units);  // the last group may be shorter
-    __m256 part[NR][MR][kChains];
-    for (int r = 0; r < NR; ++r)
-      for (int m = 0; m < MR; ++m)
-        for (int c = 0; c < kChains; ++c) part[r][m][c] = _mm256_setzero_ps();
+    __m256 part[MR][kChains];
+    for (int m = 0; m < MR; ++m)
+      for (int c = 0; c < kChains; ++c) part[m][c] = _mm256_setzero_ps();
     for (int64_t u = u0; u < u1; ++u) {
-      for (int r = 0; r < NR; ++r) prefetch_ahead<BITS>(w, a[r], b[r], u);
+      prefetch_ahead<BITS>(w, a, b, u);
       for (int h = 0; h < 2; ++h) {
-        const int64_t k = u * kUnit + 32 * h;
-        for (int r = 0; r < NR; ++r) {
-          __m256 v[4];
-          weights_avx2<BITS, DEC, false, false>(w, t, a[r], b[r], srow[r], nullptr, u, h, v);
-          for (int i = 0; i < 4; ++i)
-            for (int m = 0; m < MR; ++m)
-              part[r][m][i % kChains] = _mm256_fmadd_ps(v[i], _mm256_loadu_ps(x + m * ldx + k + 8 * i),
-                                                        part[r][m][i % kChains]);
-        }
+        __m256 v[4];
+        weights_avx2<BITS, DEC, false, false>(w, t, a, b, srow, nullptr, u, h, v);
+        for (int i = 0; i < 4; ++i)
+          for (int m = 0; m < MR; ++m)
+            part[m][i % kChains] = _mm256_fmadd_ps(v[i], _mm256_loadu_ps(x + m * ldx + u * kUnit + 32 * h + 8 * i),
+                                                   part[m][i % kChains]);
       }
     }
-    for (int r = 0; r < NR; ++r) {
-      const __m256 scale = _mm256_broadcast_ss(srow[r] + u0 / per_group);
-      for (int m = 0; m < MR; ++m) {
-        __m256 sum = part[r][m][0];
-        for (int c = 1; c < kChains; ++c) sum = _mm256_add_ps(sum, part[r][m][c]);
-        acc[r][m] = _mm256_fmadd_ps(scale, sum, acc[r][m]);
-      }
+    const __m256 scale = _mm256_broadcast_ss(srow + u0 / per_group);
+    for (int m = 0; m < MR; ++m) {
+      __m256 sum = part[m][0];
+      for (int c = 1; c < kChains; ++c) sum = _mm256_add_ps(sum, part[m][c]);
+      acc[m] = _mm256_fmadd_ps(scale, sum, acc[m]);
     }
   }
-  for (int r = 0; r < NR; ++r)
-    for (int m = 0; m < MR; ++m) y[m * ldy + n + r] = hsum256(acc[r][m]);
+  for (int m = 0; m < MR; ++m) y[m * ldy + n] = hsum256(acc[m]);
 }
-
-#ifndef FPBENCH_GEMV_ROW_PAIRS
-#define FPBENCH_GEMV_ROW_PAIRS 1
-#endif
 
 template <int BITS, Dec DEC, bool ZP>
 void rows_avx2_t(const Packed& w, const float* x, int64_t ldx, int64_t M, int64_t n0, int64_t n1, float* y,
@@ -557,18 +528,7 @@ void rows_avx2_t(const Packed& w, const float* x, int64_t ldx, int64_t M, int64_
   const Avx2Consts<BITS, DEC> t(w);
   RowScales rs(w);
   const bool per_channel = !ZP && w.groups == 1, folded = !ZP && w.group_size % (2 * kUnit) == 0;
-  int64_t n = n0;
-  if (FPBENCH_GEMV_ROW_PAIRS && M == 1) {
-    for (; n + 2 <= n1; n += 2) {
-      if (per_channel)
-        row_avx2<BITS, DEC, false, 1, true, 2>(w, t, rs, n, x, ldx, y, ldy);
-      else if (folded)
-        row_avx2_grouped<BITS, DEC, 1, 2>(w, t, rs, n, x, ldx, y, ldy);
-      else
-        row_avx2<BITS, DEC, ZP, 1, false, 2>(w, t, rs, n, x, ldx, y, ldy);
-    }
-  }
-  for (; n < n1; ++n)
+  for (int64_t n = n0; n < n1; ++n)
     for_row_tiles(M, [&](auto mr, int64_t m) {
       constexpr int MR = decltype(mr)::value;
       if (per_channel)
