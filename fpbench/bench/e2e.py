@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from fpbench.errors import FpbenchError
-from fpbench.eval.lean_decode import LeanDecoder, lean_decoder_support
+from fpbench.eval.lean_decode import LeanDecoder, decode_loop
 from fpbench.kernels.linear import use_kernel_linears
 from fpbench.quant.model import quantize_model
 from fpbench.records.environment import environment, utc_now
@@ -85,7 +85,7 @@ def _record(model_name: str, variant: str, loop: str, tps: float, seconds: float
 
 def measure_model(name: str, model, new_tokens: int, progress: bool) -> list[dict]:
     vocab = model.config.vocab_size
-    loop = "transformers" if lean_decoder_support(model) else "lean"
+    loop = decode_loop(model)
     records = []
     for dtype, variant in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         model = model.to(dtype)

@@ -34,7 +34,7 @@ from torch import nn
 
 from fpbench.errors import FpbenchError
 from fpbench.eval.generation import cache_keyword, output_cache
-from fpbench.eval.lean_decode import LeanDecoder, lean_decoder_support
+from fpbench.eval.lean_decode import LeanDecoder, decode_loop
 from fpbench.kernels.linear import LutLinear, packed_bytes
 
 PATHS = ("fpbench-kernel", "torch-fp32", "torch-bf16", "torch-int8")
@@ -115,11 +115,6 @@ def weight_bytes(model: nn.Module, layer_names) -> int:
             if tensor_name != "bias" and tensor is not None:
                 total += tensor.numel() * tensor.element_size()
     return total
-
-
-def decode_loop(model: nn.Module) -> str:
-    """Which loop times the decode steps of ``model``: "lean" or "transformers"."""
-    return "transformers" if lean_decoder_support(model) else "lean"
 
 
 @torch.no_grad()

@@ -42,6 +42,12 @@ def lean_decoder_support(model: nn.Module) -> str | None:
     return None
 
 
+def decode_loop(model: nn.Module) -> str:
+    """The loop a batch-1 greedy decode of ``model`` runs in: "lean" where ``LeanDecoder``
+    supports it, else "transformers" (the model's own forward and KV cache)."""
+    return "transformers" if lean_decoder_support(model) else "lean"
+
+
 def _stack(layers: list[nn.Module]) -> tuple[list[nn.Module], list[int] | None]:
     """(one kernel layer, the widths of its parts) when ``layers`` are kernel layers that
     stack, else (``layers``, None)."""

@@ -7,8 +7,8 @@ zero point per scale. Scales and zero points are stored in their scale format's 
 (fp16 by default, E8M0 codes for MX, E4M3 codes and the tensor scale for NVFP4:
 ``packing.stored_scales``), so ``packed_bytes`` is what the scheme's bits per weight
 count. The weight it multiplies by is ``(table[code] - zero_point) * scale`` computed in
-fp32, bit-identical to ``QuantizedWeight.dequantize()``; outputs equal a float64 product with those weights up
-to fp32 summation order. bfloat16 (or fp16) inputs are widened to fp32 (exact) and the
+fp32, bit-identical to ``QuantizedWeight.dequantize()``; outputs equal a float64 product
+with those weights up to fp32 summation order. bfloat16 (or fp16) inputs are widened to fp32 (exact) and the
 result is rounded once to the input dtype, after the bias.
 
 Supported shapes: K (in_features) a multiple of 64; G a multiple of 16 (16 covers the
