@@ -157,13 +157,14 @@ def test_e2e_decode_on_a_tiny_model(tmp_path):
                  num_key_value_heads=2, vocab_size=300)
     records = run_e2e(new_tokens=4, out_dir=str(tmp_path), progress=False, shape=shape, include_default=False)
     assert [(r["variant"], r["loop"]) for r in records] == [
-        ("fp32", "lean"), ("bf16", "lean"), ("fp6_kernel", "lean"), ("fp6_kernel", "transformers")]
+        ("fp32", "lean"), ("bf16", "lean"), ("fp6_kernel", "lean"), ("fp6_kernel", "transformers"),
+        ("fp6_kernel+head", "lean")]
     assert all(r["tokens_per_s"] > 0 for r in records)
-    assert records[2]["model_bytes"] < records[1]["model_bytes"] < records[0]["model_bytes"]
+    assert records[4]["model_bytes"] < records[2]["model_bytes"] < records[1]["model_bytes"] < records[0]["model_bytes"]
     best = max(records[0]["tokens_per_s"], records[1]["tokens_per_s"])  # the dense rows of the lean loop
-    for fp6 in records[2:]:
+    for fp6 in records[2:]:  # FP6 rows of either loop, head quantized or not
         assert fp6["speedup_vs_best_dense"] == round(fp6["tokens_per_s"] / best, 3)
-    assert (tmp_path / "e2e.jsonl").read_text().count("\n") == 4
+    assert (tmp_path / "e2e.jsonl").read_text().count("\n") == 5
     text = e2e_table(records)
     assert "fp6_kernel" in text and "pip install llama-cpp-python" in text  # no peer: how to add it
 
@@ -202,8 +203,11 @@ def test_llama_cpp_peer_is_timed_through_its_generator(monkeypatch, tmp_path):
     records = [{"model": "m", "variant": v, "loop": loop, "tokens_per_s": t, "ms_per_token": 1e3 / t,
                 "speedup_vs_bf16": 1.0, "speedup_vs_best_dense": 1.0, "model_bytes": 1} for v, loop, t in
                (("fp32", "lean", 8.0), ("bf16", "lean", 10.0), ("fp6_kernel", "lean", 15.0),
-                ("fp6_kernel", "transformers", 9.0), ("llama.cpp (Q4_1 GGUF)", "llama.cpp", 60.0))]
-    assert "FP6 kernel 15.0 tokens/s = 0.25x llama.cpp's 60.0" in e2e_table(records)
+                ("fp6_kernel", "transformers", 9.0), ("fp6_kernel+head", "lean", 18.0),
+                ("llama.cpp (Q4_1 GGUF)", "llama.cpp", 60.0))]
+    text = e2e_table(records)
+    assert "FP6 kernel 15.0 tokens/s = 0.25x llama.cpp's 60.0" in text
+    assert "FP6 kernel with FP6 head 18.0 tokens/s = 0.30x llama.cpp's 60.0" in text
 
 
 def test_bf16_model_decodes_with_the_kernel():

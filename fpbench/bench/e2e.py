@@ -6,7 +6,8 @@ Two models: a randomly initialised Llama-shaped model of about 1.1B parameters
 as in real deployment; random weights do not change the speed), and the default model.
 Each is timed in fp32 and bf16 (the faster of the two is torch's best dense decode on
 this CPU: bf16 needs native bf16 instructions to win), then quantized (RTN, fp6_e3m2
-per channel) with its linear layers swapped for ``LutLinear``. Greedy decoding of
+per channel) with its linear layers swapped for ``LutLinear``, then once more with its
+output head in FP6 as well (``fp6_kernel+head``: as llama.cpp's GGUF holds the head). Greedy decoding of
 exactly ``new_tokens`` tokens after a short prompt; the time covers generation only
 (prefill included, ~1 token's work). Every variant decodes in ``LeanDecoder`` (the
 transformers forward's logits without its per-token framework work; loop "lean"), and the
@@ -96,6 +97,11 @@ def measure_model(name: str, model, new_tokens: int, progress: bool) -> list[dic
     for fp6_loop in dict.fromkeys((loop, "transformers")):
         tps, seconds = decode_tokens_per_s(model, new_tokens, vocab, loop=fp6_loop)
         records.append(_record(name, "fp6_kernel", fp6_loop, tps, seconds, _weight_bytes(model)))
+    # As a GGUF holds it: the output head quantized too (the one nn.Linear left by now).
+    head = quantize_model(model, Scheme.parse(FP6_SCHEME), include_head=True, progress=progress)
+    use_kernel_linears(model, head.weights)
+    tps, seconds = decode_tokens_per_s(model, new_tokens, vocab, loop=loop)
+    records.append(_record(name, "fp6_kernel+head", loop, tps, seconds, _weight_bytes(model)))
     return records
 
 
@@ -173,8 +179,10 @@ def e2e_table(records: list[dict]) -> str:
              if r.get("loop") in (main_loop[r["model"]], "llama.cpp")}
     llama = [(model, tps) for (model, variant), tps in peers.items() if variant.startswith("llama.cpp")]
     for model, tps in llama:
-        text += (f"\n{model}: FP6 kernel {peers[(model, 'fp6_kernel')]:.1f} tokens/s = "
-                 f"{peers[(model, 'fp6_kernel')] / tps:.2f}x llama.cpp's {tps:.1f} (same run, same threads)")
+        for variant, label in (("fp6_kernel", "FP6 kernel"), ("fp6_kernel+head", "FP6 kernel with FP6 head")):
+            if (model, variant) in peers:
+                text += (f"\n{model}: {label} {peers[(model, variant)]:.1f} tokens/s = "
+                         f"{peers[(model, variant)] / tps:.2f}x llama.cpp's {tps:.1f} (same run, same threads)")
     if not llama:
         text += "\n" + LLAMA_CPP_MISSING
     return text
