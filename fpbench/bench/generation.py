@@ -67,9 +67,8 @@ def decode_step_ms(model, rows: tuple[int, ...] = STEP_ROWS, context: int = STEP
     on the same cache, so both see the same machine state and cache lengths."""
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(model.config.vocab_size, (max(rows), context), generator=generator)
-    cache = SlotCache()
-    model(input_ids=ids, attention_mask=torch.ones_like(ids), **{cache_keyword(model): cache}, use_cache=True,
-          logits_to_keep=1)
+    cache, keyword = SlotCache(), cache_keyword(model)
+    model(input_ids=ids, attention_mask=torch.ones_like(ids), **{keyword: cache}, use_cache=True, logits_to_keep=1)
     length, result = context, {}
     for n in sorted(rows, reverse=True):
         cache.batch_select_indices(torch.arange(n))
@@ -79,7 +78,7 @@ def decode_step_ms(model, rows: tuple[int, ...] = STEP_ROWS, context: int = STEP
                 with few_row_linears(model) if form == "few_row" else nullcontext():
                     start = time.perf_counter()
                     model(input_ids=ids[:n, -1:], attention_mask=torch.ones(n, length + 1, dtype=torch.long),
-                          position_ids=torch.full((n, 1), length), **{cache_keyword(model): cache}, use_cache=True)
+                          position_ids=torch.full((n, 1), length), **{keyword: cache}, use_cache=True)
                     seconds.append(time.perf_counter() - start)
                 length += 1
         result[str(n)] = {form: round(1e3 * statistics.median(t), 2) for form, t in times.items()}
