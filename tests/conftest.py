@@ -33,15 +33,16 @@ def default_tokenizer():
     return load_model().tokenizer
 
 
-def tiny_llama(vocab_size: int = 49152, layers: int = 2, hidden: int = 64, seed: int = 0):
-    """A tiny random Llama with the default model's architecture, in seconds."""
+def tiny_llama(vocab_size: int = 49152, layers: int = 2, hidden: int = 64, seed: int = 0, bias: bool = False):
+    """A tiny random Llama with the default model's architecture, in seconds (``bias``:
+    biases on the attention and MLP projections, as some Llama-family models have)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab_size,
-                         max_position_embeddings=512, tie_word_embeddings=True)
+                         max_position_embeddings=512, tie_word_embeddings=True, attention_bias=bias, mlp_bias=bias)
     return LlamaForCausalLM(config).eval()
 
 

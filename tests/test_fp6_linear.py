@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from fpbench.errors import FpbenchError
-from fpbench.kernels.linear import GEMM_MIN_ROWS, LutLinear, check_kernel_scheme, packed_bytes, use_kernel_linears
+from fpbench.kernels import build as kernels
+from fpbench.kernels.linear import LutLinear, check_kernel_scheme, packed_bytes, use_kernel_linears
 from fpbench.quant.model import quantize_model
 from fpbench.quant.scheme import Granularity, Scheme
 from fpbench.quant.weights import quantize_weight
@@ -40,8 +41,11 @@ def test_linear_equals_simulated_linear(isa, fmt, batch_shape):
         assert bool((err <= _bound(x.reshape(-1, 576), weight, 576) + 2.0**-23 * reference.abs().reshape(-1, 96)).all())
 
 
-def test_gemm_threshold_is_exercised():
-    assert 2 * 20 >= GEMM_MIN_ROWS > 3 * 5
+def test_gemm_thresholds_are_exercised():
+    # the batch shapes above run the GEMV (1, 3x5 rows) and both GEMM paths (2x20 rows)
+    module = kernels.load()
+    assert 2 * 20 >= module.scalar_gemm_min_rows() > 3 * 5
+    assert 2 * 20 >= module.blocked_min_rows() > 3 * 5
 
 
 @pytest.mark.parametrize("rows", [1, 3, 40])
@@ -157,14 +161,14 @@ def test_e2e_decode_on_a_tiny_model(tmp_path):
                  num_key_value_heads=2, vocab_size=300)
     records = run_e2e(new_tokens=4, out_dir=str(tmp_path), progress=False, shape=shape, include_default=False)
     assert [(r["variant"], r["loop"]) for r in records] == [
-        ("fp32", "lean"), ("bf16", "lean"), ("fp6_kernel", "lean"), ("fp6_kernel", "transformers"),
-        ("fp6_kernel+head", "lean")]
+        ("fp32", "compiled"), ("bf16", "compiled"), ("fp6_kernel", "compiled"), ("fp6_kernel", "lean"),
+        ("fp6_kernel", "transformers"), ("fp6_kernel+head", "compiled")]
     assert all(r["tokens_per_s"] > 0 for r in records)
-    assert records[4]["model_bytes"] < records[2]["model_bytes"] < records[1]["model_bytes"] < records[0]["model_bytes"]
-    best = max(records[0]["tokens_per_s"], records[1]["tokens_per_s"])  # the dense rows of the lean loop
-    for fp6 in records[2:]:  # FP6 rows of either loop, head quantized or not
+    assert records[5]["model_bytes"] < records[2]["model_bytes"] < records[1]["model_bytes"] < records[0]["model_bytes"]
+    best = max(records[0]["tokens_per_s"], records[1]["tokens_per_s"])  # the dense rows of the compiled loop
+    for fp6 in records[2:]:  # FP6 rows of every loop, head quantized or not
         assert fp6["speedup_vs_best_dense"] == round(fp6["tokens_per_s"] / best, 3)
-    assert (tmp_path / "e2e.jsonl").read_text().count("\n") == 5
+    assert (tmp_path / "e2e.jsonl").read_text().count("\n") == 6
     text = e2e_table(records)
     assert "fp6_kernel" in text and "pip install llama-cpp-python" in text  # no peer: how to add it
 
@@ -202,8 +206,9 @@ def test_llama_cpp_peer_is_timed_through_its_generator(monkeypatch, tmp_path):
     assert calls.count(("generate", PROMPT_TOKENS, 0.0, 1)) == 2 and calls.count("token") == 2 + 5
     records = [{"model": "m", "variant": v, "loop": loop, "tokens_per_s": t, "ms_per_token": 1e3 / t,
                 "speedup_vs_bf16": 1.0, "speedup_vs_best_dense": 1.0, "model_bytes": 1} for v, loop, t in
-               (("fp32", "lean", 8.0), ("bf16", "lean", 10.0), ("fp6_kernel", "lean", 15.0),
-                ("fp6_kernel", "transformers", 9.0), ("fp6_kernel+head", "lean", 18.0),
+               (("fp32", "compiled", 8.0), ("bf16", "compiled", 10.0), ("fp6_kernel", "compiled", 15.0),
+                ("fp6_kernel", "lean", 12.0), ("fp6_kernel", "transformers", 9.0),
+                ("fp6_kernel+head", "compiled", 18.0),
                 ("llama.cpp (Q4_1 GGUF)", "llama.cpp", 60.0))]
     text = e2e_table(records)
     assert "FP6 kernel 15.0 tokens/s = 0.25x llama.cpp's 60.0" in text

@@ -9,10 +9,11 @@ this CPU: bf16 needs native bf16 instructions to win), then quantized (RTN, fp6_
 per channel) with its linear layers swapped for ``LutLinear``, then once more with its
 output head in FP6 as well (``fp6_kernel+head``: as llama.cpp's GGUF holds the head). Greedy decoding of
 exactly ``new_tokens`` tokens after a short prompt; the time covers generation only
-(prefill included, ~1 token's work). Every variant decodes in ``LeanDecoder`` (the
-transformers forward's logits without its per-token framework work; loop "lean"), and the
-FP6 kernel once more in ``model.generate`` (loop "transformers"), so the table shows what
-the framework costs per token. When ``llama-cpp-python`` is installed (an optional
+(prefill included, ~1 token's work). Every variant decodes in ``LeanDecoder`` with its
+compiled step (the transformers forward's logits, bit for bit, without a Python call per
+operation; loop "compiled"), and the FP6 kernel once more with the step's per-layer work
+in Python (loop "lean") and in ``model.generate`` (loop "transformers"), so the table
+shows what Python and the framework cost per token. When ``llama-cpp-python`` is installed (an optional
 extra, ``pip install llama-cpp-python``: it compiles llama.cpp for about 10 minutes),
 llama.cpp decodes the default model's GGUF in the same run, with as many threads.
 """
@@ -54,18 +55,19 @@ def random_llama(shape: dict | None = None, seed: int = 0):
 
 @torch.no_grad()
 def decode_tokens_per_s(model, new_tokens: int, vocab_size: int, seed: int = 0,
-                        loop: str = "lean") -> tuple[float, float]:
+                        loop: str = "compiled") -> tuple[float, float]:
     """(tokens/s, seconds) of greedy decoding of exactly ``new_tokens`` at batch 1, in
-    ``LeanDecoder`` (loop "lean") or ``model.generate`` (loop "transformers")."""
+    ``LeanDecoder`` (loop "compiled" or "lean": its step compiled or in Python) or
+    ``model.generate`` (loop "transformers")."""
     prompt = torch.randint(0, vocab_size, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(seed))
-    if loop == "lean":
-        decoder = LeanDecoder(model, PROMPT_TOKENS + new_tokens)
+    if loop in ("compiled", "lean"):
+        decoder = LeanDecoder(model, PROMPT_TOKENS + new_tokens, compiled=loop == "compiled")
         decoder.generate(prompt, 2)  # warm-up
         start = time.perf_counter()
         generated = len(decoder.generate(prompt, new_tokens))
         return generated / (seconds := time.perf_counter() - start), seconds
     if loop != "transformers":
-        raise FpbenchError(f"unknown decode loop {loop!r}; use lean or transformers")
+        raise FpbenchError(f"unknown decode loop {loop!r}; use compiled, lean or transformers")
     settings = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
     model.generate(prompt, max_new_tokens=2, min_new_tokens=2, **settings)  # warm-up
     start = time.perf_counter()
@@ -94,7 +96,7 @@ def measure_model(name: str, model, new_tokens: int, progress: bool) -> list[dic
         records.append(_record(name, variant, loop, tps, seconds, _weight_bytes(model)))
     quantized = quantize_model(model, Scheme.parse(FP6_SCHEME), progress=progress)
     use_kernel_linears(model, quantized.weights)
-    for fp6_loop in dict.fromkeys((loop, "transformers")):
+    for fp6_loop in dict.fromkeys((loop, "lean", "transformers")):
         tps, seconds = decode_tokens_per_s(model, new_tokens, vocab, loop=fp6_loop)
         records.append(_record(name, "fp6_kernel", fp6_loop, tps, seconds, _weight_bytes(model)))
     # As a GGUF holds it: the output head quantized too (the one nn.Linear left by now).
@@ -154,7 +156,7 @@ def run_e2e(new_tokens: int = 128, out_dir: str | None = None, progress: bool = 
     env = environment() | {"new_tokens": new_tokens, "batch": 1, "time": utc_now()}
     for model_name in dict.fromkeys(r["model"] for r in records):
         rows = [r for r in records if r["model"] == model_name]
-        # ratios within the loop the model's dense rows ran in (the lean one where it applies)
+        # ratios within the loop the model's dense rows ran in (the compiled one where it applies)
         by_variant = {r["variant"]: r["tokens_per_s"] for r in rows if r["loop"] == rows[0]["loop"]}
         best_dense = max(by_variant["fp32"], by_variant["bf16"])
         for record in rows:

@@ -16,8 +16,9 @@ What is timed, at batch 1: ``decode_ms_per_token``, the mean time of one decode 
 ``repeats``, a warm-up pass excluded), and ``prefill_tokens_per_s`` over a
 ``prefill_tokens``-token prompt (the transformers forward, median of ``repeats``). Decode
 steps run in ``lean_decode.LeanDecoder`` where it supports the model (the same logits as
-the transformers forward, without its per-token framework work; ``decode_loop`` "lean"),
-else in the transformers forward with its KV cache (``decode_loop`` "transformers").
+the transformers forward, without its per-token framework work; ``decode_loop``
+"compiled" with its compiled step, which kernel and dense layers get, else "lean"), else
+in the transformers forward with its KV cache (``decode_loop`` "transformers").
 ``weight_mb`` counts the bytes the quantized linear layers hold for their weights
 (packed codes, scales, zero points; not biases), so it tracks the format's real size.
 """
@@ -77,6 +78,12 @@ class TorchInt8Linear(nn.Module):
         self.register_buffer("scales", scales.reshape(-1).to(torch.bfloat16).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
 
+    def compiled_projection(self):
+        """This layer for the compiled decode step: the same calls as ``forward``."""
+        from fpbench.kernels import build as kernels
+
+        return kernels.load().Projection.int8_weight_only(self.codes, self.scales, self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
         out = torch._weight_int8pack_mm(flat, self.codes, self.scales)
@@ -120,7 +127,7 @@ def weight_bytes(model: nn.Module, layer_names) -> int:
 @torch.no_grad()
 def _decode_ms_per_token(model, prompt: torch.Tensor, new_tokens: int) -> float:
     steps = []
-    if decode_loop(model) == "lean":
+    if decode_loop(model) != "transformers":
         decoder = LeanDecoder(model, prompt.shape[1] + new_tokens)
         token = decoder.prefill(prompt).argmax(-1, keepdim=True)
         for _ in range(new_tokens):

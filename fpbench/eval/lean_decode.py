@@ -10,6 +10,13 @@ block (q, k and v in one call; gate and up in one call; bit-identical, see
 ``LutLinear.stacked``). Its logits equal the transformers forward's bit for bit, so
 greedy tokens are the same (tests/test_lean_decode.py checks both).
 
+Where every linear layer is a kernel layer or a plain ``nn.Linear``, the per-layer work runs
+in the compiled ``LlamaStep`` (fpbench/kernels/cpp/llama_step.cpp): the same ATen calls in
+the same order, issued from C++ instead of Python, so the logits are the same bits and a
+step no longer pays the interpreter for each of its ~50 operations per layer. Other layers
+(the simulator's) run the Python step below, which is also the reference the compiled one is
+tested against.
+
 The prompt runs through the transformers forward (one call, where its overhead does not
 matter); its keys and values seed the buffer. Models other than plain Llama ones
 (``model_type`` "llama" with SDPA attention, default RoPE and SiLU) are not handled:
@@ -24,6 +31,7 @@ from torch import nn
 
 from fpbench.errors import FpbenchError
 from fpbench.eval.generation import output_cache
+from fpbench.kernels import build as kernels
 from fpbench.kernels.linear import LutLinear
 
 
@@ -42,10 +50,46 @@ def lean_decoder_support(model: nn.Module) -> str | None:
     return None
 
 
+def compiled_step_support(model: nn.Module) -> str | None:
+    """Why ``LeanDecoder`` cannot run this (supported) model's layers in the compiled
+    ``LlamaStep``, or None: every linear layer must be a plain ``nn.Linear`` or give its
+    own handle (``compiled_projection``: kernel layers, torch's INT8 layers), the
+    activation the plain SiLU, and every tensor of one dtype."""
+    from transformers.activations import SiLUActivation
+
+    dtype = model.model.embed_tokens.weight.dtype
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"dtype {dtype}"
+    norms, linears = [model.model.norm], {"lm_head": model.lm_head}
+    for i, layer in enumerate(model.model.layers):
+        if type(layer.mlp.act_fn) not in (SiLUActivation, nn.SiLU):
+            return f"activation {type(layer.mlp.act_fn).__name__}"
+        norms += [layer.input_layernorm, layer.post_attention_layernorm]
+        for part, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                            ("mlp", ("gate_proj", "up_proj", "down_proj"))):
+            for name in names:
+                linears[f"model.layers.{i}.{part}.{name}"] = getattr(getattr(layer, part), name)
+    if any(norm.weight.dtype != dtype for norm in norms):
+        return "norm weights of another dtype than the embedding"
+    for name, module in linears.items():
+        if type(module) is not nn.Linear and not hasattr(module, "compiled_projection"):
+            return f"layer {name} ({type(module).__name__})"
+        if type(module) is nn.Linear and module.weight.dtype != dtype:
+            return f"layer {name} in {module.weight.dtype}"
+    try:
+        kernels.load()
+    except FpbenchError as exc:
+        return str(exc)
+    return None
+
+
 def decode_loop(model: nn.Module) -> str:
-    """The loop a batch-1 greedy decode of ``model`` runs in: "lean" where ``LeanDecoder``
-    supports it, else "transformers" (the model's own forward and KV cache)."""
-    return "transformers" if lean_decoder_support(model) else "lean"
+    """The loop a batch-1 greedy decode of ``model`` runs in: "compiled" (``LeanDecoder``
+    with its compiled step), "lean" (``LeanDecoder``, per-layer work in Python), else
+    "transformers" (the model's own forward and KV cache)."""
+    if lean_decoder_support(model):
+        return "transformers"
+    return "lean" if compiled_step_support(model) else "compiled"
 
 
 def _stack(layers: list[nn.Module]) -> tuple[list[nn.Module], list[int] | None]:
@@ -92,14 +136,39 @@ class _Block:
         self.down_proj, self.act = mlp.down_proj, mlp.act_fn
 
 
-class LeanDecoder:
-    """Greedy decoding of one sequence, ``max_length`` tokens at most (prompt included)."""
+def _projection(layer: nn.Module):
+    """``LlamaStep``'s handle of a plain dense layer, or the one a layer gives of itself
+    (``compiled_projection``: kernel layers, torch's INT8 layers)."""
+    if type(layer) is nn.Linear:
+        return kernels.load().Projection(layer.weight, layer.bias)
+    return layer.compiled_projection()
 
-    def __init__(self, model: nn.Module, max_length: int):
+
+def _compiled_step(model: nn.Module, blocks: list[_Block]):
+    """A ``LlamaStep`` for ``blocks`` and the model's head (see ``compiled_step_support``)."""
+    step = kernels.load().LlamaStep()
+    for block in blocks:
+        step.add_block(block.norm1.weight, block.norm1.variance_epsilon, [_projection(l) for l in block.qkv],
+                       _projection(block.o_proj), block.norm2.weight, block.norm2.variance_epsilon,
+                       [_projection(l) for l in block.gate_up], _projection(block.down_proj), block.head_dim,
+                       block.scaling, block.groups > 1)
+    step.set_output(model.model.norm.weight, model.model.norm.variance_epsilon, _projection(model.lm_head))
+    return step
+
+
+class LeanDecoder:
+    """Greedy decoding of one sequence, ``max_length`` tokens at most (prompt included), in
+    the compiled step where ``compiled_step_support`` allows it and ``compiled`` is left
+    True (False keeps the per-layer work in Python: the reference the compiled step is
+    tested against)."""
+
+    def __init__(self, model: nn.Module, max_length: int, compiled: bool = True):
         if problem := lean_decoder_support(model):
             raise FpbenchError(f"the lean decode loop cannot run this model: {problem}")
         self.model, self.max_length = model, max_length
         self.blocks = [_Block(layer) for layer in model.model.layers]
+        compiled = compiled and compiled_step_support(model) is None
+        self.compiled = _compiled_step(model, self.blocks) if compiled else None
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.length = 0
@@ -123,6 +192,8 @@ class LeanDecoder:
             self.values.append(v.new_empty(shape))
             self.keys[-1][:, :, :length] = k
             self.values[-1][:, :, :length] = v
+        if self.compiled is not None:
+            self.compiled.set_cache(self.keys, self.values)
         self.length = length
         return out.logits[:, -1]
 
@@ -136,6 +207,12 @@ class LeanDecoder:
         h = inner.embed_tokens(token)
         cos, sin = inner.rotary_emb(h, torch.tensor([[position]]))
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        self.length = position + 1
+        if self.compiled is not None:
+            return self.compiled.step(h, cos, sin, position)
+        return self._python_step(h, cos, sin, position)
+
+    def _python_step(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position: int) -> torch.Tensor:
         end = position + 1
         for block, keys, values in zip(self.blocks, self.keys, self.values):
             residual = h
@@ -158,8 +235,7 @@ class LeanDecoder:
             x = _rms_norm(block.norm2, h)
             gate, up = _outputs(block.gate_up, block.gate_up_widths, x)
             h = residual + block.down_proj.forward(block.act(gate) * up)
-        self.length = end
-        h = _rms_norm(inner.norm, h)
+        h = _rms_norm(self.model.model.norm, h)
         return self.model.lm_head(h)[:, -1]
 
     def generate(self, prompt: torch.Tensor, new_tokens: int) -> list[int]:

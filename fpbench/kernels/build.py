@@ -22,7 +22,8 @@ from pathlib import Path
 from fpbench.errors import FpbenchError
 
 SOURCE_DIR = Path(__file__).resolve().parent / "cpp"
-SOURCES = ("lut_linear.cpp",)
+SOURCES = ("lut_linear.cpp", "llama_step.cpp")
+HEADERS = ("kernel_linear.h",)
 ISAS = ("auto", "avx512", "avx2", "scalar")
 # The CPU flags that change which code paths exist or are picked.
 _RELEVANT_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl")
@@ -56,7 +57,7 @@ def build_key() -> str:
     import torch
 
     digest = hashlib.sha256()
-    for name in SOURCES:
+    for name in SOURCES + HEADERS:
         digest.update((SOURCE_DIR / name).read_bytes())
     digest.update(torch.__version__.encode())
     digest.update(",".join(cpu_flags()).encode())
@@ -72,8 +73,9 @@ def build_dir() -> Path:
 
 @lru_cache(maxsize=1)
 def load(verbose: bool = False):
-    """The compiled module (``lut_linear``, ``lut_dequantize``, ``stream_read_gbps``, ``best_isa``)."""
-    missing = [name for name in SOURCES if not (SOURCE_DIR / name).is_file()]
+    """The compiled module (``KernelLinear``, ``LlamaStep``, ``lut_linear``, ``lut_dequantize``,
+    ``stream_read_gbps``, ``best_isa``, ...)."""
+    missing = [name for name in SOURCES + HEADERS if not (SOURCE_DIR / name).is_file()]
     if missing:
         raise FpbenchError(f"kernel sources {missing} not found in {SOURCE_DIR}; run from a source checkout")
     compiler = os.environ.get("CXX", "c++")
@@ -93,8 +95,9 @@ def load(verbose: bool = False):
             build_directory=str(folder),
             # -fopenmp: at::parallel_for is OpenMP in torch's CPU build (same libgomp).
             # No -march=native and no -ffast-math: ISAs are picked at run time, and
-            # fast-math could flush subnormals.
-            extra_cflags=["-O3", "-fopenmp", "-fno-fast-math"],
+            # fast-math could flush subnormals. No contraction of a * b + c into one
+            # fused rounding: the decode step repeats torch's elementwise roundings.
+            extra_cflags=["-O3", "-fopenmp", "-fno-fast-math", "-ffp-contract=off"],
             extra_ldflags=["-fopenmp"],
             verbose=verbose,
         )

@@ -29,10 +29,6 @@ from fpbench.quant.formats import BlockFormat, FloatFormat, IntFormat, get_forma
 from fpbench.quant.scheme import Granularity
 from fpbench.quant.weights import QuantizedWeight
 
-# Batch rows (tokens) from which the scalar kernels' layer dequantizes its weights once and
-# calls torch's fp32 GEMM. The SIMD kernels have a blocked GEMM of their own from
-# ``kernels.load().blocked_min_rows()`` rows (decoded panels reused from cache).
-GEMM_MIN_ROWS = 32
 GROUP_MULTIPLE = 16  # G must be a multiple of this
 INT_BITS = (4, 8)
 FLOAT_BITS = (4, 6, 8)
@@ -118,6 +114,7 @@ class LutLinear(nn.Module):
         self.register_buffer("zero_points", aligned(zero_points))
         self.register_buffer("zero_table", zero_table)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self._native = None
 
     @classmethod
     def from_quantized(cls, qweight: QuantizedWeight, bias: torch.Tensor | None = None,
@@ -152,31 +149,50 @@ class LutLinear(nn.Module):
             stacked.register_buffer(name, None if parts[0] is None else aligned(torch.cat(parts)))
         for name in ("table", "scale_table", "zero_table", "tensor_scale"):
             stacked.register_buffer(name, first._buffers[name])
+        stacked._native = None
         return stacked
 
     def _args(self):
-        # Straight from the buffer dict: nn.Module attribute lookup of six buffers costs
-        # about 10 us, a fifth of a small layer's decode step.
         b = self._buffers
         return (b["plane_a"], b["plane_b"], b["table"], b["scales"], b["zero_points"], self.bits,
                 self.in_features, self.group_size, self.decode, self.isa, b["scale_table"], b["zero_table"])
 
+    def native(self):
+        """The compiled layer (``KernelLinear``: buffers checked and laid out once, a few
+        microseconds per call instead of tens), built on first use."""
+        if self._native is None:
+            self._native = kernels.load().KernelLinear(*self._args(), self._buffers["bias"])
+        return self._native
+
+    def compiled_projection(self):
+        """This layer for the compiled decode step (``eval/lean_decode.py``)."""
+        return kernels.load().Projection(self.native())
+
+    def _apply(self, fn, recurse=True):
+        # Device moves only: ``model.to(torch.bfloat16)`` must not round the fp32 value and
+        # scale tables or widen the stored scales (the bytes the scheme counts).
+        for name, buffer in self._buffers.items():
+            if buffer is not None:
+                moved = fn(buffer)
+                self._buffers[name] = moved if moved.dtype == buffer.dtype else buffer.to(moved.device)
+        self._native = None
+        return self
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        return state | {"_native": None}  # a compiled handle is rebuilt, not copied
+
     def dequantized_weight(self) -> torch.Tensor:
         """fp32 [N, K], decoded by the kernel's own code path for its ISA."""
-        return kernels.load().lut_dequantize(*self._args())
+        return self.native().dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] >= GEMM_MIN_ROWS and self.isa == "scalar":
-            y = rows.float() @ self.dequantized_weight().T
-        else:
-            y = kernels.load().lut_linear(rows, *self._args())
-        bias = self._buffers["bias"]
-        if bias is not None:
-            y += bias
-        if y.dtype != x.dtype:
-            y = y.to(x.dtype)
-        return y.view(*x.shape[:-1], self.out_features)
+        """[..., K] -> [..., N] in x's dtype: bf16/fp16 inputs widened to fp32 (exact), the
+        bias added to the fp32 product, one rounding to x's dtype. One compiled call: the
+        scalar ISA from ``scalar_gemm_min_rows()`` rows dequantizes once and calls torch's
+        fp32 GEMM; the SIMD ISAs run their GEMV, or their blocked GEMM from
+        ``blocked_min_rows()`` rows (decoded panels reused from cache)."""
+        return self.native().forward(x)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "

@@ -39,7 +39,8 @@
 // and denormals-are-zero while they run, and the build uses no fast-math, so subnormal
 // values stay exact.
 
-#include <torch/extension.h>
+#include "kernel_linear.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -587,6 +588,7 @@ constexpr int64_t kPanelCols = 2048;         // long runs of codes per row; x^T'
 constexpr int64_t kSliceCols = 256;          // columns per pass over a panel: 6 rows' slice in L1
 constexpr int64_t kXtCols = 16;              // rows of x per block: two ymm
 constexpr int64_t kBlockedMinRows = 16;       // below, the GEMV (measured crossover: 12-16 rows)
+constexpr int64_t kScalarGemmMinRows = 32;    // the scalar ISA: from here, dequantize once + torch's GEMM
 
 // yt[j, 0..16) += sum_k wt[j, k] * xt[k, 0..16) for j < NR (wt rows ldw apart).
 template <int NR>
@@ -658,7 +660,7 @@ uint64_t stream_avx2(const uint8_t* p, int64_t bytes) {
 // One zmm holds a whole unit's 64 codes: its 128-bit lanes 0,1 are the AVX2 decode's
 // first half and lanes 2,3 its second, so fp32 vector i holds k = 8i..8i+7 (low 256
 // bits) and k = 32+8i..32+8i+7 (high 256 bits). x is read through the same order from a
-// per-call copy permuted that way (x_unit_order), and the scale of each 8-weight run is
+// per-call copy permuted that way (order_x), and the scale of each 8-weight run is
 // broadcast into its half.
 
 #pragma GCC push_options
@@ -833,26 +835,18 @@ uint64_t stream_avx512(const uint8_t* p, int64_t bytes) {
 
 // ---------------------------------------------------------------- dispatch
 
-// x with each 64-column unit reordered as the AVX-512 decode emits weights.
-at::Tensor x_unit_order(const at::Tensor& x) {
-  const int64_t M = x.size(0), K = x.size(1);
-  return x.reshape({M, K / kUnit, 2, 4, 8}).transpose(2, 3).contiguous().reshape({M, K});
-}
-
-// x with each 64-column unit in code-position order, times `factor` (exact: a power of
-// two): column p of a unit holds x at k = position_to_k(p), the weight whose code sits at
-// position p (Dec::Fp16Nibble). A plain loop: torch's index_select and multiply took
-// 10-15 us a call, a sixth of a small layer's GEMV.
-at::Tensor x_position_order(const at::Tensor& x, float factor) {
-  const int64_t M = x.size(0), K = x.size(1);
+// Rows of x (M x K) in the order a GEMV reads them, into out: for the AVX-512 kernels each
+// 64-column unit as their decode emits weights (k = 32h + 8i + j, h < 2, i < 4, j < 8, at
+// column 16i + 8h + j: their fp32 vector i holds k = 8i.. and 32 + 8i..);
+// for Dec::Fp16Nibble each unit in code-position order (column p holds k = position_to_k(p),
+// the weight whose code sits at position p), times `factor` (exact: a power of two). Plain
+// loops: torch's index_select and multiply took 10-15 us a call, a sixth of a small layer's GEMV.
+void order_x(const float* x, int64_t M, int64_t K, bool position_order, float factor, float* out) {
   int order[kUnit];
-  for (int p = 0; p < kUnit; ++p) order[p] = position_to_k(p);
-  at::Tensor out = torch::empty({M, K}, torch::kFloat32);
-  const float* src = x.data_ptr<float>();
-  float* dst = out.data_ptr<float>();
+  for (int p = 0; p < kUnit; ++p)
+    order[p] = position_order ? position_to_k(p) : 32 * (p % 16 / 8) + 8 * (p / 16) + p % 8;
   for (int64_t r = 0; r < M * K; r += kUnit)
-    for (int p = 0; p < kUnit; ++p) dst[r + p] = src[r + order[p]] * factor;
-  return out;
+    for (int p = 0; p < kUnit; ++p) out[r + p] = position_order ? x[r + order[p]] * factor : x[r + order[p]];
 }
 
 // Calls f(bits, decoder, has_zero_points) with compile-time values, for the combinations
@@ -1038,14 +1032,44 @@ int64_t row_grain(int64_t N) {  // rows per task: a few tasks per thread balance
   return std::max<int64_t>(1, N / (4 * at::get_num_threads()));
 }
 
-at::Tensor lut_linear(const at::Tensor& x_in, const at::Tensor& plane_a, const at::Tensor& plane_b,
-                      const at::Tensor& table, const at::Tensor& scales, const at::Tensor& zeros, int64_t bits,
-                      int64_t K, int64_t G, const std::vector<int64_t>& decode, const std::string& isa_request,
-                      const std::optional<at::Tensor>& scale_table, const std::optional<at::Tensor>& zero_table) {
+// y [M, N] = x [M, K] w^T in fp32 for fewer than kBlockedMinRows rows (the SIMD ISAs) or
+// any number (scalar): each thread takes whole weight rows against all rows of x.
+void gemv(Packed w, Isa isa, const float* x, int64_t M, float* y) {
+  const int64_t K = w.K;
+  const bool nibble = isa == Isa::Avx2 && w.dec == Dec::Fp16Nibble;
+  if (w.dec == Dec::Fp16Nibble && !nibble) w.dec = Dec::Table;
+  std::vector<float> ordered;
+#if FPBENCH_X86
+  if (isa == Isa::Avx512 || nibble) {
+    ordered.resize(M * K);
+    order_x(x, M, K, nibble, w.pow2_16, ordered.data());
+    x = ordered.data();
+  }
+#endif
+  at::parallel_for(0, w.N, row_grain(w.N), [&](int64_t n0, int64_t n1) {
+    const KeepDenormals keep;
+#if FPBENCH_X86
+    if (isa == Isa::Avx512) {
+      with_format(w, [&](auto b, auto d, auto z) { rows_avx512_t<decltype(b)::value, decltype(d)::value, decltype(z)::value>(w, x, K, M, n0, n1, y, w.N); });
+      return;
+    }
+    if (nibble) {
+      rows_avx2_t<6, Dec::Fp16Nibble, false>(w, x, K, M, n0, n1, y, w.N);
+      return;
+    }
+    if (isa == Isa::Avx2) {
+      with_format(w, [&](auto b, auto d, auto z) { rows_avx2_t<decltype(b)::value, decltype(d)::value, decltype(z)::value>(w, x, K, M, n0, n1, y, w.N); });
+      return;
+    }
+#endif
+    rows_scalar(w, x, K, M, n0, n1, y, w.N);
+  });
+}
+
+// y = x w^T in fp32 for x [M, K] of any float dtype.
+at::Tensor product(Packed w, Isa isa, const at::Tensor& x_in) {
+  const int64_t K = w.K;
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == K, "x must be [M, K] with K = ", K);
-  Owned owned;
-  Packed w = make_packed(plane_a, plane_b, table, scales, zeros, bits, K, G, decode, scale_table, zero_table, owned);
-  const Isa isa = pick_isa(isa_request);
   at::Tensor x = x_in.to(torch::kFloat32).contiguous();
   const int64_t M = x.size(0);
 #if FPBENCH_X86
@@ -1068,44 +1092,14 @@ at::Tensor lut_linear(const at::Tensor& x_in, const at::Tensor& plane_a, const a
     return y;
   }
 #endif
-  const bool nibble = isa == Isa::Avx2 && w.dec == Dec::Fp16Nibble;
-  if (w.dec == Dec::Fp16Nibble && !nibble) w.dec = Dec::Table;
   at::Tensor y = torch::empty({M, w.N}, torch::kFloat32);
-  float* yp = y.data_ptr<float>();
-#if FPBENCH_X86
-  if (isa == Isa::Avx512) x = x_unit_order(x);
-  if (nibble) x = x_position_order(x, w.pow2_16);
-#endif
-  const float* xp = x.data_ptr<float>();
-  at::parallel_for(0, w.N, row_grain(w.N), [&](int64_t n0, int64_t n1) {
-    const KeepDenormals keep;
-#if FPBENCH_X86
-    if (isa == Isa::Avx512) {
-      with_format(w, [&](auto b, auto d, auto z) { rows_avx512_t<decltype(b)::value, decltype(d)::value, decltype(z)::value>(w, xp, K, M, n0, n1, yp, w.N); });
-      return;
-    }
-    if (nibble) {
-      rows_avx2_t<6, Dec::Fp16Nibble, false>(w, xp, K, M, n0, n1, yp, w.N);
-      return;
-    }
-    if (isa == Isa::Avx2) {
-      with_format(w, [&](auto b, auto d, auto z) { rows_avx2_t<decltype(b)::value, decltype(d)::value, decltype(z)::value>(w, xp, K, M, n0, n1, yp, w.N); });
-      return;
-    }
-#endif
-    rows_scalar(w, xp, K, M, n0, n1, yp, w.N);
-  });
+  gemv(w, isa, x.data_ptr<float>(), M, y.data_ptr<float>());
   return y;
 }
 
-at::Tensor lut_dequantize(const at::Tensor& plane_a, const at::Tensor& plane_b, const at::Tensor& table,
-                          const at::Tensor& scales, const at::Tensor& zeros, int64_t bits, int64_t K, int64_t G,
-                          const std::vector<int64_t>& decode, const std::string& isa_request,
-                          const std::optional<at::Tensor>& scale_table, const std::optional<at::Tensor>& zero_table) {
-  Owned owned;
-  Packed w = make_packed(plane_a, plane_b, table, scales, zeros, bits, K, G, decode, scale_table, zero_table, owned);
+at::Tensor dequantize(Packed w, Isa isa) {
   if (w.dec == Dec::Fp16Nibble) w.dec = Dec::Table;  // writes weights in k order
-  const Isa isa = pick_isa(isa_request);
+  const int64_t K = w.K;
   at::Tensor out = torch::empty({w.N, K}, torch::kFloat32);
   float* op = out.data_ptr<float>();
   at::parallel_for(0, w.N, row_grain(w.N), [&](int64_t n0, int64_t n1) {
@@ -1170,21 +1164,114 @@ double stream_read_gbps(const at::Tensor& buffer, int64_t repeats, const std::st
 
 }  // namespace
 
+// The tensors a Packed points into stay referenced here, so a layer's handle stays valid
+// whatever Python does with its buffers.
+struct fpbench::KernelLinear::Impl {
+  at::Tensor plane_a, plane_b, table, scales, zeros;
+  std::optional<at::Tensor> scale_table, zero_table, bias;
+  Owned owned;
+  Packed w;
+  Isa isa;
+};
+
+fpbench::KernelLinear::KernelLinear(const at::Tensor& plane_a, const at::Tensor& plane_b, const at::Tensor& table,
+                                    const at::Tensor& scales, const at::Tensor& zeros, int64_t bits, int64_t K,
+                                    int64_t G, const std::vector<int64_t>& decode, const std::string& isa,
+                                    const std::optional<at::Tensor>& scale_table,
+                                    const std::optional<at::Tensor>& zero_table,
+                                    const std::optional<at::Tensor>& bias) {
+  auto impl = std::make_shared<Impl>();
+  impl->plane_a = plane_a, impl->plane_b = plane_b, impl->table = table, impl->scales = scales, impl->zeros = zeros;
+  impl->scale_table = scale_table, impl->zero_table = zero_table;
+  if (bias && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->numel() == plane_a.size(0),
+                "the bias must be fp32 with one value per output row");
+    impl->bias = bias;
+  }
+  impl->w = make_packed(impl->plane_a, impl->plane_b, impl->table, impl->scales, impl->zeros, bits, K, G, decode,
+                        impl->scale_table, impl->zero_table, impl->owned);
+  impl->isa = pick_isa(isa);
+  impl_ = std::move(impl);
+}
+
+at::Tensor fpbench::KernelLinear::product(const at::Tensor& x) const { return ::product(impl_->w, impl_->isa, x); }
+
+at::Tensor fpbench::KernelLinear::dequantize() const { return ::dequantize(impl_->w, impl_->isa); }
+
+void fpbench::KernelLinear::forward_row(const float* x, float* y) const {
+  gemv(impl_->w, impl_->isa, x, 1, y);
+  if (impl_->bias) {
+    const float* bias = impl_->bias->data_ptr<float>();
+    for (int64_t n = 0; n < impl_->w.N; ++n) y[n] += bias[n];
+  }
+}
+
+int64_t fpbench::KernelLinear::in_features() const { return impl_->w.K; }
+
+int64_t fpbench::KernelLinear::out_features() const { return impl_->w.N; }
+
+at::Tensor fpbench::KernelLinear::forward(const at::Tensor& x) const {
+  const Packed& w = impl_->w;
+  const at::Tensor rows = x.reshape({-1, w.K});
+  // The scalar kernels have no blocked GEMM: from kScalarGemmMinRows rows the layer
+  // dequantizes once and calls torch's fp32 GEMM.
+  at::Tensor y = rows.size(0) >= kScalarGemmMinRows && impl_->isa == Isa::Scalar
+                     ? at::matmul(rows.to(torch::kFloat32), dequantize().t())
+                     : product(rows);
+  if (impl_->bias) y.add_(*impl_->bias);
+  if (y.scalar_type() != x.scalar_type()) y = y.to(x.scalar_type());
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = w.N;
+  return y.view(shape);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // scales / zeros: fp32, fp16 or bf16 values, or uint8 codes with scale_table / zero_table
   // (256 fp32 values each); zeros empty for symmetric formats.
-  m.def("lut_linear", &lut_linear,
+  using fpbench::KernelLinear;
+  m.def("lut_linear",
+        [](const at::Tensor& x, const at::Tensor& plane_a, const at::Tensor& plane_b, const at::Tensor& table,
+           const at::Tensor& scales, const at::Tensor& zeros, int64_t bits, int64_t K, int64_t G,
+           const std::vector<int64_t>& decode, const std::string& isa, const std::optional<at::Tensor>& scale_table,
+           const std::optional<at::Tensor>& zero_table) {
+          return KernelLinear(plane_a, plane_b, table, scales, zeros, bits, K, G, decode, isa, scale_table,
+                              zero_table, std::nullopt)
+              .product(x);
+        },
         "y = x @ w^T, w = (table[code] - zero) * scale per group, from packed 4/6/8-bit codes; fp32 result",
         py::arg("x"), py::arg("plane_a"), py::arg("plane_b"), py::arg("table"), py::arg("scales"), py::arg("zeros"),
         py::arg("bits"), py::arg("K"), py::arg("G"), py::arg("decode"), py::arg("isa"),
         py::arg("scale_table") = py::none(), py::arg("zero_table") = py::none());
-  m.def("lut_dequantize", &lut_dequantize, "fp32 weights [N, K] decoded by the kernel's own code path",
+  m.def("lut_dequantize",
+        [](const at::Tensor& plane_a, const at::Tensor& plane_b, const at::Tensor& table, const at::Tensor& scales,
+           const at::Tensor& zeros, int64_t bits, int64_t K, int64_t G, const std::vector<int64_t>& decode,
+           const std::string& isa, const std::optional<at::Tensor>& scale_table,
+           const std::optional<at::Tensor>& zero_table) {
+          return KernelLinear(plane_a, plane_b, table, scales, zeros, bits, K, G, decode, isa, scale_table,
+                              zero_table, std::nullopt)
+              .dequantize();
+        },
+        "fp32 weights [N, K] decoded by the kernel's own code path",
         py::arg("plane_a"), py::arg("plane_b"), py::arg("table"), py::arg("scales"), py::arg("zeros"),
         py::arg("bits"), py::arg("K"), py::arg("G"), py::arg("decode"), py::arg("isa"),
         py::arg("scale_table") = py::none(), py::arg("zero_table") = py::none());
+  py::class_<KernelLinear, std::shared_ptr<KernelLinear>>(
+      m, "KernelLinear", "one layer's packed weights, checked once: LutLinear's compiled half")
+      .def(py::init<const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                    int64_t, int64_t, int64_t, const std::vector<int64_t>&, const std::string&,
+                    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                    const std::optional<at::Tensor>&>(),
+           py::arg("plane_a"), py::arg("plane_b"), py::arg("table"), py::arg("scales"), py::arg("zeros"),
+           py::arg("bits"), py::arg("K"), py::arg("G"), py::arg("decode"), py::arg("isa"), py::arg("scale_table"),
+           py::arg("zero_table"), py::arg("bias"))
+      .def("forward", &KernelLinear::forward, "x [..., K] -> [..., N] in x's dtype, bias added in fp32")
+      .def("dequantize", &KernelLinear::dequantize, "fp32 weights [N, K] as this layer's ISA decodes them");
+  fpbench::bind_llama_step(m);
   m.def("stream_read_gbps", &stream_read_gbps, "best streaming-read bandwidth in GB/s with the given ISA's loads");
   m.def("decoder", [](int64_t bits, const std::vector<int64_t>& decode) { return decoder_name(pick_decoder(bits, decode)); },
         "the decoder the kernels use for these codes: table, signed_int, unsigned_int, float or float_special");
+  m.def("scalar_gemm_min_rows", [] { return kScalarGemmMinRows; },
+        "rows of x from which the scalar kernels' layer dequantizes once and calls torch's fp32 GEMM");
   m.def("blocked_min_rows", [] { return kBlockedMinRows; },
         "rows of x from which the SIMD kernels decode weight panels once and reuse them (blocked GEMM)");
   m.def("best_isa", [] { return isa_name(best_isa()); }, "widest ISA this CPU supports");
