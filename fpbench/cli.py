@@ -142,8 +142,9 @@ def run(**values):
               help="Timed calls per cell (the median is reported).")
 @click.option("--e2e", is_flag=True, help="Instead: decode tokens/s (batch 1) of a random ~1B Llama-shaped "
                                           "model and of the default model: torch fp32 and bf16 vs the FP6 "
-                                          "kernel in the lean decode loop, the FP6 kernel in transformers' "
-                                          "generate, and llama.cpp when installed.")
+                                          "kernel in the compiled decode loop, the FP6 kernel with the "
+                                          "loop's per-layer work in Python and in transformers' generate, "
+                                          "and llama.cpp when installed.")
 @click.option("--generation", is_flag=True,
               help="Instead: HumanEval generation throughput of fpbench's continuous batching vs a plain "
                    "loop of model.generate at batch 8, both timed in this run on the default model.")

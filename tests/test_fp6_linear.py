@@ -163,7 +163,7 @@ def test_e2e_decode_on_a_tiny_model(tmp_path):
     assert [(r["variant"], r["loop"]) for r in records] == [
         ("fp32", "compiled"), ("bf16", "compiled"), ("fp6_kernel", "compiled"), ("fp6_kernel", "lean"),
         ("fp6_kernel", "transformers"), ("fp6_kernel+head", "compiled")]
-    assert all(r["tokens_per_s"] > 0 for r in records)
+    assert all(r["tokens_per_s"] > 0 and r["repeats"] == 3 for r in records)  # a median of 3 each
     assert records[5]["model_bytes"] < records[2]["model_bytes"] < records[1]["model_bytes"] < records[0]["model_bytes"]
     best = max(records[0]["tokens_per_s"], records[1]["tokens_per_s"])  # the dense rows of the compiled loop
     for fp6 in records[2:]:  # FP6 rows of every loop, head quantized or not
@@ -179,7 +179,7 @@ def test_llama_cpp_peer_is_timed_through_its_generator(monkeypatch, tmp_path):
     import sys
     import types
 
-    from fpbench.bench.e2e import PROMPT_TOKENS, e2e_table, llama_cpp_decode
+    from fpbench.bench.e2e import PROMPT_TOKENS, REPEATS, e2e_table, llama_cpp_decode
 
     calls = []
 
@@ -203,7 +203,8 @@ def test_llama_cpp_peer_is_timed_through_its_generator(monkeypatch, tmp_path):
     tps, seconds = llama_cpp_decode(tmp_path / "m.gguf", new_tokens=5, threads=2)
     assert tps > 0 and seconds > 0
     assert calls[0] == ("init", str(tmp_path / "m.gguf"), 2)
-    assert calls.count(("generate", PROMPT_TOKENS, 0.0, 1)) == 2 and calls.count("token") == 2 + 5
+    # a warm-up of 2 tokens, then REPEATS timed runs of 5
+    assert calls.count(("generate", PROMPT_TOKENS, 0.0, 1)) == 1 + REPEATS and calls.count("token") == 2 + REPEATS * 5
     records = [{"model": "m", "variant": v, "loop": loop, "tokens_per_s": t, "ms_per_token": 1e3 / t,
                 "speedup_vs_bf16": 1.0, "speedup_vs_best_dense": 1.0, "model_bytes": 1} for v, loop, t in
                (("fp32", "compiled", 8.0), ("bf16", "compiled", 10.0), ("fp6_kernel", "compiled", 15.0),

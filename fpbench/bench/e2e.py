@@ -8,8 +8,8 @@ Each is timed in fp32 and bf16 (the faster of the two is torch's best dense deco
 this CPU: bf16 needs native bf16 instructions to win), then quantized (RTN, fp6_e3m2
 per channel) with its linear layers swapped for ``LutLinear``, then once more with its
 output head in FP6 as well (``fp6_kernel+head``: as llama.cpp's GGUF holds the head). Greedy decoding of
-exactly ``new_tokens`` tokens after a short prompt; the time covers generation only
-(prefill included, ~1 token's work). Every variant decodes in ``LeanDecoder`` with its
+exactly ``new_tokens`` tokens after a short prompt, median of ``REPEATS`` timed runs after
+a warm-up; the time covers generation only (prefill included, ~1 token's work). Every variant decodes in ``LeanDecoder`` with its
 compiled step (the transformers forward's logits, bit for bit, without a Python call per
 operation; loop "compiled"), and the FP6 kernel once more with the step's per-layer work
 in Python (loop "lean") and in ``model.generate`` (loop "transformers"), so the table
@@ -38,6 +38,7 @@ FP6_SCHEME = "fp6_e3m2/channel/rtn"
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                 num_key_value_heads=4, vocab_size=32000)
 PROMPT_TOKENS = 8
+REPEATS = 3  # timed decodes per row; the median is reported
 
 
 def random_llama(shape: dict | None = None, seed: int = 0):
@@ -53,28 +54,34 @@ def random_llama(shape: dict | None = None, seed: int = 0):
     return model.eval()
 
 
+def _median_run(run, repeats: int) -> tuple[float, float]:
+    """(tokens/s, seconds) of the median of ``repeats`` timed calls of ``run`` (returns tokens)."""
+    timings = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        tokens = run()
+        seconds = time.perf_counter() - start
+        timings.append((tokens / seconds, seconds))
+    return sorted(timings)[len(timings) // 2]
+
+
 @torch.no_grad()
-def decode_tokens_per_s(model, new_tokens: int, vocab_size: int, seed: int = 0,
-                        loop: str = "compiled") -> tuple[float, float]:
-    """(tokens/s, seconds) of greedy decoding of exactly ``new_tokens`` at batch 1, in
-    ``LeanDecoder`` (loop "compiled" or "lean": its step compiled or in Python) or
-    ``model.generate`` (loop "transformers")."""
+def decode_tokens_per_s(model, new_tokens: int, vocab_size: int, seed: int = 0, loop: str = "compiled",
+                        repeats: int = REPEATS) -> tuple[float, float]:
+    """(tokens/s, seconds) of greedy decoding of exactly ``new_tokens`` at batch 1 (median of
+    ``repeats`` after a warm-up), in ``LeanDecoder`` (loop "compiled" or "lean": its step
+    compiled or in Python) or ``model.generate`` (loop "transformers")."""
     prompt = torch.randint(0, vocab_size, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(seed))
     if loop in ("compiled", "lean"):
         decoder = LeanDecoder(model, PROMPT_TOKENS + new_tokens, compiled=loop == "compiled")
         decoder.generate(prompt, 2)  # warm-up
-        start = time.perf_counter()
-        generated = len(decoder.generate(prompt, new_tokens))
-        return generated / (seconds := time.perf_counter() - start), seconds
+        return _median_run(lambda: len(decoder.generate(prompt, new_tokens)), repeats)
     if loop != "transformers":
         raise FpbenchError(f"unknown decode loop {loop!r}; use compiled, lean or transformers")
     settings = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
     model.generate(prompt, max_new_tokens=2, min_new_tokens=2, **settings)  # warm-up
-    start = time.perf_counter()
-    out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **settings)
-    seconds = time.perf_counter() - start
-    generated = out.shape[1] - PROMPT_TOKENS
-    return generated / seconds, seconds
+    return _median_run(lambda: model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                              **settings).shape[1] - PROMPT_TOKENS, repeats)
 
 
 def _weight_bytes(model) -> int:
@@ -120,17 +127,15 @@ def llama_cpp_decode(gguf_path: Path, new_tokens: int, threads: int, seed: int =
                 n_threads_batch=threads, n_batch=PROMPT_TOKENS, verbose=False)
     prompt = torch.randint(0, llm.n_vocab(), (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(seed)).tolist()
 
-    def generate(count: int) -> None:
+    def generate(count: int) -> int:
         llm.reset()
         for produced, _ in enumerate(llm.generate(prompt, top_k=1, temp=0.0, reset=True), start=1):
             if produced == count:  # the generator never stops on its own at end-of-sequence
-                break
+                return produced
+        return produced
 
     generate(2)  # warm-up
-    start = time.perf_counter()
-    generate(new_tokens)
-    seconds = time.perf_counter() - start
-    return new_tokens / seconds, seconds
+    return _median_run(lambda: generate(new_tokens), REPEATS)
 
 
 def llama_cpp_available() -> bool:
@@ -153,7 +158,7 @@ def run_e2e(new_tokens: int = 128, out_dir: str | None = None, progress: bool = 
             tps, seconds = llama_cpp_decode(gguf, new_tokens, torch.get_num_threads())
             records.append(_record(loaded.name, "llama.cpp (Q4_1 GGUF)", "llama.cpp", tps, seconds,
                                    gguf.stat().st_size))
-    env = environment() | {"new_tokens": new_tokens, "batch": 1, "time": utc_now()}
+    env = environment() | {"new_tokens": new_tokens, "batch": 1, "repeats": REPEATS, "time": utc_now()}
     for model_name in dict.fromkeys(r["model"] for r in records):
         rows = [r for r in records if r["model"] == model_name]
         # ratios within the loop the model's dense rows ran in (the compiled one where it applies)

@@ -99,7 +99,7 @@ E2E_BENCH = RecordKind(
     "e2e_bench",
     required={"model": STR, "variant": STR, "tokens_per_s": NUM, "time": STR},
     optional={**ENVIRONMENT, "loop": STR, "ms_per_token": NUM, "decode_s": NUM, "model_bytes": INT,
-              "new_tokens": INT, "batch": INT, "speedup_vs_bf16": NUM, "speedup_vs_best_dense": NUM},
+              "new_tokens": INT, "batch": INT, "repeats": INT, "speedup_vs_bf16": NUM, "speedup_vs_best_dense": NUM},
 )
 
 GENERATION_BENCH = RecordKind(

@@ -941,7 +941,7 @@ struct KeepDenormals {
 #endif
 };
 
-struct Owned {  // what a Packed points into, built per call (2^bits + K/8 entries)
+struct Owned {  // what a Packed points into besides the tensors (2^bits + K/8 entries)
   std::vector<int32_t> group_of;
   std::vector<uint8_t> table_lo, table_hi;
 };
