@@ -10,12 +10,13 @@ block (q, k and v in one call; gate and up in one call; bit-identical, see
 ``LutLinear.stacked``). Its logits equal the transformers forward's bit for bit, so
 greedy tokens are the same (tests/test_lean_decode.py checks both).
 
-Where every linear layer is a kernel layer or a plain ``nn.Linear``, the per-layer work runs
-in the compiled ``LlamaStep`` (fpbench/kernels/cpp/llama_step.cpp): the same ATen calls in
-the same order, issued from C++ instead of Python, so the logits are the same bits and a
-step no longer pays the interpreter for each of its ~50 operations per layer. Other layers
-(the simulator's) run the Python step below, which is also the reference the compiled one is
-tested against.
+Where every linear layer is a plain ``nn.Linear`` or offers a ``compiled_projection``
+(kernel layers, torch's INT8 layers), the per-layer work runs in the compiled ``LlamaStep``
+(fpbench/kernels/cpp/llama_step.cpp): elementwise operations as loops that round as torch's
+CPU kernels do, reductions, SiLU and attention as the same ATen calls, so the logits are
+the same bits and a step no longer pays the interpreter for each of its ~50 operations per
+layer. Other layers (the simulator's) run the Python step below, which is also the
+reference the compiled one is tested against.
 
 The prompt runs through the transformers forward (one call, where its overhead does not
 matter); its keys and values seed the buffer. Models other than plain Llama ones
@@ -207,10 +208,12 @@ class LeanDecoder:
         h = inner.embed_tokens(token)
         cos, sin = inner.rotary_emb(h, torch.tensor([[position]]))
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        self.length = position + 1
         if self.compiled is not None:
-            return self.compiled.step(h, cos, sin, position)
-        return self._python_step(h, cos, sin, position)
+            logits = self.compiled.step(h, cos, sin, position)
+        else:
+            logits = self._python_step(h, cos, sin, position)
+        self.length = position + 1
+        return logits
 
     def _python_step(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position: int) -> torch.Tensor:
         end = position + 1
