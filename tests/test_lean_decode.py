@@ -33,6 +33,21 @@ def _model(dtype, scheme: str | None, bias: bool = False):
     return model
 
 
+def _assert_same_logits_as_transformers(model, decoder: LeanDecoder, steps: int) -> None:
+    """The decoder's logits equal the transformers forward's (with its KV cache) bit for
+    bit, after the prompt and at each of ``steps`` greedy steps."""
+    logits = decoder.prefill(PROMPT)
+    out = model(input_ids=PROMPT, use_cache=True)
+    cache, keyword = output_cache(out), cache_keyword(model)
+    assert torch.equal(logits, out.logits[:, -1])
+    for _ in range(steps):
+        token = logits.argmax(-1, keepdim=True)
+        logits = decoder.step(token)
+        out = model(input_ids=token, **{keyword: cache}, use_cache=True)
+        cache = output_cache(out)
+        assert torch.equal(logits, out.logits[:, -1])
+
+
 @pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("scheme", [None, "fp6_e3m2/channel/rtn", "int4/g64/rtn", "nvfp4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -44,16 +59,7 @@ def test_logits_equal_the_transformers_forward(dtype, scheme, compiled):
     if scheme:  # q/k/v and gate/up run as one kernel layer each, but for NVFP4's tensor scales
         qkv, gate_up = (3, 2) if scheme == "nvfp4" else (1, 1)
         assert [(len(block.qkv), len(block.gate_up)) for block in decoder.blocks] == [(qkv, gate_up)] * 2
-    logits = decoder.prefill(PROMPT)
-    out = model(input_ids=PROMPT, use_cache=True)
-    cache, keyword = output_cache(out), cache_keyword(model)
-    assert torch.equal(logits, out.logits[:, -1])
-    for _ in range(12):
-        token = logits.argmax(-1, keepdim=True)
-        logits = decoder.step(token)
-        out = model(input_ids=token, **{keyword: cache}, use_cache=True)
-        cache = output_cache(out)
-        assert torch.equal(logits, out.logits[:, -1])
+    _assert_same_logits_as_transformers(model, decoder, steps=12)
 
 
 @pytest.mark.parametrize("scheme", [None, "int8/channel/rtn"])
@@ -64,15 +70,7 @@ def test_biases_and_fp16_in_the_compiled_step(dtype, scheme):
     model = _model(dtype, scheme, bias=True)
     decoder = LeanDecoder(model, max_length=32)
     assert decoder.compiled is not None
-    logits = decoder.prefill(PROMPT)
-    out = model(input_ids=PROMPT, use_cache=True)
-    cache, keyword = output_cache(out), cache_keyword(model)
-    for _ in range(8):
-        token = logits.argmax(-1, keepdim=True)
-        logits = decoder.step(token)
-        out = model(input_ids=token, **{keyword: cache}, use_cache=True)
-        cache = output_cache(out)
-        assert torch.equal(logits, out.logits[:, -1])
+    _assert_same_logits_as_transformers(model, decoder, steps=8)
 
 
 @pytest.mark.parametrize("scheme", [None, "fp6_e3m2/channel/rtn"])
