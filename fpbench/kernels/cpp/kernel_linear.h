@@ -29,7 +29,6 @@ class KernelLinear {
   at::Tensor dequantize() const;
   // One row, no tensors: y [N] = W x [K] + bias in fp32, the same bits as forward on fp32 x.
   void forward_row(const float* x, float* y) const;
-  int64_t in_features() const;
   int64_t out_features() const;
 
   struct Impl;

@@ -85,11 +85,16 @@ struct Projection {
   }
 };
 
-// Layers fed the same input: one stacked layer whose output is the parts' outputs side by
-// side (widths), or one layer per part.
+// Layers fed the same input, their outputs side by side: one stacked kernel layer (q, k, v
+// in one), or one layer per part.
 struct Group {
   std::vector<Projection> layers;
-  std::vector<int64_t> widths;
+
+  int64_t out_features() const {
+    int64_t total = 0;
+    for (const Projection& layer : layers) total += layer.out_features();
+    return total;
+  }
 
   template <class T>
   void apply(T* x, int64_t K, T* y, std::vector<float>& x32, std::vector<float>& y32) const {
@@ -185,8 +190,7 @@ class LlamaStep {
       const int64_t hd = b.head_dim, half = hd / 2, kv_heads = b.keys.size(1), max_len = b.keys.size(2);
       TORCH_CHECK(end <= max_len && b.keys.scalar_type() == type_of<T>(),
                   "the key/value buffers hold no room for position ", position, " or differ in dtype");
-      int64_t width = 0;
-      for (const Projection& p : b.qkv.layers) width += p.out_features();
+      const int64_t width = b.qkv.out_features();
       const int64_t kv_width = kv_heads * hd, q_width = width - 2 * kv_width, heads = q_width / hd;
       qkv.resize(width), q.resize(q_width), attn.resize(q_width);
 
@@ -218,9 +222,7 @@ class LlamaStep {
       for (int64_t i = 0; i < H; ++i) h[i] = narrow<T>(wide(h[i]) + wide(y[i]));
 
       b.norm2.apply(h.data(), H, x.data());
-      int64_t inner = 0;
-      for (const Projection& p : b.gate_up.layers) inner += p.out_features();
-      inner /= 2;
+      const int64_t inner = b.gate_up.out_features() / 2;
       gate_up.resize(2 * inner), act.resize(inner);
       b.gate_up.apply(x.data(), H, gate_up.data(), x32_, y32_);
       const at::Tensor silu = at::silu(wrap(gate_up.data(), {1, 1, inner}));

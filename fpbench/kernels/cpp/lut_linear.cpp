@@ -1206,8 +1206,6 @@ void fpbench::KernelLinear::forward_row(const float* x, float* y) const {
   }
 }
 
-int64_t fpbench::KernelLinear::in_features() const { return impl_->w.K; }
-
 int64_t fpbench::KernelLinear::out_features() const { return impl_->w.N; }
 
 at::Tensor fpbench::KernelLinear::forward(const at::Tensor& x) const {
