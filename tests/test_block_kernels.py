@@ -38,6 +38,21 @@ def test_block_formats_dequantize_bit_exactly(name, isa):
     assert bool(((layer(x).double() - x.double() @ reference.double().T).abs() <= bound).all())
 
 
+@pytest.mark.parametrize("isa", ISAS_HERE)
+@pytest.mark.parametrize("name", ["int4/g16/rtn", "int4_asym/g32/rtn", "fp6_e3m2/g32/rtn", "mxfp4_e2m1/g32/rtn",
+                                  "nvfp4/g16/rtn"])
+def test_rows_of_many_stored_scales_decode_exactly(name, isa):
+    # 16-48 groups a row: the SIMD ISAs convert fp16 scales and zero points 8 at a time
+    # (F16C) and gather 8-bit scale codes from their table; the rest of a row one by one.
+    qweight = _weight(name, rows=6, cols=768)
+    qweight.scales[2, :] = torch.tensor(2.0**-20)  # fp16 subnormals
+    layer = LutLinear(qweight, isa=isa)
+    reference = qweight.dequantize()
+    assert torch.equal(layer.dequantized_weight().view(torch.int32), reference.view(torch.int32))
+    eye = torch.eye(qweight.codes.shape[1])[:4]  # the GEMV: y[m, n] = w[n, m] (-0 + 0 sums to +0)
+    assert torch.equal(layer(eye).T, reference[:, :4])
+
+
 def test_nvfp4_tensor_scale_is_folded_exactly():
     qweight = _weight("nvfp4/g16/rtn")
     assert qweight.tensor_scale is not None

@@ -125,7 +125,7 @@ def test_every_code_multiplies_exactly(module, isa, fmt, granularity):
 ML_DTYPES = {"fp4_e2m1": "float4_e2m1fn", "fp6_e2m3": "float6_e2m3fn", "fp6_e3m2": "float6_e3m2fn",
              "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2", "fp8_e3m4": "float8_e3m4"}
 DECODERS = {"fp4_e2m1": "table", "int4": "table", "int4_asym": "table",  # 4-bit: one vpshufb per 32 codes
-            "fp6_e2m3": "table", "fp6_e3m2": "fp16_nibble",  # 6-bit: E3M2 by vpshufb + vcvtph2ps
+            "fp6_e2m3": "sign_magnitude", "fp6_e3m2": "fp16_nibble",  # 6-bit: 2 tables and a sign; vcvtph2ps
             "fp8_e4m3": "float_special", "fp8_e5m2": "float_special", "fp8_e3m4": "float_special",
             "int8": "signed_int", "int8_asym": "unsigned_int"}
 
@@ -138,6 +138,30 @@ def test_every_format_gets_its_arithmetic_decoder(module):
     assert module.decoder(8, [3, 4, 3, -5, 1]) == "table"
     assert module.decoder(6, [1, 0, 0, 0, 0]) == "table"  # no 6-bit integer decoder
     assert module.decoder(8, [3, 5, 2, 15, 0]) == "table"  # E = 31 would be inf in fp16
+
+
+@pytest.mark.parametrize("isa", ISAS_HERE)
+def test_six_bit_table_that_is_not_sign_magnitude_keeps_the_full_lookup(module, isa):
+    # FP6 E2M3's decode parameters promise sign-magnitude codes; a table that breaks it (a
+    # negative code made positive; a NaN, whose pattern drops the sign) must still decode
+    # code by code, through the 4-table lookup: dequantization, GEMV and GEMM alike.
+    k = 64
+    codes = torch.arange(k, dtype=torch.uint8)[None, :].repeat(2, 1)
+    plane_a, plane_b = pack_codes(codes, 6)
+
+    def args(table):
+        return (plane_a, plane_b, table, torch.ones(2, 1), torch.empty(0), 6, k, k, decode_params("fp6_e2m3"), isa)
+
+    flipped = value_table("fp6_e2m3").clone()
+    flipped[40] = -flipped[40]
+    assert torch.equal(module.lut_dequantize(*args(flipped)), flipped.expand(2, k))
+    eye = torch.eye(k)
+    for x in (eye[:4], eye):  # the GEMV, and the blocked GEMM: y[m, n] = w[n, m]
+        assert torch.equal(module.lut_linear(x, *args(flipped)), flipped[: len(x), None].expand(len(x), 2))
+    with_nan = value_table("fp6_e2m3").clone()
+    with_nan[63] = float("nan")
+    got = module.lut_dequantize(*args(with_nan))
+    assert got[:, 63].isnan().all() and torch.equal(got[:, :63], with_nan[:63].expand(2, 63))
 
 
 def _codes_at_unit_scale(module, fmt, isa):
