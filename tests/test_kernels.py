@@ -122,6 +122,18 @@ def test_every_code_multiplies_exactly(module, isa, fmt, granularity):
     assert torch.equal(_call(module, qweight, isa, eye).T, qweight.dequantize())
 
 
+@pytest.mark.parametrize("isa", ISAS_HERE)
+def test_large_gemv_computes_every_row(module, isa):
+    # From 2^22 weights the rows go to threads in chunks from a shared counter: 4100 rows
+    # (not a multiple of any chunk) x 1024, each output within the fp32 bound.
+    gen = torch.Generator().manual_seed(3)
+    qweight = quantize_weight(torch.randn(4100, 1024, generator=gen), "int4", Granularity.parse("group:128"))
+    x = torch.randn(2, 1024, generator=gen)
+    w = qweight.dequantize()
+    error = (_call(module, qweight, isa, x).double() - x.double() @ w.double().T).abs()
+    assert bool((error <= _bound(x, w, 1024)).all())
+
+
 ML_DTYPES = {"fp4_e2m1": "float4_e2m1fn", "fp6_e2m3": "float6_e2m3fn", "fp6_e3m2": "float6_e3m2fn",
              "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2", "fp8_e3m4": "float8_e3m4"}
 DECODERS = {"fp4_e2m1": "table", "int4": "table", "int4_asym": "table",  # 4-bit: one vpshufb per 32 codes
