@@ -1386,7 +1386,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   fpbench::bind_llama_step(m);
   m.def("stream_read_gbps", &stream_read_gbps, "best streaming-read bandwidth in GB/s with the given ISA's loads");
   m.def("decoder", [](int64_t bits, const std::vector<int64_t>& decode) { return decoder_name(pick_decoder(bits, decode)); },
-        "the decoder the kernels use for these codes: table, signed_int, unsigned_int, float or float_special");
+        "the decoder the AVX2 kernels use for these codes: table, signed_int, unsigned_int, float, float_special, "
+        "fp16_nibble or sign_magnitude");
   m.def("scalar_gemm_min_rows", [] { return kScalarGemmMinRows; },
         "rows of x from which the scalar kernels' layer dequantizes once and calls torch's fp32 GEMM");
   m.def("blocked_min_rows", [] { return kBlockedMinRows; },
