@@ -151,9 +151,9 @@ inline float half_to_float(uint16_t h) {  // exact; portable (the scalar ISA has
 }
 
 #if FPBENCH_X86
-// n fp16 values -> fp32, 8 per vcvtph2ps (exact, as half_to_float). One by one, a row of
-// group scales cost an int4/g128 GEMV on 4096x14336 here about a third of its time; now
-// it runs within 2% of the same GEMV with fp32 scales, which need no conversion.
+// n fp16 values -> fp32, 8 per vcvtph2ps (exact, as half_to_float): an int4/g128 GEMV on
+// 4096x14336 here runs within 2% of the same GEMV with fp32 scales, which need no
+// conversion.
 __attribute__((target("avx,f16c"))) void halves_to_floats_f16c(const uint16_t* src, int64_t n, float* dst) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
