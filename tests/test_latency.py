@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from fpbench.cli import main
 from fpbench.eval.latency import LatencySettings, TorchInt8Linear, latency_path, measure
+from fpbench.kernels.torch_int8 import int8_weight_only_mm
 from fpbench.quant.scheme import Scheme
 from fpbench.quant.weights import quantize_weight
 from fpbench.quant.scheme import Granularity
@@ -31,6 +32,18 @@ def test_torch_int8_linear_matches_the_dequantized_weight():
     x = torch.randn(3, 64)
     reference = x.bfloat16().double() @ (qweight.codes.double() * qweight.scales.bfloat16().double()).T
     assert torch.allclose(layer(x).double(), reference, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("k, rows, offset", [(64, 1, 8), (72, 1, 0), (72, 3, 0), (40, 2, 5), (96, 4, 16)])
+def test_torch_int8_kernel_takes_unaligned_rows_and_odd_widths(k, rows, offset):
+    # torch's AVX-512 kernel faults on unaligned rows and is wrong for K % 16 != 0 unless padded
+    codes = torch.randint(-127, 128, (40, k), dtype=torch.int8)
+    scales = torch.rand(40).bfloat16()
+    x = torch.randn(rows * k + offset).bfloat16()[offset:].view(rows, k)
+    out = int8_weight_only_mm(x, codes, scales)
+    reference = x.double() @ (codes.double() * scales.double()[:, None]).T
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, 40)
+    assert torch.allclose(out.double(), reference, rtol=2e-2, atol=1e-2 * float(reference.abs().max()))
 
 
 def test_measure_reports_positive_rates(tiny_loaded):

@@ -21,8 +21,8 @@ from fpbench.quant.weights import quantize_weight
 PROMPT = torch.tensor([[5, 17, 99, 3, 250, 42, 7]])
 
 
-def _model(dtype, scheme: str | None, bias: bool = False):
-    model = tiny_llama(vocab_size=256, layers=2, hidden=128, seed=1, bias=bias)
+def _model(dtype, scheme: str | None, bias: bool = False, hidden: int = 128):
+    model = tiny_llama(vocab_size=256, layers=2, hidden=hidden, seed=1, bias=bias)
     for module in model.modules():  # transformers initialises biases to zero
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.normal_(module.bias, std=0.5)
@@ -118,10 +118,11 @@ def test_kernel_layers_survive_dtype_casts_and_copies():
 
 
 @torch.no_grad()
-def test_torch_int8_layers_run_in_the_compiled_step():
+@pytest.mark.parametrize("hidden", [128, 72])  # 72: widths that torch's INT8 kernel needs padded on AVX-512
+def test_torch_int8_layers_run_in_the_compiled_step(hidden):
     from fpbench.eval.latency import TorchInt8Linear, prepare
 
-    model = _model(torch.float32, None, bias=True)
+    model = _model(torch.float32, None, bias=True, hidden=hidden)
     quantized = quantize_model(model, Scheme.parse("int8/channel/rtn"), progress=False)
     peer = prepare(model, "torch-int8", list(quantized.weights), quantized.weights)  # a bf16 copy
     assert type(peer.model.layers[0].mlp.down_proj) is TorchInt8Linear and decode_loop(peer) == "compiled"

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from fpbench.errors import FpbenchError
 from fpbench.kernels import build as kernels
 from fpbench.kernels.linear import LutLinear, check_kernel_scheme, packed_bytes
+from fpbench.kernels.torch_int8 import int8_weight_only_mm
 from fpbench.quant.formats import get_format
 from fpbench.quant.scheme import Granularity, Scheme
 from fpbench.quant.weights import QuantizedWeight, quantize_weight
@@ -190,7 +191,7 @@ def prepare(kernel: str, n: int, k: int, generator: torch.Generator) -> Prepared
         nbytes = n * k + 2 * n
         weights = [(torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=generator),
                     torch.rand(n, generator=generator).bfloat16()) for _ in range(_copies(nbytes))]
-        return Prepared(weights, nbytes, lambda x, w: torch._weight_int8pack_mm(x, w[0], w[1]), torch.bfloat16)
+        return Prepared(weights, nbytes, lambda x, w: int8_weight_only_mm(x, w[0], w[1]), torch.bfloat16)
     if kernel == "torch_int4_bf16":
         nbytes = n * k // 2 + groups * n * 2 * 2
         weights = []

@@ -37,6 +37,7 @@ from fpbench.errors import FpbenchError
 from fpbench.eval.generation import cache_keyword, output_cache
 from fpbench.eval.lean_decode import LeanDecoder, decode_loop
 from fpbench.kernels.linear import LutLinear, packed_bytes
+from fpbench.kernels.torch_int8 import int8_weight_only_mm, padded_codes
 
 PATHS = ("fpbench-kernel", "torch-fp32", "torch-bf16", "torch-int8")
 
@@ -82,11 +83,10 @@ class TorchInt8Linear(nn.Module):
         """This layer for the compiled decode step: the same calls as ``forward``."""
         from fpbench.kernels import build as kernels
 
-        return kernels.load().Projection.int8_weight_only(self.codes, self.scales, self.bias)
+        return kernels.load().Projection.int8_weight_only(padded_codes(self.codes), self.scales, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        out = torch._weight_int8pack_mm(flat, self.codes, self.scales)
+        out = int8_weight_only_mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), self.codes, self.scales)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], -1).to(x.dtype)

@@ -64,7 +64,12 @@ struct Projection {
     if (!kernel) {
       at::Tensor out;
       if (int8_scales.defined()) {
-        out = at::_weight_int8pack_mm(wrap(x, {1, K}).to(at::kBFloat16), weight, int8_scales);
+        // A fresh (64-byte aligned) copy, zero-padded to the codes' width: torch's AVX-512
+        // INT8 kernel faults on a step buffer's row and needs K % 16 == 0 (see
+        // fpbench/kernels/torch_int8.py, which padded the codes).
+        at::Tensor x16 = wrap(x, {1, K}).to(at::kBFloat16, false, /*copy=*/true);
+        if (weight.size(1) > K) x16 = at::constant_pad_nd(x16, {0, weight.size(1) - K});
+        out = at::_weight_int8pack_mm(x16, weight, int8_scales);
         if (bias) out = out + *bias;
         out = out.to(type_of<T>());
       } else {
