@@ -108,7 +108,8 @@ FINITE_FORMATS = [f for f in FORMATS if not f.startswith("fp8")]  # no inf/NaN c
 
 @pytest.mark.parametrize("isa", ISAS_HERE)
 @pytest.mark.parametrize("fmt", FINITE_FORMATS)
-@pytest.mark.parametrize("granularity", ["channel", "group:16", "group:32", "group:128"])
+# group:96: a unit's two halves now in one group, now in two
+@pytest.mark.parametrize("granularity", ["channel", "group:16", "group:32", "group:96", "group:128"])
 def test_every_code_multiplies_exactly(module, isa, fmt, granularity):
     # The GEMV's own decode (not the dequantization path: for FP6 E3M2 on AVX2 they
     # differ) and the blocked GEMM's panels: with one-hot rows of x, y[m, n] is the single

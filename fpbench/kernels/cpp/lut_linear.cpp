@@ -840,6 +840,12 @@ inline void weights_avx512(const Packed& w, const Avx512Consts<BITS, DEC>& t, co
     v[3] = _mm512_castsi512_ps(_mm512_maskz_mov_epi16(0xAAAAAAAAu, w1));
   }
   const int32_t* gof = w.group_of + u * kUnit / 8;
+  if (w.group_size % 64 == 0) {  // one group a unit: one broadcast
+    const __m512 s = _mm512_set1_ps(srow[gof[0]]);
+    const __m512 z = ZP ? _mm512_set1_ps(zrow[gof[0]]) : s;
+    for (int i = 0; i < 4; ++i) v[i] = _mm512_mul_ps(ZP ? _mm512_sub_ps(v[i], z) : v[i], s);
+    return;
+  }
   for (int i = 0; i < 4; ++i) {
     // Group of k = 8i.. (low half) and of k = 32 + 8i.. (high half).
     const int32_t g0 = gof[i], g1 = gof[4 + i];
@@ -887,6 +893,130 @@ void rows_avx512_t(const Packed& w, const float* xp, int64_t ldx, int64_t M, int
     });
 }
 
+// Fp32 lookups for 4- and 6-bit codes in groups of a multiple of 32 (4-bit) or 64 (6-bit)
+// weights, per channel included: the format's values are scaled for the group once,
+// (v - z) * s in fp32 as the dequantization forms them (the same bits), and each 16
+// weights are one permute of those fp32 tables (vpermps takes 4 index bits, vpermi2ps 5).
+// Each dword of a unit's 32 nibble bytes, shifted right by 8i (+ 4 in the high 8 lanes),
+// holds in its low nibble the code (4-bit) or the code's upper 4 bits (6-bit) of position
+// 32h + 4l + i (l the dword, h the half); the 2-bit plane's 16 bytes, in every 128-bit
+// lane, shifted by 8i + 4h + 2(l / 4), hold the lower 2. x is read in that order (see
+// order_x). 4-bit: bit 4 of the index picks the high half's table when a unit's halves lie
+// in two groups (SPLIT). 6-bit: two 32-entry permutes and a blend on bit 5, or for
+// sign-magnitude codes one permute of the magnitudes and bit 5 moved to the sign.
+template <bool ZP>
+inline __m512 scaled(__m512 values, const float* srow, const float* zrow, int64_t g) {
+  if constexpr (ZP) values = _mm512_sub_ps(values, _mm512_set1_ps(zrow[g]));
+  return _mm512_mul_ps(values, _mm512_set1_ps(srow[g]));
+}
+
+template <int BITS, Dec DEC, bool ZP, bool SPLIT, int MR>
+void row_avx512_lookup(const Packed& w, RowScales& rs, int64_t n, const float* xp, int64_t ldx, float* y,
+                       int64_t ldy) {
+  static_assert(BITS == 4 || !SPLIT, "6-bit tables take whole units");
+  constexpr int kChains = MR >= 4 ? 1 : 4 / MR;
+  constexpr int kTables = BITS == 4 ? 1 : DEC == Dec::SignMagnitude ? 2 : 4;  // 16 fp32 values each
+  const uint8_t* a = w.plane_a + n * w.lda;
+  const uint8_t* b = BITS == 6 ? w.plane_b + n * w.ldb : nullptr;
+  const float* srow = rs.scales(n);
+  const float* zrow = ZP ? rs.zeros(n) : nullptr;
+  __m512 values[kTables], table[kTables], high = _mm512_setzero_ps();
+  for (int t = 0; t < kTables; ++t) values[t] = _mm512_loadu_ps(w.table + 16 * t);
+  const __m512i low4 = _mm512_set1_epi32(15), upper4 = _mm512_set1_epi32(0x3C), bit5 = _mm512_set1_epi32(32);
+  const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));
+  const __m512i half = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 16, 16, 16, 16, 16, 16, 16, 16);
+  __m512 acc[MR][kChains];
+  for (int m = 0; m < MR; ++m)
+    for (int c = 0; c < kChains; ++c) acc[m][c] = _mm512_setzero_ps();
+  int64_t group = -1;
+  const int64_t units = w.K / kUnit;
+  for (int64_t u = 0; u < units; ++u) {
+    prefetch_ahead<BITS>(a, b, u);
+    const int32_t g = w.group_of[u * kUnit / 8];
+    if (SPLIT) {
+      table[0] = scaled<ZP>(values[0], srow, zrow, g);
+      high = scaled<ZP>(values[0], srow, zrow, w.group_of[u * kUnit / 8 + 4]);
+    } else if (g != group) {  // per channel: once a row
+      group = g;
+      for (int t = 0; t < kTables; ++t) table[t] = scaled<ZP>(values[t], srow, zrow, g);
+    }
+    const __m512i words = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + u * 32)));
+    const __m512i fields =
+        BITS == 6 ? _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + u * 16)))
+                  : _mm512_setzero_si512();
+    for (int i = 0; i < 4; ++i) {
+      // 6-bit: the nibble to index bits 2-5 by a rotation (right by 8i + 4h - 2, i.e. left
+      // by 2 for i = h = 0).
+      const int s = 8 * i, q = BITS == 6 ? 2 : 0;
+      const __m512i shift = _mm512_setr_epi32(s - q, s - q, s - q, s - q, s - q, s - q, s - q, s - q, s + 4 - q,
+                                              s + 4 - q, s + 4 - q, s + 4 - q, s + 4 - q, s + 4 - q, s + 4 - q,
+                                              s + 4 - q);
+      const __m512i codes = BITS == 6 ? _mm512_rorv_epi32(words, _mm512_and_si512(shift, _mm512_set1_epi32(31)))
+                                      : _mm512_srlv_epi32(words, shift);
+      __m512 v;
+      if constexpr (BITS == 4) {
+        // SPLIT: (codes & 15) | half (ternary-logic table 0xEA is (A & B) | C).
+        v = SPLIT ? _mm512_permutex2var_ps(table[0], _mm512_ternarylogic_epi32(codes, low4, half, 0xEA), high)
+                  : _mm512_permutexvar_ps(codes, table[0]);
+      } else {
+        const __m512i low2 = _mm512_srlv_epi32(
+            fields, _mm512_setr_epi32(s, s, s, s, s + 2, s + 2, s + 2, s + 2, s + 4, s + 4, s + 4, s + 4, s + 6,
+                                      s + 6, s + 6, s + 6));
+        // Bits 2-5 from codes, the rest from low2 (0xE4: (A & C) | (B & ~C)); above bit 5 unused.
+        const __m512i index = _mm512_ternarylogic_epi32(codes, low2, upper4, 0xE4);
+        const __m512 lower = _mm512_permutex2var_ps(table[0], index, table[1]);
+        if constexpr (DEC == Dec::SignMagnitude) {
+          // v ^ ((index << 26) & sign) (0x78: A ^ (B & C)): code bit 5 is the sign.
+          v = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_castps_si512(lower),
+                                                            _mm512_slli_epi32(index, 26), sign, 0x78));
+        } else {
+          v = _mm512_mask_blend_ps(_mm512_test_epi32_mask(index, bit5), lower,
+                                   _mm512_permutex2var_ps(table[2], index, table[3]));
+        }
+      }
+      for (int m = 0; m < MR; ++m)
+        acc[m][i % kChains] =
+            _mm512_fmadd_ps(v, _mm512_loadu_ps(xp + m * ldx + u * kUnit + 16 * i), acc[m][i % kChains]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    __m512 total = acc[m][0];
+    for (int c = 1; c < kChains; ++c) total = _mm512_add_ps(total, acc[m][c]);
+    y[m * ldy + n] = _mm512_reduce_add_ps(total);
+  }
+}
+
+template <int BITS, Dec DEC, bool ZP, bool SPLIT>
+void rows_avx512_lookup_t(const Packed& w, const float* xp, int64_t ldx, int64_t M, int64_t n0, int64_t n1, float* y,
+                          int64_t ldy) {
+  RowScales rs(w);
+  for (int64_t n = n0; n < n1; ++n)
+    for_row_tiles(M, [&](auto mr, int64_t m) {
+      row_avx512_lookup<BITS, DEC, ZP, SPLIT, decltype(mr)::value>(w, rs, n, xp + m * ldx, ldx, y + m * ldy, ldy);
+    });
+}
+
+// Whether row_avx512_lookup takes w (else the byte-table decode above).
+inline bool avx512_lookup(const Packed& w) {
+  if (w.bits == 4) return w.group_size % 32 == 0;
+  return w.bits == 6 && w.group_size % 64 == 0 && (w.dec == Dec::Table || w.dec == Dec::SignMagnitude);
+}
+
+// Calls rows_avx512_lookup_t for w's combination.
+void rows_avx512_lookup(const Packed& w, const float* xp, int64_t ldx, int64_t M, int64_t n0, int64_t n1, float* y,
+                        int64_t ldy) {
+  const bool zp = w.zeros.kind != Store::None, split = w.group_size % 64 != 0;
+  if (w.bits == 4) {
+    if (zp && split) return rows_avx512_lookup_t<4, Dec::Table, true, true>(w, xp, ldx, M, n0, n1, y, ldy);
+    if (zp) return rows_avx512_lookup_t<4, Dec::Table, true, false>(w, xp, ldx, M, n0, n1, y, ldy);
+    if (split) return rows_avx512_lookup_t<4, Dec::Table, false, true>(w, xp, ldx, M, n0, n1, y, ldy);
+    return rows_avx512_lookup_t<4, Dec::Table, false, false>(w, xp, ldx, M, n0, n1, y, ldy);
+  }
+  if (w.dec == Dec::SignMagnitude) return rows_avx512_lookup_t<6, Dec::SignMagnitude, false, false>(w, xp, ldx, M, n0, n1, y, ldy);
+  if (zp) return rows_avx512_lookup_t<6, Dec::Table, true, false>(w, xp, ldx, M, n0, n1, y, ldy);
+  return rows_avx512_lookup_t<6, Dec::Table, false, false>(w, xp, ldx, M, n0, n1, y, ldy);
+}
+
 template <int BITS, Dec DEC, bool ZP>
 void dequant_avx512_t(const Packed& w, int64_t n0, int64_t n1, float* out) {
   const Avx512Consts<BITS, DEC> t(w);
@@ -921,18 +1051,29 @@ uint64_t stream_avx512(const uint8_t* p, int64_t bytes) {
 
 // ---------------------------------------------------------------- dispatch
 
-// Rows of x (M x K) in the order a GEMV reads them, into out: for the AVX-512 kernels each
-// 64-column unit as their decode emits weights (k = 32h + 8i + j, h < 2, i < 4, j < 8, at
-// column 16i + 8h + j: their fp32 vector i holds k = 8i.. and 32 + 8i..);
-// for Dec::Fp16Nibble each unit in code-position order (column p holds k = position_to_k(p),
-// the weight whose code sits at position p), times `factor` (exact: a power of two). Plain
-// loops: torch's index_select and multiply took 10-15 us a call, a sixth of a small layer's GEMV.
-void order_x(const float* x, int64_t M, int64_t K, bool position_order, float factor, float* out) {
+// Rows of x (M x K) in the order a GEMV reads them, into out, column c of each 64-column
+// unit holding k:
+// - Avx512: as the AVX-512 table decode emits weights (its fp32 vector i holds
+//   k = 8i.. and 32 + 8i..): c = 16i + 8h + j holds k = 32h + 8i + j;
+// - Nibbles: as row_avx512_lookup reads codes: c = 16i + 8h + l holds the weight of
+//   position 32h + 4l + i;
+// - Positions (Dec::Fp16Nibble): c holds the weight of position c, times `factor` (exact:
+//   a power of two).
+// Plain loops: torch's index_select and multiply took 10-15 us a call, a sixth of a small
+// layer's GEMV.
+enum class XOrder { Avx512, Nibbles, Positions };
+
+void order_x(const float* x, int64_t M, int64_t K, XOrder how, float factor, float* out) {
   int order[kUnit];
-  for (int p = 0; p < kUnit; ++p)
-    order[p] = position_order ? position_to_k(p) : 32 * (p % 16 / 8) + 8 * (p / 16) + p % 8;
+  for (int c = 0; c < kUnit; ++c) {
+    const int i = c / 16, h = c % 16 / 8, j = c % 8;
+    order[c] = how == XOrder::Avx512 ? 32 * h + 8 * i + j
+               : how == XOrder::Nibbles ? position_to_k(32 * h + 4 * j + i)
+                                        : position_to_k(c);
+  }
   for (int64_t r = 0; r < M * K; r += kUnit)
-    for (int p = 0; p < kUnit; ++p) out[r + p] = position_order ? x[r + order[p]] * factor : x[r + order[p]];
+    for (int c = 0; c < kUnit; ++c)
+      out[r + c] = how == XOrder::Positions ? x[r + order[c]] * factor : x[r + order[c]];
 }
 
 // Calls f(bits, decoder, has_zero_points) with compile-time values, for the combinations
@@ -1157,17 +1298,19 @@ void gemv(Packed w, Isa isa, const float* x, int64_t M, float* y) {
   const int64_t K = w.K;
   const bool nibble = isa == Isa::Avx2 && w.dec == Dec::Fp16Nibble;
   if (w.dec == Dec::Fp16Nibble && !nibble) w.dec = Dec::Table;
+  const bool lookup = isa == Isa::Avx512 && avx512_lookup(w);
   std::vector<float> ordered;
 #if FPBENCH_X86
   if (isa == Isa::Avx512 || nibble) {
     ordered.resize(M * K);
-    order_x(x, M, K, nibble, w.pow2_16, ordered.data());
+    order_x(x, M, K, nibble ? XOrder::Positions : lookup ? XOrder::Nibbles : XOrder::Avx512, w.pow2_16, ordered.data());
     x = ordered.data();
   }
 #endif
   parallel_rows(w.N, K, [&](int64_t n0, int64_t n1) {
     const KeepDenormals keep;
 #if FPBENCH_X86
+    if (lookup) return rows_avx512_lookup(w, x, K, M, n0, n1, y, w.N);
     if (isa == Isa::Avx512) {
       with_format(w, [&](auto b, auto d, auto z) { rows_avx512_t<decltype(b)::value, decltype(d)::value, decltype(z)::value>(w, x, K, M, n0, n1, y, w.N); });
       return;
