@@ -902,7 +902,9 @@ void rows_avx512_t(const Packed& w, const float* xp, int64_t ldx, int64_t M, int
 // 32h + 4l + i (l the dword, h the half); the 2-bit plane's 16 bytes, in every 128-bit
 // lane, shifted by 8i + 4h + 2(l / 4), hold the lower 2. x is read in that order (see
 // order_x). 4-bit: bit 4 of the index picks the high half's table when a unit's halves lie
-// in two groups (SPLIT). 6-bit: two 32-entry permutes and a blend on bit 5, or for
+// in two groups (Grouping::Halves); groups of 16 (Grouping::Sixteen) take the format's own
+// values and multiply each lane by its group's scale: lane 8h + l of every vector of a unit
+// lies in group 2h + (l % 4) / 2 of the unit's four. 6-bit: two 32-entry permutes and a blend on bit 5, or for
 // sign-magnitude codes one permute of the magnitudes and bit 5 moved to the sign.
 template <bool ZP>
 inline __m512 scaled(__m512 values, const float* srow, const float* zrow, int64_t g) {
@@ -910,10 +912,13 @@ inline __m512 scaled(__m512 values, const float* srow, const float* zrow, int64_
   return _mm512_mul_ps(values, _mm512_set1_ps(srow[g]));
 }
 
-template <int BITS, Dec DEC, bool ZP, bool SPLIT, int MR>
+enum class Grouping { Units, Halves, Sixteen };  // a group holds whole units; G % 64 == 32; G == 16
+
+template <int BITS, Dec DEC, bool ZP, Grouping GROUPS, int MR>
 void row_avx512_lookup(const Packed& w, RowScales& rs, int64_t n, const float* xp, int64_t ldx, float* y,
                        int64_t ldy) {
-  static_assert(BITS == 4 || !SPLIT, "6-bit tables take whole units");
+  static_assert(BITS == 4 || GROUPS == Grouping::Units, "6-bit tables take whole units");
+  constexpr bool SPLIT = GROUPS == Grouping::Halves, SIXTEEN = GROUPS == Grouping::Sixteen;
   constexpr int kChains = MR >= 4 ? 1 : 4 / MR;
   constexpr int kTables = BITS == 4 ? 1 : DEC == Dec::SignMagnitude ? 2 : 4;  // 16 fp32 values each
   const uint8_t* a = w.plane_a + n * w.lda;
@@ -925,6 +930,8 @@ void row_avx512_lookup(const Packed& w, RowScales& rs, int64_t n, const float* x
   const __m512i low4 = _mm512_set1_epi32(15), upper4 = _mm512_set1_epi32(0x3C), bit5 = _mm512_set1_epi32(32);
   const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));
   const __m512i half = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 16, 16, 16, 16, 16, 16, 16, 16);
+  const __m512i quarter = _mm512_setr_epi32(0, 0, 1, 1, 0, 0, 1, 1, 2, 2, 3, 3, 2, 2, 3, 3);
+  __m512 lane_scale = _mm512_setzero_ps(), lane_zero = _mm512_setzero_ps();
   __m512 acc[MR][kChains];
   for (int m = 0; m < MR; ++m)
     for (int c = 0; c < kChains; ++c) acc[m][c] = _mm512_setzero_ps();
@@ -933,7 +940,11 @@ void row_avx512_lookup(const Packed& w, RowScales& rs, int64_t n, const float* x
   for (int64_t u = 0; u < units; ++u) {
     prefetch_ahead<BITS>(a, b, u);
     const int32_t g = w.group_of[u * kUnit / 8];
-    if (SPLIT) {
+    if (SIXTEEN) {
+      table[0] = values[0];
+      lane_scale = _mm512_permutexvar_ps(quarter, _mm512_castps128_ps512(_mm_loadu_ps(srow + 4 * u)));
+      if (ZP) lane_zero = _mm512_permutexvar_ps(quarter, _mm512_castps128_ps512(_mm_loadu_ps(zrow + 4 * u)));
+    } else if (SPLIT) {
       table[0] = scaled<ZP>(values[0], srow, zrow, g);
       high = scaled<ZP>(values[0], srow, zrow, w.group_of[u * kUnit / 8 + 4]);
     } else if (g != group) {  // per channel: once a row
@@ -958,6 +969,7 @@ void row_avx512_lookup(const Packed& w, RowScales& rs, int64_t n, const float* x
         // SPLIT: (codes & 15) | half (ternary-logic table 0xEA is (A & B) | C).
         v = SPLIT ? _mm512_permutex2var_ps(table[0], _mm512_ternarylogic_epi32(codes, low4, half, 0xEA), high)
                   : _mm512_permutexvar_ps(codes, table[0]);
+        if (SIXTEEN) v = _mm512_mul_ps(ZP ? _mm512_sub_ps(v, lane_zero) : v, lane_scale);
       } else {
         const __m512i low2 = _mm512_srlv_epi32(
             fields, _mm512_setr_epi32(s, s, s, s, s + 2, s + 2, s + 2, s + 2, s + 4, s + 4, s + 4, s + 4, s + 6,
@@ -986,35 +998,46 @@ void row_avx512_lookup(const Packed& w, RowScales& rs, int64_t n, const float* x
   }
 }
 
-template <int BITS, Dec DEC, bool ZP, bool SPLIT>
+template <int BITS, Dec DEC, bool ZP, Grouping GROUPS>
 void rows_avx512_lookup_t(const Packed& w, const float* xp, int64_t ldx, int64_t M, int64_t n0, int64_t n1, float* y,
                           int64_t ldy) {
   RowScales rs(w);
   for (int64_t n = n0; n < n1; ++n)
     for_row_tiles(M, [&](auto mr, int64_t m) {
-      row_avx512_lookup<BITS, DEC, ZP, SPLIT, decltype(mr)::value>(w, rs, n, xp + m * ldx, ldx, y + m * ldy, ldy);
+      row_avx512_lookup<BITS, DEC, ZP, GROUPS, decltype(mr)::value>(w, rs, n, xp + m * ldx, ldx, y + m * ldy, ldy);
     });
 }
 
 // Whether row_avx512_lookup takes w (else the byte-table decode above).
 inline bool avx512_lookup(const Packed& w) {
-  if (w.bits == 4) return w.group_size % 32 == 0;
+  if (w.bits == 4) return w.group_size % 32 == 0 || w.group_size == 16;
   return w.bits == 6 && w.group_size % 64 == 0 && (w.dec == Dec::Table || w.dec == Dec::SignMagnitude);
 }
 
 // Calls rows_avx512_lookup_t for w's combination.
 void rows_avx512_lookup(const Packed& w, const float* xp, int64_t ldx, int64_t M, int64_t n0, int64_t n1, float* y,
                         int64_t ldy) {
-  const bool zp = w.zeros.kind != Store::None, split = w.group_size % 64 != 0;
-  if (w.bits == 4) {
-    if (zp && split) return rows_avx512_lookup_t<4, Dec::Table, true, true>(w, xp, ldx, M, n0, n1, y, ldy);
-    if (zp) return rows_avx512_lookup_t<4, Dec::Table, true, false>(w, xp, ldx, M, n0, n1, y, ldy);
-    if (split) return rows_avx512_lookup_t<4, Dec::Table, false, true>(w, xp, ldx, M, n0, n1, y, ldy);
-    return rows_avx512_lookup_t<4, Dec::Table, false, false>(w, xp, ldx, M, n0, n1, y, ldy);
+  using G = Grouping;
+  const bool zp = w.zeros.kind != Store::None;
+  const auto run = [&](auto bits, auto dec, auto z, auto groups) {
+    rows_avx512_lookup_t<decltype(bits)::value, decltype(dec)::value, decltype(z)::value, decltype(groups)::value>(
+        w, xp, ldx, M, n0, n1, y, ldy);
+  };
+  using std::integral_constant;
+  constexpr auto B4 = integral_constant<int, 4>{};
+  constexpr auto B6 = integral_constant<int, 6>{};
+  constexpr auto table = integral_constant<Dec, Dec::Table>{};
+  constexpr auto units = integral_constant<G, G::Units>{};
+  if (w.bits == 6) {
+    if (w.dec == Dec::SignMagnitude) return run(B6, integral_constant<Dec, Dec::SignMagnitude>{}, std::false_type{}, units);
+    return zp ? run(B6, table, std::true_type{}, units) : run(B6, table, std::false_type{}, units);
   }
-  if (w.dec == Dec::SignMagnitude) return rows_avx512_lookup_t<6, Dec::SignMagnitude, false, false>(w, xp, ldx, M, n0, n1, y, ldy);
-  if (zp) return rows_avx512_lookup_t<6, Dec::Table, true, false>(w, xp, ldx, M, n0, n1, y, ldy);
-  return rows_avx512_lookup_t<6, Dec::Table, false, false>(w, xp, ldx, M, n0, n1, y, ldy);
+  const auto by_groups = [&](auto z) {
+    if (w.group_size == 16) return run(B4, table, z, integral_constant<G, G::Sixteen>{});
+    if (w.group_size % 64 != 0) return run(B4, table, z, integral_constant<G, G::Halves>{});
+    return run(B4, table, z, units);
+  };
+  return zp ? by_groups(std::true_type{}) : by_groups(std::false_type{});
 }
 
 template <int BITS, Dec DEC, bool ZP>
