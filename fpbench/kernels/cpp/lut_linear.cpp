@@ -757,18 +757,17 @@ struct Avx512Consts {
                               : BITS == 6                                    ? 4
                                                                              : 0;  // 8-bit: gathers
   __m512i lo[kSub > 0 ? kSub : 1], hi[kSub > 0 ? kSub : 1];
-  __m256i mask16, special16;
-  __m128i shift16;
+  __m512i shift32, mask32, special32;
   __m512 pow2;
   explicit Avx512Consts(const Packed& w) {
     for (int s = 0; s < kSub; ++s) {
       lo[s] = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.table_lo + 16 * s)));
       hi[s] = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.table_hi + 16 * s)));
     }
-    mask16 = _mm256_set1_epi16(static_cast<int16_t>(w.mask16));
-    special16 = _mm256_set1_epi16(static_cast<int16_t>(w.special16));
-    shift16 = _mm_cvtsi32_si128(10 - w.mbits);
-    pow2 = _mm512_set1_ps(w.pow2_16);
+    shift32 = _mm512_set1_epi32(23 - w.mbits);
+    mask32 = _mm512_set1_epi32(static_cast<int>(w.mask32));
+    special32 = _mm512_set1_epi32(static_cast<int>(w.special32));
+    pow2 = _mm512_set1_ps(w.pow2);
   }
 };
 
@@ -812,9 +811,15 @@ inline void weights_avx512(const Packed& w, const Avx512Consts<BITS, DEC>& t, co
       } else if constexpr (DEC == Dec::UnsignedInt) {
         v[i] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes));
       } else {
-        v[i] = _mm512_mul_ps(
-            _mm512_cvtph_ps(fp16_patterns<DEC == Dec::FloatSpecial>(codes, t.shift16, t.mask16, t.special16)),
-            t.pow2);
+        // The fp32 pattern of each code as decode_scalar places it: the sign-extended code
+        // shifted so the mantissas align (bit 31 then holds the sign), masked to sign and
+        // E:M; inf/NaN codes get an all-ones exponent, the rest times 2^(127 - bias).
+        __m512i placed = _mm512_and_si512(_mm512_sllv_epi32(_mm512_cvtepi8_epi32(codes), t.shift32), t.mask32);
+        if constexpr (DEC == Dec::FloatSpecial) {
+          const __mmask16 special = _mm512_cmpeq_epi32_mask(_mm512_and_si512(placed, t.special32), t.special32);
+          placed = _mm512_mask_or_epi32(placed, special, placed, _mm512_set1_epi32(0x7F800000));
+        }
+        v[i] = _mm512_mul_ps(_mm512_castsi512_ps(placed), t.pow2);
       }
     }
   } else {
