@@ -133,8 +133,12 @@ def stream_methods() -> dict[str, callable]:
     module = kernels.load()
     isas = [isa for isa in ("avx512", "avx2", "scalar")
             if kernels.ISAS.index(isa) >= kernels.ISAS.index(module.best_isa())]
-    methods = {f"read_{isa}": (lambda buffer, repeats, isa=isa: float(module.stream_read_gbps(buffer, repeats, isa)))
-               for isa in isas}
+    methods = {}
+    for isa in isas:  # one stream a thread, and (SIMD) eight side by side, as a GEMV over several rows reads
+        for streams in (1, 8) if isa != "scalar" else (1,):
+            name = f"read_{isa}" + ("" if streams == 1 else f"_x{streams}")
+            methods[name] = (lambda buffer, repeats, isa=isa, streams=streams:
+                             float(module.stream_read_gbps(buffer, repeats, isa, streams)))
     methods["torch_sum"] = _torch_sum_gbps
     return methods
 
