@@ -9,7 +9,7 @@ weights are fresh).
 
 Roofline: the streaming-read ceiling is the best of several read loops over a
 ``BANDWIDTH_BUFFER_BYTES`` buffer by all threads (the compiled loop with each ISA's
-widest loads, and torch's own sum), measured before and again after the kernels (other
+widest loads, one stream a thread and eight side by side, and torch's own sum), measured before and again after the kernels (other
 load on a shared machine can depress one probe); a kernel that
 reads ``bytes_read`` bytes (packed weights, scales, zero points and x) in ``median_ms``
 is at ``roofline_fraction = bytes_read / (bandwidth * median)``. The probe takes the
@@ -134,7 +134,7 @@ def stream_methods() -> dict[str, callable]:
     isas = [isa for isa in ("avx512", "avx2", "scalar")
             if kernels.ISAS.index(isa) >= kernels.ISAS.index(module.best_isa())]
     methods = {}
-    for isa in isas:  # one stream a thread, and (SIMD) eight side by side, as a GEMV over several rows reads
+    for isa in isas:  # one stream a thread, and (SIMD) eight side by side: on some CPUs one stream reads less
         for streams in (1, 8) if isa != "scalar" else (1,):
             name = f"read_{isa}" + ("" if streams == 1 else f"_x{streams}")
             methods[name] = (lambda buffer, repeats, isa=isa, streams=streams:

@@ -917,9 +917,10 @@ void rows_avx512_t(const Packed& w, const float* xp, int64_t ldx, int64_t M, int
 // lane, shifted by 8i + 4h + 2(l / 4), hold the lower 2. x is read in that order (see
 // order_x). 4-bit: bit 4 of the index picks the high half's table when a unit's halves lie
 // in two groups (Grouping::Halves); groups of 16 (Grouping::Sixteen) take the format's own
-// values and multiply each lane by its group's scale: lane 8h + l of every vector of a unit
-// lies in group 2h + (l % 4) / 2 of the unit's four. 6-bit: two 32-entry permutes and a blend on bit 5, or for
-// sign-magnitude codes one permute of the magnitudes and bit 5 moved to the sign.
+// values and multiply each lane by its group's scale: lane 8h + l of every vector of a
+// unit lies in group 2h + (l % 4) / 2 of the unit's four. 6-bit: two 32-entry permutes and
+// a blend on bit 5, or for sign-magnitude codes one permute of the magnitudes and bit 5
+// moved to the sign.
 template <bool ZP>
 inline __m512 scaled(__m512 values, const float* srow, const float* zrow, int64_t g) {
   if constexpr (ZP) values = _mm512_sub_ps(values, _mm512_set1_ps(zrow[g]));
@@ -1437,6 +1438,7 @@ double stream_read_gbps(const at::Tensor& buffer, int64_t repeats, const std::st
   TORCH_CHECK(buffer.is_contiguous() && buffer.data_ptr() != nullptr &&
                   reinterpret_cast<uintptr_t>(buffer.data_ptr()) % 64 == 0,
               "buffer must be contiguous and 64-byte aligned");
+  TORCH_CHECK(streams == 1 || streams == 8, "streams must be 1 or 8, not ", streams);
   const Isa isa = pick_isa(isa_request);
   const uint8_t* base = static_cast<const uint8_t*>(buffer.data_ptr());
   const int64_t bytes = buffer.numel() * buffer.element_size() / 4096 * 4096;
