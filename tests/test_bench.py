@@ -16,6 +16,16 @@ def small_bench(monkeypatch):
     monkeypatch.setattr(bench, "BANDWIDTH_BUFFER_BYTES", 8 * 2**20)
 
 
+def test_cold_copies_follow_the_largest_cache(tmp_path):
+    for index, size in (("index0", "48K"), ("index2", "2048K"), ("index3", "107520K"), ("index4", "junk")):
+        (tmp_path / index).mkdir()
+        (tmp_path / index / "size").write_text(size + "\n")
+    assert bench.largest_cache_bytes(tmp_path) == 107520 * 2**10
+    assert bench.cold_bytes(107520 * 2**10) == 4 * 107520 * 2**10
+    assert bench.largest_cache_bytes(tmp_path / "absent") is None
+    assert bench.cold_bytes(None) == bench.cold_bytes(8 * 2**20) == 128 * 2**20
+
+
 def test_records_for_every_kernel(tmp_path, small_bench):
     names = ["torch_int8_bf16", "torch_int4_bf16", "int4/g128", "fp6_e3m2", "int4_asym/g32"]
     records = bench.run_bench([(256, 384)], [1, 3], names, repeats=3, out_dir=str(tmp_path), progress=False)

@@ -34,6 +34,11 @@ def test_verdicts_follow_each_metric_tolerance():
     assert judge(_record(value=31.0, **rouge), ref)[0] == "differs"
     latency = dict(task="latency", metric="decode_tokens_per_s", family="latency")
     assert judge(_record(value=50.0, **latency), _record(value=20.0, **latency))[0] == "not judged"
+    # GPTQ's rounding decisions follow the CPU's BLAS: judged on the reference's CPU only
+    gptq = dict(scheme="int4/g128/gptq@wikitext2", algo="gptq")
+    assert judge(_record(value=23.9, cpu="CPU B", **gptq), _record(value=27.1, **gptq)) == \
+        ("not judged", "GPTQ on another CPU")
+    assert judge(_record(value=23.9, **gptq), _record(value=27.1, **gptq))[0] == "differs"
 
 
 def test_records_match_on_the_run_not_on_the_code_version():

@@ -2,18 +2,19 @@
 
 For each (N, K) weight shape and batch M, every kernel multiplies x [M, K] by a weight
 [N, K]. Weights are cold: each kernel cycles through enough distinct copies of its
-weight that together they exceed ``COLD_BYTES`` (4x the last-level cache here), so every
-call streams its weight from DRAM as in LLM decoding. Timing is the median of
-``repeats`` calls after warm-up calls (and one call on every copy when a kernel's
-weights are fresh).
+weight that together they exceed ``COLD_BYTES`` (4x the last-level cache, at least 128
+MiB), so every call streams its weight from DRAM as in LLM decoding. Timing is the
+median of ``repeats`` calls after warm-up calls (and one call on every copy when a
+kernel's weights are fresh).
 
 Roofline: the streaming-read ceiling is the best of several read loops over a
 ``BANDWIDTH_BUFFER_BYTES`` buffer by all threads (the compiled loop with each ISA's
-widest loads, one stream a thread and eight side by side, and torch's own sum), measured before and again after the kernels (other
-load on a shared machine can depress one probe); a kernel that
-reads ``bytes_read`` bytes (packed weights, scales, zero points and x) in ``median_ms``
-is at ``roofline_fraction = bytes_read / (bandwidth * median)``. The probe takes the
-maximum over methods so that no kernel can stream faster than "the ceiling".
+widest loads, one stream a thread and eight side by side, and torch's own sum), measured
+before and again after the kernels (other load on a shared machine can depress one
+probe); a kernel that reads ``bytes_read`` bytes (packed weights, scales, zero points
+and x) in ``median_ms`` is at ``roofline_fraction = bytes_read / (bandwidth * median)``.
+The probe takes the maximum over methods so that no kernel can stream faster than "the
+ceiling".
 
 Kernels: ``torch_fp32`` and ``torch_bf16`` (F.linear), ``torch_int8_bf16``
 (``_weight_int8pack_mm``, per-channel), ``torch_int4_bf16``
@@ -56,8 +57,29 @@ DEFAULT_FORMATS = ("int4", "int4_asym", "int8", "fp4_e2m1", "fp6_e2m3", "fp6_e3m
 DEFAULT_GRANULARITIES = ("channel", "g128")
 KERNELS = TORCH_KERNELS + tuple(f"{f}/{g}" for f in DEFAULT_FORMATS for g in DEFAULT_GRANULARITIES)
 TORCH_INT4_GROUP = 128
-COLD_BYTES = 128 * 2**20
 BANDWIDTH_BUFFER_BYTES = 512 * 2**20
+CACHE_DIR = Path("/sys/devices/system/cpu/cpu0/cache")
+
+
+def largest_cache_bytes(cache_dir: Path = CACHE_DIR) -> int | None:
+    """The largest CPU cache Linux reports (``index*/size``: ``48K``, ``107520K``), or None."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    sizes = []
+    for path in cache_dir.glob("index*/size"):
+        try:
+            text = path.read_text().strip()
+            sizes.append(int(text[:-1]) * units[text[-1]] if text[-1:] in units else int(text))
+        except (OSError, ValueError, KeyError):
+            continue
+    return max(sizes, default=None)
+
+
+def cold_bytes(cache_bytes: int | None) -> int:
+    """Bytes of weight copies a kernel cycles through: 4x the last-level cache, at least 128 MiB."""
+    return max(128 * 2**20, 4 * (cache_bytes or 0))
+
+
+COLD_BYTES = cold_bytes(largest_cache_bytes())
 
 
 @dataclass

@@ -11,7 +11,13 @@ purpose, so a reference measured by an earlier release is still compared. Verdic
   pass@k the larger of the two standard errors (the record's ``stderr``, else the
   binomial sqrt(p(1-p)/n)); ROUGE the reference's bootstrap 95% interval;
 - ``differs``: beyond that;
-- ``not judged``: latency and throughput, which belong to a machine (shown side by side).
+- ``not judged``: latency and throughput, which belong to a machine (shown side by side);
+  and the metrics of GPTQ-quantized models measured on another CPU than the reference:
+  GPTQ rounds each weight after the error feedback of the ones before, so a last-bit
+  difference in the fp32 BLAS that builds the Hessians and block inputs changes later
+  rounding decisions. The quick tier's int4/g128 GPTQ perplexity read 27.07 on an AMD
+  EPYC (AVX2), 23.92 on an Intel Xeon, and 26.57 on that Xeon with MKL and oneDNN
+  limited to AVX2: the same code, the CPU's summation order only.
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ def judge(fresh: dict, reference: dict) -> tuple[str, str]:
     """(verdict, the tolerance it was judged with, in words)."""
     if _is_latency(fresh):
         return "not judged", "machine-specific"
+    if fresh.get("algo") == "gptq" and fresh.get("cpu") != reference.get("cpu"):
+        return "not judged", "GPTQ on another CPU"
     value, ref = float(fresh["value"]), float(reference["value"])
     if value == ref or abs(value - ref) <= EQUAL_RTOL * max(abs(ref), 1e-300):
         return "equal", "-"
@@ -87,7 +95,7 @@ class Comparison:
         counts = self.counts()
         return (f"reproduction: {len(self.rows)} metrics compared: {counts['equal']} equal, "
                 f"{counts['within tolerance']} within tolerance, {counts['differs']} differ, "
-                f"{counts['not judged']} not judged (latency); {self.only_fresh} without a reference, "
+                f"{counts['not judged']} not judged (latency, GPTQ on another CPU); {self.only_fresh} without a reference, "
                 f"{self.only_reference} reference metrics not rerun")
 
 
