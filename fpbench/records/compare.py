@@ -95,7 +95,8 @@ class Comparison:
         counts = self.counts()
         return (f"reproduction: {len(self.rows)} metrics compared: {counts['equal']} equal, "
                 f"{counts['within tolerance']} within tolerance, {counts['differs']} differ, "
-                f"{counts['not judged']} not judged (latency, GPTQ on another CPU); {self.only_fresh} without a reference, "
+                f"{counts['not judged']} not judged (latency, GPTQ on another CPU); "
+                f"{self.only_fresh} without a reference, "
                 f"{self.only_reference} reference metrics not rerun")
 
 

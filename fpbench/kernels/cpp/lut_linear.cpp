@@ -1044,7 +1044,8 @@ void rows_avx512_lookup(const Packed& w, const float* xp, int64_t ldx, int64_t M
   constexpr auto table = integral_constant<Dec, Dec::Table>{};
   constexpr auto units = integral_constant<G, G::Units>{};
   if (w.bits == 6) {
-    if (w.dec == Dec::SignMagnitude) return run(B6, integral_constant<Dec, Dec::SignMagnitude>{}, std::false_type{}, units);
+    constexpr auto signmag = integral_constant<Dec, Dec::SignMagnitude>{};
+    if (w.dec == Dec::SignMagnitude) return run(B6, signmag, std::false_type{}, units);
     return zp ? run(B6, table, std::true_type{}, units) : run(B6, table, std::false_type{}, units);
   }
   const auto by_groups = [&](auto z) {
@@ -1344,7 +1345,8 @@ void gemv(Packed w, Isa isa, const float* x, int64_t M, float* y) {
 #if FPBENCH_X86
   if (isa == Isa::Avx512 || nibble) {
     ordered.resize(M * K);
-    order_x(x, M, K, nibble ? XOrder::Positions : lookup ? XOrder::Nibbles : XOrder::Avx512, w.pow2_16, ordered.data());
+    const XOrder how = nibble ? XOrder::Positions : lookup ? XOrder::Nibbles : XOrder::Avx512;
+    order_x(x, M, K, how, w.pow2_16, ordered.data());
     x = ordered.data();
   }
 #endif
