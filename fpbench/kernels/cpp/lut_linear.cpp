@@ -727,8 +727,9 @@ void gemm_avx2_t(const Packed& w, const float* xt, int64_t Mp, int64_t n0, int64
 }
 
 // The range read as S streams side by side, one per part. On an Intel Xeon (AVX-512, 2
-// threads) one stream per thread read 20-22 GB/s, 4 or 8 read 24-26, and torch's fp32
-// GEMV 25-31: the ceiling is the best of both shapes.
+// threads) one stream per thread read 20-22 GB/s, 4 or 8 read 22-26, and torch's fp32
+// GEMV 25-26 (medians; fastest calls up to 31) in the same runs: the ceiling is the best
+// of both shapes.
 template <int S>
 uint64_t stream_avx2(const uint8_t* p, int64_t bytes) {
   __m256i acc[S];
