@@ -14,8 +14,7 @@ from fpbench.quant.weights import bits_per_weight, quantize_weight
 
 BLOCK_SCHEMES = ["mxfp4_e2m1/g32/rtn", "mxfp4_e2m1:ceil/g32/rtn", "mxfp6_e3m2/g32/rtn", "mxfp6_e2m3/g32/rtn",
                  "mxfp8_e4m3/g32/rtn", "mxfp8_e5m2/g32/rtn", "nvfp4/g16/rtn"]
-ISAS_HERE = [isa for isa in ("avx512", "avx2", "scalar")
-             if kernels.ISAS.index(isa) >= kernels.ISAS.index(kernels.load().best_isa())]
+ISAS_HERE = kernels.runnable_isas()
 
 
 def _weight(scheme_name: str, rows: int = 24, cols: int = 192):

@@ -13,8 +13,7 @@ from fpbench.quant.formats import get_format
 from fpbench.quant.scheme import Granularity
 from fpbench.quant.weights import QuantizedWeight, quantize_weight
 
-ISAS_HERE = [isa for isa in ("avx512", "avx2", "scalar")
-             if kernels.ISAS.index(isa) >= kernels.ISAS.index(kernels.load().best_isa())]
+ISAS_HERE = kernels.runnable_isas()
 BLOCKED_MIN_ROWS = kernels.load().blocked_min_rows()  # x rows from which the SIMD ISAs take the blocked GEMM
 FORMATS = ["fp4_e2m1", "fp6_e2m3", "fp6_e3m2", "fp8_e4m3", "fp8_e5m2", "fp8_e3m4",
            "int4", "int4_asym", "int8", "int8_asym"]
@@ -43,14 +42,17 @@ def _call(module, qweight, isa, x=None):
     return module.lut_linear(x, *args)
 
 
-def _every_code(fmt_name, n, k):
-    """Codes [n, k] that cycle through every code of the format (shifted per row)."""
+def _every_code(fmt_name, n, k, finite=False):
+    """Codes [n, k] that cycle through every code of the format (shifted per row); with
+    ``finite``, every code of a finite value."""
     fmt = get_format(fmt_name)
     if fmt.family == "int":
         values = torch.arange(fmt.qmin, fmt.qmax + 1)
         dtype = torch.int8 if fmt.symmetric else torch.uint8
     else:
         values = torch.arange(1 << fmt.bits)
+        if finite:
+            values = values[value_table(fmt_name).isfinite()]
         dtype = torch.uint8
     index = (torch.arange(k)[None, :] + 7 * torch.arange(n)[:, None]) % len(values)
     return values[index].to(dtype)
@@ -80,16 +82,17 @@ def test_value_tables_against_ml_dtypes():
     assert value_table("int4").tolist() == list(range(8)) + [0] + list(range(-7, 0))
 
 
-def _every_code_weight(fmt, granularity):
-    """Every code of the format at every position of 9 rows x 320 (5 units; group:128
-    leaves a ragged last group of 64), with random scales (and zero points)."""
+def _every_code_weight(fmt, granularity, finite=False):
+    """Every code of the format (``finite``: of a finite value) at every position of 9 rows
+    x 320 (5 units; group:128 leaves a ragged last group of 64), with random scales (and
+    zero points)."""
     gran = Granularity.parse(granularity)
     n, k = 9, 320
     groups = 1 if gran.kind == "channel" else -(-k // gran.group_size)
     gen = torch.Generator().manual_seed(1)
     scales = torch.rand(n, groups, generator=gen) + 0.5
     zeros = torch.rand(n, groups, generator=gen) * 15 if fmt.endswith("_asym") else None
-    return QuantizedWeight(_every_code(fmt, n, k), scales, zeros, fmt, gran)
+    return QuantizedWeight(_every_code(fmt, n, k, finite), scales, zeros, fmt, gran)
 
 
 @pytest.mark.parametrize("isa", ISAS_HERE)
@@ -103,11 +106,8 @@ def test_every_code_dequantizes_exactly(module, isa, fmt, granularity):
     assert torch.equal(got.nan_to_num(), expected.nan_to_num())  # bit for bit (inf included)
 
 
-FINITE_FORMATS = [f for f in FORMATS if not f.startswith("fp8")]  # no inf/NaN codes: inf * 0 is NaN
-
-
 @pytest.mark.parametrize("isa", ISAS_HERE)
-@pytest.mark.parametrize("fmt", FINITE_FORMATS)
+@pytest.mark.parametrize("fmt", FORMATS)
 # group:96: a unit's two halves now in one group, now in two
 @pytest.mark.parametrize("granularity", ["channel", "group:16", "group:32", "group:96", "group:128"])
 def test_every_code_multiplies_exactly(module, isa, fmt, granularity):
@@ -115,7 +115,8 @@ def test_every_code_multiplies_exactly(module, isa, fmt, granularity):
     # differ) and the blocked GEMM's panels: with one-hot rows of x, y[m, n] is the single
     # product w[n, m] * 1, which must be the dequantized weight bit for bit, for every
     # code at every position. Up to 4 rows per call take the GEMV, all of them the GEMM.
-    qweight = _every_code_weight(fmt, granularity)
+    # Finite codes only: an inf or NaN weight times a 0 of x is NaN.
+    qweight = _every_code_weight(fmt, granularity, finite=True)
     eye = torch.eye(qweight.codes.shape[1])
     assert BLOCKED_MIN_ROWS > 4
     gemv = torch.cat([_call(module, qweight, isa, eye[i:i + 4]) for i in range(0, len(eye), 4)])

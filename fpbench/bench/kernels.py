@@ -153,8 +153,7 @@ def parse_kernels(names: list[str] | None) -> list[str]:
 def stream_methods() -> dict[str, callable]:
     """Read loops whose best is the streaming ceiling: name -> (buffer, repeats) -> GB/s."""
     module = kernels.load()
-    isas = [isa for isa in ("avx512", "avx2", "scalar")
-            if kernels.ISAS.index(isa) >= kernels.ISAS.index(module.best_isa())]
+    isas = [isa for isa in kernels.runnable_isas() if isa != "avx512vbmi"]  # its read loop is avx512's
     methods = {}
     for isa in isas:  # one stream a thread, and (SIMD) eight side by side: on some CPUs one stream reads less
         for streams in (1, 8) if isa != "scalar" else (1,):

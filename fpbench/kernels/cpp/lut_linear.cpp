@@ -65,7 +65,8 @@ namespace {
 
 constexpr int64_t kUnit = 64;  // weights per packed unit; K must be a multiple of it
 
-enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2 };
+// Avx512Vbmi: AVX-512 with vpermb (6-bit GEMV, see row_avx512_vbmi); otherwise as Avx512.
+enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2, Avx512Vbmi = 3 };
 
 // How codes become values. Table: the value table (4-bit codes always: one vpshufb per 32
 // codes is cheaper than any arithmetic; and the fallback for anything below). SignedInt /
@@ -105,7 +106,7 @@ Isa best_isa() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl"))
-    return Isa::Avx512;
+    return __builtin_cpu_supports("avx512vbmi") ? Isa::Avx512Vbmi : Isa::Avx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
     return Isa::Avx2;
 #endif
@@ -114,6 +115,7 @@ Isa best_isa() {
 
 std::string isa_name(Isa isa) {
   switch (isa) {
+    case Isa::Avx512Vbmi: return "avx512vbmi";
     case Isa::Avx512: return "avx512";
     case Isa::Avx2: return "avx2";
     default: return "scalar";
@@ -123,9 +125,12 @@ std::string isa_name(Isa isa) {
 Isa pick_isa(const std::string& requested) {
   const Isa best = best_isa();
   if (requested == "auto") return best;
-  Isa want = requested == "avx512" ? Isa::Avx512 : requested == "avx2" ? Isa::Avx2 : Isa::Scalar;
-  TORCH_CHECK(requested == "avx512" || requested == "avx2" || requested == "scalar",
-              "unknown ISA ", requested, "; use auto, avx512, avx2 or scalar");
+  const Isa want = requested == "avx512vbmi" ? Isa::Avx512Vbmi
+                   : requested == "avx512"   ? Isa::Avx512
+                   : requested == "avx2"     ? Isa::Avx2
+                                             : Isa::Scalar;
+  TORCH_CHECK(requested == "avx512vbmi" || requested == "avx512" || requested == "avx2" || requested == "scalar",
+              "unknown ISA ", requested, "; use auto, avx512vbmi, avx512, avx2 or scalar");
   TORCH_CHECK(static_cast<int>(want) <= static_cast<int>(best), "this CPU cannot run the ", requested,
               " kernels (best: ", isa_name(best), ")");
   return want;
@@ -239,6 +244,7 @@ struct Packed {
   float pow2;                // Float*: 2^(127 - bias)
   uint16_t mask16, special16;  // the same for the fp16 placement of the SIMD kernels
   float pow2_16;             // 2^(15 - bias)
+  bool mirrored = false;     // 8-bit: code c + 128 is code c negated, bit for bit (sign-magnitude floats)
 };
 
 // A worker's fp32 copy of one row's scales and zero points (in place when stored as fp32);
@@ -767,17 +773,18 @@ struct Avx512Consts {
                               : BITS == 6                                    ? 4
                                                                              : 0;  // 8-bit: gathers
   __m512i lo[kSub > 0 ? kSub : 1], hi[kSub > 0 ? kSub : 1];
-  __m512i shift32, mask32, special32;
+  __m256i mask16, special16;  // Float*: fp16-pattern masks
+  __m128i shift16;
   __m512 pow2;
   explicit Avx512Consts(const Packed& w) {
     for (int s = 0; s < kSub; ++s) {
       lo[s] = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.table_lo + 16 * s)));
       hi[s] = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.table_hi + 16 * s)));
     }
-    shift32 = _mm512_set1_epi32(23 - w.mbits);
-    mask32 = _mm512_set1_epi32(static_cast<int>(w.mask32));
-    special32 = _mm512_set1_epi32(static_cast<int>(w.special32));
-    pow2 = _mm512_set1_ps(w.pow2);
+    mask16 = _mm256_set1_epi16(static_cast<int16_t>(w.mask16));
+    special16 = _mm256_set1_epi16(static_cast<int16_t>(w.special16));
+    shift16 = _mm_cvtsi32_si128(10 - w.mbits);
+    pow2 = _mm512_set1_ps(w.pow2_16);
   }
 };
 
@@ -821,15 +828,15 @@ inline void weights_avx512(const Packed& w, const Avx512Consts<BITS, DEC>& t, co
       } else if constexpr (DEC == Dec::UnsignedInt) {
         v[i] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes));
       } else {
-        // The fp32 pattern of each code as decode_scalar places it: the sign-extended code
-        // shifted so the mantissas align (bit 31 then holds the sign), masked to sign and
-        // E:M; inf/NaN codes get an all-ones exponent, the rest times 2^(127 - bias).
-        __m512i placed = _mm512_and_si512(_mm512_sllv_epi32(_mm512_cvtepi8_epi32(codes), t.shift32), t.mask32);
-        if constexpr (DEC == Dec::FloatSpecial) {
-          const __mmask16 special = _mm512_cmpeq_epi32_mask(_mm512_and_si512(placed, t.special32), t.special32);
-          placed = _mm512_mask_or_epi32(placed, special, placed, _mm512_set1_epi32(0x7F800000));
-        }
-        v[i] = _mm512_mul_ps(_mm512_castsi512_ps(placed), t.pow2);
+        // The fp16 patterns (see Dec::Float), widened exactly, times 2^(15 - bias). Not
+        // fp32 patterns: codes with E = 0 would be fp32 subnormals, and on an AVX-512 Xeon
+        // a multiply with subnormal operands took microcode assists: the FP8 E3M4 GEMV
+        // (random normal weights: many subnormal codes) on 4096x4096 at M = 1 ran 24 ms
+        // against 2.8 ms through fp16, in turn in one process. Through fp16, E4M3 and E5M2
+        // (few subnormal codes) took 1.37-1.46x the fp32 placement's time there.
+        v[i] = _mm512_mul_ps(_mm512_cvtph_ps(fp16_patterns<DEC == Dec::FloatSpecial>(codes, t.shift16, t.mask16,
+                                                                                       t.special16)),
+                             t.pow2);
       }
     }
   } else {
@@ -1090,6 +1097,125 @@ uint64_t stream_avx512(const uint8_t* p, int64_t bytes) {
 }
 
 #pragma GCC pop_options
+
+// ---------------------------------------------------------------- AVX-512 VBMI (6- and 8-bit GEMV)
+//
+// vpermb looks up 64 bytes by 6-bit indices in one instruction, vpermi2b by 7-bit ones in
+// two tables. One table per byte of the format's fp32 values scaled for the row
+// ((v - z) * s, the dequantization's own fp32 ops: the same bits) decodes a unit of 64
+// codes with four lookups and a byte transpose (8 unpacks), where the fp32 lookup above
+// takes two vpermi2ps, a blend and the index arithmetic per 16 6-bit codes, and the FP8
+// decode a widening, two shifts and masks per 16 8-bit codes. 8-bit: sign-magnitude codes
+// only (Packed::mirrored: FP8): the magnitude (bits 0-6) is looked up in 128 entries and
+// bit 7 becomes the fp32 sign. 6-bit: a unit's code bytes come out in position order (byte
+// p: nibble p of the 4-bit plane, the low nibble of byte p for p < 32 and the high nibble
+// of byte p - 32 else, above bits 0-1 of byte p % 16 of the 2-bit plane shifted right by
+// 2 (p / 16), as pack_codes lays them out); 8-bit codes are in k order. After the
+// transpose, lane d of fp32 vector i holds code 16 (d / 4) + 4i + d % 4 (XOrder::Bytes,
+// BytePositions). Per channel only (tables built once a row): at M = 1 on 4096x4096 and
+// 4096x14336 (an AVX-512 Xeon, both ISAs timed in turn in one process) per-channel FP6 ran
+// 1.15-1.26x faster than the fp32 lookup, while rebuilding the tables for each group made
+// groups of 128 0.85x and of 64 0.6x its speed.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vbmi,avx2,fma,f16c")
+
+// The byte planes of 64 fp32 values (table[0..63]) minus z, times s: plane[q] byte c is
+// byte q of value c (values 0-31 from the first two vectors, 32-63 from the last two).
+template <bool ZP>
+inline void byte_tables(const float* table, float s, float z, __m512i plane[4]) {
+  __m512i v[4];
+  for (int i = 0; i < 4; ++i) {
+    const __m512 values = _mm512_loadu_ps(table + 16 * i);
+    v[i] = _mm512_castps_si512(
+        _mm512_mul_ps(ZP ? _mm512_sub_ps(values, _mm512_set1_ps(z)) : values, _mm512_set1_ps(s)));
+  }
+  const __m512i first = _mm512_set_epi32(0x7C787470, 0x6C686460, 0x5C585450, 0x4C484440, 0x3C383430, 0x2C282420,
+                                         0x1C181410, 0x0C080400, 0x7C787470, 0x6C686460, 0x5C585450, 0x4C484440,
+                                         0x3C383430, 0x2C282420, 0x1C181410, 0x0C080400);  // byte j: 4 (j % 32)
+  for (int q = 0; q < 4; ++q) {
+    const __m512i idx = _mm512_add_epi8(first, _mm512_set1_epi8(static_cast<char>(q)));
+    plane[q] = _mm512_mask_mov_epi8(_mm512_permutex2var_epi8(v[0], idx, v[1]), 0xFFFFFFFF00000000ull,
+                                    _mm512_permutex2var_epi8(v[2], idx, v[3]));
+  }
+}
+
+template <int BITS, bool ZP, int MR>
+void row_avx512_vbmi(const Packed& w, RowScales& rs, int64_t n, const float* xp, int64_t ldx, float* y, int64_t ldy) {
+  static_assert(BITS == 6 || (BITS == 8 && !ZP), "8-bit: sign-magnitude codes, no zero points");
+  constexpr int kChains = MR >= 4 ? 1 : 4 / MR;
+  const uint8_t* a = w.plane_a + n * w.lda;
+  const uint8_t* b = BITS == 6 ? w.plane_b + n * w.ldb : nullptr;
+  const float s = rs.scales(n)[0], z = ZP ? rs.zeros(n)[0] : 0.f;
+  __m512i low[4], high[4];  // 6-bit: codes 0-63; 8-bit: magnitudes 0-63 and 64-127
+  byte_tables<ZP>(w.table, s, z, low);
+  if (BITS == 8) byte_tables<false>(w.table + 64, s, z, high);
+  const __m512i nibble_shift = _mm512_setr_epi64(0, 0, 0, 0, 4, 4, 4, 4);
+  const __m512i field_shift = _mm512_setr_epi64(0, 0, 2, 2, 4, 4, 6, 6);
+  const __m512i low2 = _mm512_set1_epi8(3), upper4 = _mm512_set1_epi8(0x3C);
+  const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512 acc[MR][kChains];
+  for (int m = 0; m < MR; ++m)
+    for (int c = 0; c < kChains; ++c) acc[m][c] = _mm512_setzero_ps();
+  const int64_t units = w.K / kUnit;
+  for (int64_t u = 0; u < units; ++u) {
+    prefetch_ahead<BITS>(a, b, u);
+    __m512i bytes[4];
+    if constexpr (BITS == 6) {
+      const __m512i nibbles = _mm512_srlv_epi64(
+          _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + u * 32))), nibble_shift);
+      const __m512i fields = _mm512_and_si512(
+          _mm512_srlv_epi64(_mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + u * 16))),
+                            field_shift),
+          low2);
+      // ((nibbles << 2) & 0x3C) | fields (ternary-logic table 0xEA is (A & B) | C).
+      const __m512i codes = _mm512_ternarylogic_epi32(_mm512_slli_epi16(nibbles, 2), upper4, fields, 0xEA);
+      for (int q = 0; q < 4; ++q) bytes[q] = _mm512_permutexvar_epi8(codes, low[q]);
+    } else {
+      const __m512i codes = _mm512_loadu_si512(a + u * kUnit);
+      for (int q = 0; q < 4; ++q) bytes[q] = _mm512_permutex2var_epi8(low[q], codes, high[q]);
+      bytes[3] = _mm512_ternarylogic_epi32(bytes[3], codes, sign, 0xF8);  // A | (B & C): the sign bit
+    }
+    const __m512i lo01 = _mm512_unpacklo_epi8(bytes[0], bytes[1]), hi01 = _mm512_unpackhi_epi8(bytes[0], bytes[1]);
+    const __m512i lo23 = _mm512_unpacklo_epi8(bytes[2], bytes[3]), hi23 = _mm512_unpackhi_epi8(bytes[2], bytes[3]);
+    const __m512 v[4] = {_mm512_castsi512_ps(_mm512_unpacklo_epi16(lo01, lo23)),
+                         _mm512_castsi512_ps(_mm512_unpackhi_epi16(lo01, lo23)),
+                         _mm512_castsi512_ps(_mm512_unpacklo_epi16(hi01, hi23)),
+                         _mm512_castsi512_ps(_mm512_unpackhi_epi16(hi01, hi23))};
+    for (int i = 0; i < 4; ++i)
+      for (int m = 0; m < MR; ++m)
+        acc[m][i % kChains] =
+            _mm512_fmadd_ps(v[i], _mm512_loadu_ps(xp + m * ldx + u * kUnit + 16 * i), acc[m][i % kChains]);
+  }
+  for (int m = 0; m < MR; ++m) {
+    __m512 total = acc[m][0];
+    for (int c = 1; c < kChains; ++c) total = _mm512_add_ps(total, acc[m][c]);
+    y[m * ldy + n] = _mm512_reduce_add_ps(total);
+  }
+}
+
+template <int BITS, bool ZP>
+void rows_avx512_vbmi_t(const Packed& w, const float* xp, int64_t ldx, int64_t M, int64_t n0, int64_t n1, float* y,
+                        int64_t ldy) {
+  RowScales rs(w);
+  for (int64_t n = n0; n < n1; ++n)
+    for_row_tiles(M, [&](auto mr, int64_t m) {
+      row_avx512_vbmi<BITS, ZP, decltype(mr)::value>(w, rs, n, xp + m * ldx, ldx, y + m * ldy, ldy);
+    });
+}
+
+// Whether row_avx512_vbmi takes w.
+inline bool avx512_vbmi(const Packed& w) {
+  return w.groups == 1 && (w.bits == 6 || (w.bits == 8 && w.mirrored && w.zeros.kind == Store::None));
+}
+
+void rows_avx512_vbmi(const Packed& w, const float* xp, int64_t ldx, int64_t M, int64_t n0, int64_t n1, float* y,
+                      int64_t ldy) {
+  if (w.bits == 8) return rows_avx512_vbmi_t<8, false>(w, xp, ldx, M, n0, n1, y, ldy);
+  if (w.zeros.kind != Store::None) return rows_avx512_vbmi_t<6, true>(w, xp, ldx, M, n0, n1, y, ldy);
+  rows_avx512_vbmi_t<6, false>(w, xp, ldx, M, n0, n1, y, ldy);
+}
+
+#pragma GCC pop_options
 #endif  // FPBENCH_X86
 
 // ---------------------------------------------------------------- dispatch
@@ -1101,18 +1227,22 @@ uint64_t stream_avx512(const uint8_t* p, int64_t bytes) {
 // - Nibbles: as row_avx512_lookup reads codes: c = 16i + 8h + l holds the weight of
 //   position 32h + 4l + i;
 // - Positions (Dec::Fp16Nibble): c holds the weight of position c, times `factor` (exact:
-//   a power of two).
+//   a power of two);
+// - Bytes, BytePositions: as row_avx512_vbmi emits weights: c = 16i + d holds k (8-bit
+//   codes) or the weight of position (6-bit) 16 (d / 4) + 4i + d % 4.
 // Plain loops: torch's index_select and multiply took 10-15 us a call, a sixth of a small
 // layer's GEMV.
-enum class XOrder { Avx512, Nibbles, Positions };
+enum class XOrder { Avx512, Nibbles, Positions, Bytes, BytePositions };
 
 void order_x(const float* x, int64_t M, int64_t K, XOrder how, float factor, float* out) {
   int order[kUnit];
   for (int c = 0; c < kUnit; ++c) {
     const int i = c / 16, h = c % 16 / 8, j = c % 8;
-    order[c] = how == XOrder::Avx512 ? 32 * h + 8 * i + j
+    order[c] = how == XOrder::Avx512    ? 32 * h + 8 * i + j
                : how == XOrder::Nibbles ? position_to_k(32 * h + 4 * j + i)
-                                        : position_to_k(c);
+               : how == XOrder::Bytes   ? c % 16 / 4 * 16 + 4 * i + c % 4
+               : how == XOrder::BytePositions ? position_to_k(c % 16 / 4 * 16 + 4 * i + c % 4)
+                                              : position_to_k(c);
   }
   for (int64_t r = 0; r < M * K; r += kUnit)
     for (int c = 0; c < kUnit; ++c)
@@ -1229,6 +1359,18 @@ bool sign_magnitude(const Owned& t) {
   return true;
 }
 
+// Whether values[half + c] is values[c] with the sign bit flipped, for every c < half
+// (a NaN pairs with any NaN: a NaN code decodes to some NaN).
+bool mirrored(const float* values, int64_t half) {
+  for (int64_t c = 0; c < half; ++c) {
+    uint32_t low, high;
+    std::memcpy(&low, &values[c], 4);
+    std::memcpy(&high, &values[half + c], 4);
+    if (high != (low ^ 0x80000000u) && !(std::isnan(values[c]) && std::isnan(values[half + c]))) return false;
+  }
+  return true;
+}
+
 // Scales or zero points as passed: fp32, fp16 or bf16 values, or uint8 codes with their
 // 256-entry fp32 table. Empty: none (zero points of a symmetric format).
 Stored stored(const at::Tensor& values, const std::optional<at::Tensor>& table, int64_t count, const char* what) {
@@ -1307,6 +1449,7 @@ Packed make_packed(const at::Tensor& plane_a, const at::Tensor& plane_b, const a
   if (w.dec == Dec::Fp16Nibble && G % 32 != 0) w.dec = Dec::Table;  // a half unit spans two groups
   if (w.dec == Dec::SignMagnitude && !sign_magnitude(owned)) w.dec = Dec::Table;  // e.g. a NaN code
   if (w.dec == Dec::Float || w.dec == Dec::FloatSpecial || w.dec == Dec::Fp16Nibble) set_float_decode(w, decode);
+  w.mirrored = bits == 8 && mirrored(values, 128);
   TORCH_CHECK(!zp || w.dec == Dec::Table || w.dec == Dec::SignedInt || w.dec == Dec::UnsignedInt,
               "zero points are for integer formats; a float format takes scales only");
   return w;
@@ -1341,12 +1484,16 @@ void gemv(Packed w, Isa isa, const float* x, int64_t M, float* y) {
   const int64_t K = w.K;
   const bool nibble = isa == Isa::Avx2 && w.dec == Dec::Fp16Nibble;
   if (w.dec == Dec::Fp16Nibble && !nibble) w.dec = Dec::Table;
-  const bool lookup = isa == Isa::Avx512 && avx512_lookup(w);
+  const bool vbmi = isa == Isa::Avx512Vbmi && avx512_vbmi(w);
+  const bool lookup = isa >= Isa::Avx512 && !vbmi && avx512_lookup(w);
   std::vector<float> ordered;
 #if FPBENCH_X86
-  if (isa == Isa::Avx512 || nibble) {
+  if (isa >= Isa::Avx512 || nibble) {
     ordered.resize(M * K);
-    const XOrder how = nibble ? XOrder::Positions : lookup ? XOrder::Nibbles : XOrder::Avx512;
+    const XOrder how = nibble  ? XOrder::Positions
+                       : vbmi  ? (w.bits == 8 ? XOrder::Bytes : XOrder::BytePositions)
+                       : lookup ? XOrder::Nibbles
+                                : XOrder::Avx512;
     order_x(x, M, K, how, w.pow2_16, ordered.data());
     x = ordered.data();
   }
@@ -1354,8 +1501,9 @@ void gemv(Packed w, Isa isa, const float* x, int64_t M, float* y) {
   parallel_rows(w.N, K, [&](int64_t n0, int64_t n1) {
     const KeepDenormals keep;
 #if FPBENCH_X86
+    if (vbmi) return rows_avx512_vbmi(w, x, K, M, n0, n1, y, w.N);
     if (lookup) return rows_avx512_lookup(w, x, K, M, n0, n1, y, w.N);
-    if (isa == Isa::Avx512) {
+    if (isa >= Isa::Avx512) {
       with_format(w, [&](auto b, auto d, auto z) { rows_avx512_t<decltype(b)::value, decltype(d)::value, decltype(z)::value>(w, x, K, M, n0, n1, y, w.N); });
       return;
     }
@@ -1411,7 +1559,7 @@ at::Tensor dequantize(Packed w, Isa isa) {
   at::parallel_for(0, w.N, row_grain(w.N), [&](int64_t n0, int64_t n1) {
     const KeepDenormals keep;
 #if FPBENCH_X86
-    if (isa == Isa::Avx512) {
+    if (isa >= Isa::Avx512) {
       with_format(w, [&](auto b, auto d, auto z) { dequant_avx512_t<decltype(b)::value, decltype(d)::value, decltype(z)::value>(w, n0, n1, op); });
       return;
     }
@@ -1455,7 +1603,7 @@ double stream_read_gbps(const at::Tensor& buffer, int64_t repeats, const std::st
       const int64_t n = (p1 - p0) * 4096;
       uint64_t acc;
 #if FPBENCH_X86
-      if (isa == Isa::Avx512) acc = streams == 1 ? stream_avx512<1>(p, n) : stream_avx512<8>(p, n);
+      if (isa >= Isa::Avx512) acc = streams == 1 ? stream_avx512<1>(p, n) : stream_avx512<8>(p, n);
       else if (isa == Isa::Avx2) acc = streams == 1 ? stream_avx2<1>(p, n) : stream_avx2<8>(p, n);
       else acc = stream_scalar(p, n);
 #else
