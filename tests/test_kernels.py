@@ -107,6 +107,19 @@ def test_every_code_dequantizes_exactly(module, isa, fmt, granularity):
 
 
 @pytest.mark.parametrize("isa", ISAS_HERE)
+@pytest.mark.parametrize("fmt", ["fp6_e2m3", "fp6_e3m2", "fp8_e4m3", "fp8_e5m2", "fp8_e3m4"])
+def test_signed_and_zero_scales_multiply_exactly(module, isa, fmt):
+    # Sign-magnitude decodes move the code's sign bit into the scaled value: with scales
+    # of either sign and zero, each product must still equal value * scale.
+    qweight = _every_code_weight(fmt, "channel", finite=True)
+    qweight.scales[::2] *= -1
+    qweight.scales[3] = 0.0
+    eye = torch.eye(qweight.codes.shape[1])
+    gemv = torch.cat([_call(module, qweight, isa, eye[i:i + 4]) for i in range(0, len(eye), 4)])
+    assert torch.equal(gemv.T, qweight.dequantize())
+
+
+@pytest.mark.parametrize("isa", ISAS_HERE)
 @pytest.mark.parametrize("fmt", FORMATS)
 # group:96: a unit's two halves now in one group, now in two
 @pytest.mark.parametrize("granularity", ["channel", "group:16", "group:32", "group:96", "group:128"])

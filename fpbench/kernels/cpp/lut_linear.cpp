@@ -65,7 +65,7 @@ namespace {
 
 constexpr int64_t kUnit = 64;  // weights per packed unit; K must be a multiple of it
 
-// Avx512Vbmi: AVX-512 with vpermb (6-bit GEMV, see row_avx512_vbmi); otherwise as Avx512.
+// Avx512Vbmi: AVX-512 with vpermb (6-bit and FP8 GEMV, see row_avx512_vbmi); otherwise as Avx512.
 enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2, Avx512Vbmi = 3 };
 
 // How codes become values. Table: the value table (4-bit codes always: one vpshufb per 32
@@ -1107,7 +1107,7 @@ uint64_t stream_avx512(const uint8_t* p, int64_t bytes) {
 // takes two vpermi2ps, a blend and the index arithmetic per 16 6-bit codes, and the FP8
 // decode a widening, two shifts and masks per 16 8-bit codes. 8-bit: sign-magnitude codes
 // only (Packed::mirrored: FP8): the magnitude (bits 0-6) is looked up in 128 entries and
-// bit 7 becomes the fp32 sign. 6-bit: a unit's code bytes come out in position order (byte
+// bit 7 flips the fp32 sign. 6-bit: a unit's code bytes come out in position order (byte
 // p: nibble p of the 4-bit plane, the low nibble of byte p for p < 32 and the high nibble
 // of byte p - 32 else, above bits 0-1 of byte p % 16 of the 2-bit plane shifted right by
 // 2 (p / 16), as pack_codes lays them out); 8-bit codes are in k order. After the
@@ -1173,7 +1173,8 @@ void row_avx512_vbmi(const Packed& w, RowScales& rs, int64_t n, const float* xp,
     } else {
       const __m512i codes = _mm512_loadu_si512(a + u * kUnit);
       for (int q = 0; q < 4; ++q) bytes[q] = _mm512_permutex2var_epi8(low[q], codes, high[q]);
-      bytes[3] = _mm512_ternarylogic_epi32(bytes[3], codes, sign, 0xF8);  // A | (B & C): the sign bit
+      // A ^ (B & C): code bit 7 flips the sign, -(v * s) = (-v) * s whatever the sign of s.
+      bytes[3] = _mm512_ternarylogic_epi32(bytes[3], codes, sign, 0x78);
     }
     const __m512i lo01 = _mm512_unpacklo_epi8(bytes[0], bytes[1]), hi01 = _mm512_unpackhi_epi8(bytes[0], bytes[1]);
     const __m512i lo23 = _mm512_unpacklo_epi8(bytes[2], bytes[3]), hi23 = _mm512_unpackhi_epi8(bytes[2], bytes[3]);
