@@ -1,5 +1,7 @@
 """LutLinear against the simulated path, scheme checks, and the --backend kernel swap."""
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -214,6 +216,35 @@ def test_llama_cpp_peer_is_timed_through_its_generator(monkeypatch, tmp_path):
     text = e2e_table(records)
     assert "FP6 kernel 15.0 tokens/s = 0.25x llama.cpp's 60.0" in text
     assert "FP6 kernel with FP6 head 18.0 tokens/s = 0.30x llama.cpp's 60.0" in text
+
+
+def test_llama_cpp_peer_runs_in_its_own_process(monkeypatch, tmp_path, capsys):
+    # A crash inside llama.cpp must cost only its row: the peer runs in a child process,
+    # whose death is a one-line error naming the signal; its JSON line is the timing.
+    import sys
+
+    from fpbench.bench import e2e
+
+    def child(code):
+        return lambda gguf, new_tokens, threads: [sys.executable, "-c", code]
+
+    monkeypatch.setattr(e2e, "_peer_command", child("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"))
+    with pytest.raises(FpbenchError, match="killed by SIGSEGV.*other rows are kept"):
+        e2e.llama_cpp_peer(tmp_path / "m.gguf", 4, 2)
+    monkeypatch.setattr(e2e, "_peer_command", child("import sys; sys.exit('no model here')"))
+    with pytest.raises(FpbenchError, match="exit status 1: no model here"):
+        e2e.llama_cpp_peer(tmp_path / "m.gguf", 4, 2)
+    monkeypatch.setattr(e2e, "_peer_command", child("print('log'); print('{\"tokens_per_s\": 50.0, \"seconds\": 1.5}')"))
+    assert e2e.llama_cpp_peer(tmp_path / "m.gguf", 4, 2) == (50.0, 1.5)
+    # the child's own entry point: llama_cpp_decode's result as that JSON line
+    monkeypatch.setattr(e2e, "llama_cpp_decode", lambda path, n, threads: (n * 10.0, threads / 4))
+    e2e._peer_main([str(tmp_path / "m.gguf"), "4", "2"])
+    assert json.loads(capsys.readouterr().out) == {"tokens_per_s": 40.0, "seconds": 0.5}
+    # installed but failed: the table says so instead of how to install it
+    monkeypatch.setattr(e2e, "llama_cpp_available", lambda: True)
+    row = {"model": "m", "variant": "fp6_kernel", "loop": "compiled", "tokens_per_s": 15.0, "ms_per_token": 66.7,
+           "speedup_vs_bf16": 1.0, "speedup_vs_best_dense": 1.0, "model_bytes": 1}
+    assert e2e.LLAMA_CPP_FAILED in e2e.e2e_table([row])
 
 
 def test_bf16_model_decodes_with_the_kernel():

@@ -15,11 +15,17 @@ operation; loop "compiled"), and the FP6 kernel once more with the step's per-la
 in Python (loop "lean") and in ``model.generate`` (loop "transformers"), so the table
 shows what Python and the framework cost per token. When ``llama-cpp-python`` is installed (an optional
 extra, ``pip install llama-cpp-python``: it compiles llama.cpp for about 10 minutes),
-llama.cpp decodes the default model's GGUF in the same run, with as many threads.
+llama.cpp decodes the default model's GGUF in the same run, with as many threads, in a
+child process: a crash inside llama.cpp (one build segfaulted in its decode on an AVX-512
+Xeon) costs only its row, never the rows measured before it.
 """
 
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -116,6 +122,7 @@ def measure_model(name: str, model, new_tokens: int, progress: bool) -> list[dic
 
 LLAMA_CPP_MISSING = ("llama.cpp peer not timed: llama-cpp-python is not installed. To time it in the same run: "
                      "pip install llama-cpp-python (compiles llama.cpp, about 10 minutes; not part of make install)")
+LLAMA_CPP_FAILED = "llama.cpp peer not timed: it failed in this run (the reason is printed above the table)"
 
 
 def llama_cpp_decode(gguf_path: Path, new_tokens: int, threads: int, seed: int = 0) -> tuple[float, float]:
@@ -138,6 +145,32 @@ def llama_cpp_decode(gguf_path: Path, new_tokens: int, threads: int, seed: int =
     return _median_run(lambda: generate(new_tokens), REPEATS)
 
 
+def _peer_command(gguf_path: Path, new_tokens: int, threads: int) -> list[str]:
+    code = "import sys; from fpbench.bench.e2e import _peer_main; _peer_main(sys.argv[1:])"
+    return [sys.executable, "-c", code, str(gguf_path), str(new_tokens), str(threads)]
+
+
+def _peer_main(argv: list[str]) -> None:
+    """The child's side of ``llama_cpp_peer``: one JSON line with the timing."""
+    tps, seconds = llama_cpp_decode(Path(argv[0]), int(argv[1]), int(argv[2]))
+    print(json.dumps({"tokens_per_s": tps, "seconds": seconds}))
+
+
+def llama_cpp_peer(gguf_path: Path, new_tokens: int, threads: int) -> tuple[float, float]:
+    """``llama_cpp_decode`` in a child process; a one-line FpbenchError if it fails or dies."""
+    done = subprocess.run(_peer_command(gguf_path, new_tokens, threads), capture_output=True, text=True)
+    if done.returncode != 0:
+        if done.returncode < 0:
+            why = f"killed by {signal.Signals(-done.returncode).name}"
+        else:
+            last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+            why = f"exit status {done.returncode}: {last}"
+        raise FpbenchError(f"llama.cpp peer failed in its own process ({why}); the other rows are kept. "
+                           "Rebuild llama-cpp-python or uninstall it to skip the peer")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return result["tokens_per_s"], result["seconds"]
+
+
 def llama_cpp_available() -> bool:
     import importlib.util
 
@@ -155,9 +188,12 @@ def run_e2e(new_tokens: int = 128, out_dir: str | None = None, progress: bool = 
         records += measure_model(loaded.name, loaded.model, new_tokens, progress)
         if llama_cpp_available():
             gguf = default_gguf_path()
-            tps, seconds = llama_cpp_decode(gguf, new_tokens, torch.get_num_threads())
-            records.append(_record(loaded.name, "llama.cpp (Q4_1 GGUF)", "llama.cpp", tps, seconds,
-                                   gguf.stat().st_size))
+            try:
+                tps, seconds = llama_cpp_peer(gguf, new_tokens, torch.get_num_threads())
+                records.append(_record(loaded.name, "llama.cpp (Q4_1 GGUF)", "llama.cpp", tps, seconds,
+                                       gguf.stat().st_size))
+            except FpbenchError as exc:
+                print(exc, file=sys.stderr)
     env = environment() | {"new_tokens": new_tokens, "batch": 1, "repeats": REPEATS, "time": utc_now()}
     for model_name in dict.fromkeys(r["model"] for r in records):
         rows = [r for r in records if r["model"] == model_name]
@@ -191,5 +227,5 @@ def e2e_table(records: list[dict]) -> str:
                 text += (f"\n{model}: {label} {peers[(model, variant)]:.1f} tokens/s = "
                          f"{peers[(model, variant)] / tps:.2f}x llama.cpp's {tps:.1f} (same run, same threads)")
     if not llama:
-        text += "\n" + LLAMA_CPP_MISSING
+        text += "\n" + (LLAMA_CPP_FAILED if llama_cpp_available() else LLAMA_CPP_MISSING)
     return text
