@@ -876,32 +876,46 @@ inline void weights_avx512(const Packed& w, const Avx512Consts<BITS, DEC>& t, co
   }
 }
 
+// The AVX-512 GEMVs' sums for MR rows of x: 4 / MR independent FMA chains a row (at
+// least one), to hide the FMA latency, added up at the end of a weight row.
+template <int MR>
+struct Avx512Sums {
+  static constexpr int kChains = MR >= 4 ? 1 : 4 / MR;
+  __m512 acc[MR][kChains];
+  Avx512Sums() {
+    for (int m = 0; m < MR; ++m)
+      for (int c = 0; c < kChains; ++c) acc[m][c] = _mm512_setzero_ps();
+  }
+  // Vector i of a unit (16 weights) times x at column k of each row, into chain i.
+  void add(__m512 v, const float* xp, int64_t ldx, int64_t k, int i) {
+    for (int m = 0; m < MR; ++m)
+      acc[m][i % kChains] = _mm512_fmadd_ps(v, _mm512_loadu_ps(xp + m * ldx + k), acc[m][i % kChains]);
+  }
+  void store(float* y, int64_t ldy, int64_t n) const {
+    for (int m = 0; m < MR; ++m) {
+      __m512 total = acc[m][0];
+      for (int c = 1; c < kChains; ++c) total = _mm512_add_ps(total, acc[m][c]);
+      y[m * ldy + n] = _mm512_reduce_add_ps(total);
+    }
+  }
+};
+
 template <int BITS, Dec DEC, bool ZP, int MR>
 void row_avx512(const Packed& w, const Avx512Consts<BITS, DEC>& t, RowScales& rs, int64_t n, const float* xp,
                 int64_t ldx, float* y, int64_t ldy) {
-  constexpr int kChains = MR >= 4 ? 1 : 4 / MR;
   const uint8_t* a = w.plane_a + n * w.lda;
   const uint8_t* b = w.plane_b ? w.plane_b + n * w.ldb : nullptr;
   const float* srow = rs.scales(n);
   const float* zrow = ZP ? rs.zeros(n) : nullptr;
-  __m512 acc[MR][kChains];
-  for (int m = 0; m < MR; ++m)
-    for (int c = 0; c < kChains; ++c) acc[m][c] = _mm512_setzero_ps();
+  Avx512Sums<MR> sums;
   const int64_t units = w.K / kUnit;
   for (int64_t u = 0; u < units; ++u) {
     prefetch_ahead<BITS>(a, b, u);
     __m512 v[4];
     weights_avx512<BITS, DEC, ZP>(w, t, a, b, srow, zrow, u, v);
-    for (int i = 0; i < 4; ++i)
-      for (int m = 0; m < MR; ++m)
-        acc[m][i % kChains] =
-            _mm512_fmadd_ps(v[i], _mm512_loadu_ps(xp + m * ldx + u * kUnit + 16 * i), acc[m][i % kChains]);
+    for (int i = 0; i < 4; ++i) sums.add(v[i], xp, ldx, u * kUnit + 16 * i, i);
   }
-  for (int m = 0; m < MR; ++m) {
-    __m512 total = acc[m][0];
-    for (int c = 1; c < kChains; ++c) total = _mm512_add_ps(total, acc[m][c]);
-    y[m * ldy + n] = _mm512_reduce_add_ps(total);
-  }
+  sums.store(y, ldy, n);
 }
 
 template <int BITS, Dec DEC, bool ZP>
@@ -942,7 +956,6 @@ void row_avx512_lookup(const Packed& w, RowScales& rs, int64_t n, const float* x
                        int64_t ldy) {
   static_assert(BITS == 4 || GROUPS == Grouping::Units, "6-bit tables take whole units");
   constexpr bool SPLIT = GROUPS == Grouping::Halves, SIXTEEN = GROUPS == Grouping::Sixteen;
-  constexpr int kChains = MR >= 4 ? 1 : 4 / MR;
   constexpr int kTables = BITS == 4 ? 1 : DEC == Dec::SignMagnitude ? 2 : 4;  // 16 fp32 values each
   const uint8_t* a = w.plane_a + n * w.lda;
   const uint8_t* b = BITS == 6 ? w.plane_b + n * w.ldb : nullptr;
@@ -955,9 +968,7 @@ void row_avx512_lookup(const Packed& w, RowScales& rs, int64_t n, const float* x
   const __m512i half = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 16, 16, 16, 16, 16, 16, 16, 16);
   const __m512i quarter = _mm512_setr_epi32(0, 0, 1, 1, 0, 0, 1, 1, 2, 2, 3, 3, 2, 2, 3, 3);
   __m512 lane_scale = _mm512_setzero_ps(), lane_zero = _mm512_setzero_ps();
-  __m512 acc[MR][kChains];
-  for (int m = 0; m < MR; ++m)
-    for (int c = 0; c < kChains; ++c) acc[m][c] = _mm512_setzero_ps();
+  Avx512Sums<MR> sums;
   int64_t group = -1;
   const int64_t units = w.K / kUnit;
   for (int64_t u = 0; u < units; ++u) {
@@ -1009,16 +1020,10 @@ void row_avx512_lookup(const Packed& w, RowScales& rs, int64_t n, const float* x
                                    _mm512_permutex2var_ps(table[2], index, table[3]));
         }
       }
-      for (int m = 0; m < MR; ++m)
-        acc[m][i % kChains] =
-            _mm512_fmadd_ps(v, _mm512_loadu_ps(xp + m * ldx + u * kUnit + 16 * i), acc[m][i % kChains]);
+      sums.add(v, xp, ldx, u * kUnit + 16 * i, i);
     }
   }
-  for (int m = 0; m < MR; ++m) {
-    __m512 total = acc[m][0];
-    for (int c = 1; c < kChains; ++c) total = _mm512_add_ps(total, acc[m][c]);
-    y[m * ldy + n] = _mm512_reduce_add_ps(total);
-  }
+  sums.store(y, ldy, n);
 }
 
 template <int BITS, Dec DEC, bool ZP, Grouping GROUPS>
@@ -1142,7 +1147,6 @@ inline void byte_tables(const float* table, float s, float z, __m512i plane[4]) 
 template <int BITS, bool ZP, int MR>
 void row_avx512_vbmi(const Packed& w, RowScales& rs, int64_t n, const float* xp, int64_t ldx, float* y, int64_t ldy) {
   static_assert(BITS == 6 || (BITS == 8 && !ZP), "8-bit: sign-magnitude codes, no zero points");
-  constexpr int kChains = MR >= 4 ? 1 : 4 / MR;
   const uint8_t* a = w.plane_a + n * w.lda;
   const uint8_t* b = BITS == 6 ? w.plane_b + n * w.ldb : nullptr;
   const float s = rs.scales(n)[0], z = ZP ? rs.zeros(n)[0] : 0.f;
@@ -1153,9 +1157,7 @@ void row_avx512_vbmi(const Packed& w, RowScales& rs, int64_t n, const float* xp,
   const __m512i field_shift = _mm512_setr_epi64(0, 0, 2, 2, 4, 4, 6, 6);
   const __m512i low2 = _mm512_set1_epi8(3), upper4 = _mm512_set1_epi8(0x3C);
   const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
-  __m512 acc[MR][kChains];
-  for (int m = 0; m < MR; ++m)
-    for (int c = 0; c < kChains; ++c) acc[m][c] = _mm512_setzero_ps();
+  Avx512Sums<MR> sums;
   const int64_t units = w.K / kUnit;
   for (int64_t u = 0; u < units; ++u) {
     prefetch_ahead<BITS>(a, b, u);
@@ -1182,16 +1184,9 @@ void row_avx512_vbmi(const Packed& w, RowScales& rs, int64_t n, const float* xp,
                          _mm512_castsi512_ps(_mm512_unpackhi_epi16(lo01, lo23)),
                          _mm512_castsi512_ps(_mm512_unpacklo_epi16(hi01, hi23)),
                          _mm512_castsi512_ps(_mm512_unpackhi_epi16(hi01, hi23))};
-    for (int i = 0; i < 4; ++i)
-      for (int m = 0; m < MR; ++m)
-        acc[m][i % kChains] =
-            _mm512_fmadd_ps(v[i], _mm512_loadu_ps(xp + m * ldx + u * kUnit + 16 * i), acc[m][i % kChains]);
+    for (int i = 0; i < 4; ++i) sums.add(v[i], xp, ldx, u * kUnit + 16 * i, i);
   }
-  for (int m = 0; m < MR; ++m) {
-    __m512 total = acc[m][0];
-    for (int c = 1; c < kChains; ++c) total = _mm512_add_ps(total, acc[m][c]);
-    y[m * ldy + n] = _mm512_reduce_add_ps(total);
-  }
+  sums.store(y, ldy, n);
 }
 
 template <int BITS, bool ZP>
