@@ -64,6 +64,8 @@
 namespace {
 
 constexpr int64_t kUnit = 64;  // weights per packed unit; K must be a multiple of it
+constexpr int64_t kBlockedMinRows = 16;     // SIMD ISAs: from here the blocked GEMM (measured crossover: 12-16 rows)
+constexpr int64_t kScalarGemmMinRows = 32;  // the scalar ISA: from here, dequantize once + torch's GEMM
 
 // Avx512Vbmi: AVX-512 with vpermb (6-bit and FP8 GEMV, see row_avx512_vbmi); otherwise as Avx512.
 enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2, Avx512Vbmi = 3 };
@@ -675,8 +677,6 @@ constexpr int64_t kPanelBytes = 256 * 1024;  // half this AMD EPYC's L2; x^T sli
 constexpr int64_t kPanelCols = 2048;         // long runs of codes per row; x^T's columns in L3
 constexpr int64_t kSliceCols = 256;          // columns per pass over a panel: 6 rows' slice in L1
 constexpr int64_t kXtCols = 16;              // rows of x per block: two ymm
-constexpr int64_t kBlockedMinRows = 16;       // below, the GEMV (measured crossover: 12-16 rows)
-constexpr int64_t kScalarGemmMinRows = 32;    // the scalar ISA: from here, dequantize once + torch's GEMM
 
 // yt[j, 0..16) += sum_k wt[j, k] * xt[k, 0..16) for j < NR (wt rows ldw apart).
 template <int NR>
@@ -1480,10 +1480,10 @@ void gemv(Packed w, Isa isa, const float* x, int64_t M, float* y) {
   const int64_t K = w.K;
   const bool nibble = isa == Isa::Avx2 && w.dec == Dec::Fp16Nibble;
   if (w.dec == Dec::Fp16Nibble && !nibble) w.dec = Dec::Table;
-  const bool vbmi = isa == Isa::Avx512Vbmi && avx512_vbmi(w);
-  const bool lookup = isa >= Isa::Avx512 && !vbmi && avx512_lookup(w);
   std::vector<float> ordered;
 #if FPBENCH_X86
+  const bool vbmi = isa == Isa::Avx512Vbmi && avx512_vbmi(w);
+  const bool lookup = isa >= Isa::Avx512 && !vbmi && avx512_lookup(w);
   if (isa >= Isa::Avx512 || nibble) {
     ordered.resize(M * K);
     const XOrder how = nibble  ? XOrder::Positions
