@@ -166,7 +166,8 @@ def llama_cpp_peer(gguf_path: Path, new_tokens: int, threads: int) -> tuple[floa
             last = (done.stderr.strip().splitlines() or ["no message"])[-1]
             why = f"exit status {done.returncode}: {last}"
         raise FpbenchError(f"llama.cpp peer failed in its own process ({why}); the other rows are kept. "
-                           "Rebuild llama-cpp-python or uninstall it to skip the peer")
+                           "Rebuild llama-cpp-python (on a CPU with AMX, without llama.cpp's AMX code: see "
+                           "the README's CMAKE_ARGS) or uninstall it to skip the peer")
     result = json.loads(done.stdout.strip().splitlines()[-1])
     return result["tokens_per_s"], result["seconds"]
 
