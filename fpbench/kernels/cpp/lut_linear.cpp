@@ -49,6 +49,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <iterator>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -127,15 +128,12 @@ std::string isa_name(Isa isa) {
 Isa pick_isa(const std::string& requested) {
   const Isa best = best_isa();
   if (requested == "auto") return best;
-  const Isa want = requested == "avx512vbmi" ? Isa::Avx512Vbmi
-                   : requested == "avx512"   ? Isa::Avx512
-                   : requested == "avx2"     ? Isa::Avx2
-                                             : Isa::Scalar;
-  TORCH_CHECK(requested == "avx512vbmi" || requested == "avx512" || requested == "avx2" || requested == "scalar",
-              "unknown ISA ", requested, "; use auto, avx512vbmi, avx512, avx2 or scalar");
-  TORCH_CHECK(static_cast<int>(want) <= static_cast<int>(best), "this CPU cannot run the ", requested,
+  const Isa isas[] = {Isa::Avx512Vbmi, Isa::Avx512, Isa::Avx2, Isa::Scalar};
+  const Isa* want = std::find_if(std::begin(isas), std::end(isas), [&](Isa isa) { return isa_name(isa) == requested; });
+  TORCH_CHECK(want != std::end(isas), "unknown ISA ", requested, "; use auto, avx512vbmi, avx512, avx2 or scalar");
+  TORCH_CHECK(static_cast<int>(*want) <= static_cast<int>(best), "this CPU cannot run the ", requested,
               " kernels (best: ", isa_name(best), ")");
-  return want;
+  return *want;
 }
 
 // Scales or zero points [N, groups] as a layer stores them: fp32, fp16 or bf16 values, or
@@ -1110,7 +1108,7 @@ uint64_t stream_avx512(const uint8_t* p, int64_t bytes) {
 // ((v - z) * s, the dequantization's own fp32 ops: the same bits) decodes a unit of 64
 // codes with four lookups and a byte transpose (8 unpacks), where the fp32 lookup above
 // takes two vpermi2ps, a blend and the index arithmetic per 16 6-bit codes, and the FP8
-// decode a widening, two shifts and masks per 16 8-bit codes. 8-bit: sign-magnitude codes
+// decode a widening, a shift, masks and vcvtph2ps per 16 8-bit codes. 8-bit: sign-magnitude codes
 // only (Packed::mirrored: FP8): the magnitude (bits 0-6) is looked up in 128 entries and
 // bit 7 flips the fp32 sign. 6-bit: a unit's code bytes come out in position order (byte
 // p: nibble p of the 4-bit plane, the low nibble of byte p for p < 32 and the high nibble
@@ -1234,10 +1232,11 @@ void order_x(const float* x, int64_t M, int64_t K, XOrder how, float factor, flo
   int order[kUnit];
   for (int c = 0; c < kUnit; ++c) {
     const int i = c / 16, h = c % 16 / 8, j = c % 8;
-    order[c] = how == XOrder::Avx512    ? 32 * h + 8 * i + j
-               : how == XOrder::Nibbles ? position_to_k(32 * h + 4 * j + i)
-               : how == XOrder::Bytes   ? c % 16 / 4 * 16 + 4 * i + c % 4
-               : how == XOrder::BytePositions ? position_to_k(c % 16 / 4 * 16 + 4 * i + c % 4)
+    const int transposed = c % 16 / 4 * 16 + 4 * i + c % 4;  // row_avx512_vbmi's lane c
+    order[c] = how == XOrder::Avx512          ? 32 * h + 8 * i + j
+               : how == XOrder::Nibbles       ? position_to_k(32 * h + 4 * j + i)
+               : how == XOrder::Bytes         ? transposed
+               : how == XOrder::BytePositions ? position_to_k(transposed)
                                               : position_to_k(c);
   }
   for (int64_t r = 0; r < M * K; r += kUnit)
