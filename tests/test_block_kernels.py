@@ -52,6 +52,29 @@ def test_rows_of_many_stored_scales_decode_exactly(name, isa):
     assert torch.equal(layer(eye).T, reference[:, :4])
 
 
+@pytest.mark.parametrize("isa", ISAS_HERE)
+@pytest.mark.parametrize("name", ["int4/channel/rtn", "int4/g128/rtn", "int4_asym/g32/rtn", "int4/g96/rtn",
+                                  "fp4_e2m1/channel/rtn", "mxfp4_e2m1/g32/rtn", "nvfp4/g16/rtn"])
+def test_long_rows_add_up_over_blocks_of_k(name, isa):
+    # K = 131 units: the AVX-512 4-bit GEMV sums a row in blocks of K (64 units at M = 1,
+    # 16 at M = 4; the last ragged), each block with its own groups' scales, added into y.
+    # One-hot x at the blocks' edges gives each weight alone (exact); random x stays within
+    # the fp32 summation bound.
+    qweight = _weight(name, rows=6, cols=131 * 64)
+    k = qweight.codes.shape[1]
+    layer = LutLinear(qweight, isa=isa)
+    reference = qweight.dequantize()
+    columns = [0, 63, 1023, 1024, 1025, 4095, 4096, 4097, 8191, 8192, k - 1, k - 64]
+    eye = torch.zeros(len(columns), k)
+    eye[range(len(columns)), columns] = 1.0
+    for m in (1, 4):
+        onehot = torch.cat([layer(eye[i:i + m]) for i in range(0, len(columns), m)])
+        assert torch.equal(onehot.T, reference[:, columns]), m
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+        bound = (k + 2) * 2.0**-24 * (x.abs().double() @ reference.abs().double().T) + 1e-30
+        assert bool(((layer(x).double() - x.double() @ reference.double().T).abs() <= bound).all()), m
+
+
 def test_nvfp4_tensor_scale_is_folded_exactly():
     qweight = _weight("nvfp4/g16/rtn")
     assert qweight.tensor_scale is not None

@@ -200,25 +200,32 @@ struct Stored {
   const void* data = nullptr;
   const float* table = nullptr;  // Byte: 256 entries
 
-  // Row n's `groups` values in fp32: in place when stored as fp32, else decoded into buf.
-  const float* row(int64_t n, int64_t groups, float* buf, bool simd) const {
-    const int64_t at = n * groups;
+  // Row n's `groups` values in fp32, of which groups g0 .. g1 are read: in place when
+  // stored as fp32, else those decoded into buf (buf[g] for group g).
+  const float* row(int64_t n, int64_t groups, int64_t g0, int64_t g1, float* buf, bool simd) const {
+    const int64_t at = n * groups + g0;
     switch (kind) {
-      case Store::F32: return static_cast<const float*>(data) + at;
+      case Store::F32: return static_cast<const float*>(data) + n * groups;
       case Store::F16:
-        halves_to_floats(static_cast<const uint16_t*>(data) + at, groups, buf, simd);
+        halves_to_floats(static_cast<const uint16_t*>(data) + at, g1 - g0, buf + g0, simd);
         return buf;
       case Store::BF16:
-        for (int64_t g = 0; g < groups; ++g) {
-          const uint32_t bits = static_cast<uint32_t>(static_cast<const uint16_t*>(data)[at + g]) << 16;
+        for (int64_t g = g0; g < g1; ++g) {
+          const uint32_t bits = static_cast<uint32_t>(static_cast<const uint16_t*>(data)[n * groups + g]) << 16;
           std::memcpy(buf + g, &bits, 4);
         }
         return buf;
       case Store::Byte:
-        codes_to_floats(static_cast<const uint8_t*>(data) + at, groups, table, buf, simd);
+        codes_to_floats(static_cast<const uint8_t*>(data) + at, g1 - g0, table, buf + g0, simd);
         return buf;
       default: return nullptr;
     }
+  }
+
+  // Bring group g0 of row n towards the cache (no fault past the end: a prefetch).
+  void prefetch(int64_t n, int64_t groups, int64_t g0) const {
+    const int64_t size = kind == Store::F32 ? 4 : kind == Store::Byte ? 1 : 2;
+    if (kind != Store::None) __builtin_prefetch(static_cast<const char*>(data) + (n * groups + g0) * size);
   }
 };
 
@@ -245,17 +252,35 @@ struct Packed {
   uint16_t mask16, special16;  // the same for the fp16 placement of the SIMD kernels
   float pow2_16;             // 2^(15 - bias)
   bool mirrored = false;     // 8-bit: code c + 128 is code c negated, bit for bit (sign-magnitude floats)
+  // The SIMD GEMVs' block of K: units u_begin .. u_end of each row; a block after the first
+  // adds its sums to y (see gemv).
+  int64_t u_begin = 0, u_end = 0;
+  int64_t ahead_rows = 0, ahead_units = 0;  // the GEMVs' prefetch distance (see prefetch_ahead)
+  // y[i] = sum for the first block of K, y[i] + sum for the others.
+  void put(float* y, float sum) const { *y = u_begin == 0 ? sum : *y + sum; }
 };
 
-// A worker's fp32 copy of one row's scales and zero points (in place when stored as fp32);
-// simd false for the scalar ISA.
+// A worker's fp32 copy of one row's scales and zero points (in place when stored as fp32),
+// of the groups in w's block of K; simd false for the scalar ISA.
 struct RowScales {
   const Packed& w;
   std::vector<float> buf;
   bool simd;
-  explicit RowScales(const Packed& w, bool simd = true) : w(w), buf(2 * w.groups), simd(simd) {}
-  const float* scales(int64_t n) { return w.scales.row(n, w.groups, buf.data(), simd); }
-  const float* zeros(int64_t n) { return w.zeros.row(n, w.groups, buf.data() + w.groups, simd); }
+  int64_t g0, g1;
+  explicit RowScales(const Packed& w, bool simd = true)
+      : w(w), buf(2 * w.groups), simd(simd), g0(w.group_of[w.u_begin * kUnit / 8]),
+        g1(w.group_of[w.u_end * kUnit / 8 - 1] + 1) {}
+  // Each call prefetches the block's groups kScaleRowsAhead rows on: a row's scales for a
+  // block of K are a few bytes, and the rows' blocks lie a row of scales apart.
+  static constexpr int64_t kScaleRowsAhead = 4;
+  const float* scales(int64_t n) {
+    w.scales.prefetch(n + kScaleRowsAhead, w.groups, g0);
+    return w.scales.row(n, w.groups, g0, g1, buf.data(), simd);
+  }
+  const float* zeros(int64_t n) {
+    w.zeros.prefetch(n + kScaleRowsAhead, w.groups, g0);
+    return w.zeros.row(n, w.groups, g0, g1, buf.data() + w.groups, simd);
+  }
 };
 
 // Position p (0..63) of a unit -> weight offset inside the unit: the order in which the
@@ -337,6 +362,18 @@ inline void prefetch_ahead(const uint8_t* a, const uint8_t* b, int64_t u) {
   constexpr int64_t unit_bytes = BITS == 8 ? kUnit : kUnit / 2, ahead = PANEL ? 8 : kPrefetchBytes / unit_bytes;
   _mm_prefetch(reinterpret_cast<const char*>(a + (u + ahead) * unit_bytes), _MM_HINT_T0);
   if constexpr (BITS == 6) _mm_prefetch(reinterpret_cast<const char*>(b + (u + ahead) * (kUnit / 4)), _MM_HINT_T0);
+}
+
+// The GEMVs' prefetch for unit u of a row's block of K: as far ahead in the units the
+// GEMV reads next, which after the block's end continue in the same block of the next
+// rows (Packed::ahead_rows, ahead_units).
+template <int BITS>
+inline void prefetch_ahead(const Packed& w, const uint8_t* a, const uint8_t* b, int64_t u) {
+  constexpr int64_t unit_bytes = BITS == 8 ? kUnit : kUnit / 2;
+  int64_t v = u + w.ahead_units, rows = w.ahead_rows;
+  if (v >= w.u_end) v -= w.u_end - w.u_begin, ++rows;
+  _mm_prefetch(reinterpret_cast<const char*>(a + rows * w.lda + v * unit_bytes), _MM_HINT_T0);
+  if constexpr (BITS == 6) _mm_prefetch(reinterpret_cast<const char*>(b + rows * w.ldb + v * (kUnit / 4)), _MM_HINT_T0);
 }
 
 // Calls f(MR, m) for the row tiles of M rows of x: tiles of 4 from m = 0, then one of the
@@ -548,9 +585,8 @@ void row_avx2(const Packed& w, const Avx2Consts<BITS, DEC>& t, RowScales& rs, in
   __m256 acc[MR][kChains];
   for (int m = 0; m < MR; ++m)
     for (int c = 0; c < kChains; ++c) acc[m][c] = _mm256_setzero_ps();
-  const int64_t units = w.K / kUnit;
-  for (int64_t u = 0; u < units; ++u) {
-    prefetch_ahead<BITS>(a, b, u);
+  for (int64_t u = w.u_begin; u < w.u_end; ++u) {
+    prefetch_ahead<BITS>(w, a, b, u);
     for (int h = 0; h < 2; ++h) {
       __m256 v[4];
       weights_avx2<BITS, DEC, ZP, !PER_CHANNEL>(w, t, a, b, srow, zrow, u, h, v);
@@ -563,7 +599,7 @@ void row_avx2(const Packed& w, const Avx2Consts<BITS, DEC>& t, RowScales& rs, in
   for (int m = 0; m < MR; ++m) {
     __m256 total = acc[m][0];
     for (int c = 1; c < kChains; ++c) total = _mm256_add_ps(total, acc[m][c]);
-    y[m * ldy + n] = PER_CHANNEL ? hsum256(total) * srow[0] : hsum256(total);
+    w.put(y + m * ldy + n, PER_CHANNEL ? hsum256(total) * srow[0] : hsum256(total));
   }
 }
 
@@ -584,14 +620,14 @@ void row_avx2_grouped(const Packed& w, const Avx2Consts<BITS, DEC>& t, RowScales
   // decode's vectors and its tables stay in the 16 ymm registers.
   __m256 acc[MR];
   for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps();
-  const int64_t units = w.K / kUnit, per_group = w.group_size / kUnit;  // units per group
-  for (int64_t u0 = 0; u0 < units; u0 += per_group) {
-    const int64_t u1 = std::min(u0 + per_group, units);  // the last group may be shorter
+  const int64_t per_group = w.group_size / kUnit;  // units per group; a block of K holds whole groups
+  for (int64_t u0 = w.u_begin; u0 < w.u_end; u0 += per_group) {
+    const int64_t u1 = std::min(u0 + per_group, w.u_end);  // the last group may be shorter
     __m256 part[MR][kChains];
     for (int m = 0; m < MR; ++m)
       for (int c = 0; c < kChains; ++c) part[m][c] = _mm256_setzero_ps();
     for (int64_t u = u0; u < u1; ++u) {
-      prefetch_ahead<BITS>(a, b, u);
+      prefetch_ahead<BITS>(w, a, b, u);
       for (int h = 0; h < 2; ++h) {
         __m256 v[4];
         weights_avx2<BITS, DEC, false, false>(w, t, a, b, srow, nullptr, u, h, v);
@@ -601,14 +637,14 @@ void row_avx2_grouped(const Packed& w, const Avx2Consts<BITS, DEC>& t, RowScales
                                                    part[m][i % kChains]);
       }
     }
-    const __m256 scale = _mm256_broadcast_ss(srow + u0 / per_group);
+    const __m256 scale = _mm256_broadcast_ss(srow + w.group_of[u0 * kUnit / 8]);
     for (int m = 0; m < MR; ++m) {
       __m256 sum = part[m][0];
       for (int c = 1; c < kChains; ++c) sum = _mm256_add_ps(sum, part[m][c]);
       acc[m] = _mm256_fmadd_ps(scale, sum, acc[m]);
     }
   }
-  for (int m = 0; m < MR; ++m) y[m * ldy + n] = hsum256(acc[m]);
+  for (int m = 0; m < MR; ++m) w.put(y + m * ldy + n, hsum256(acc[m]));
 }
 
 template <int BITS, Dec DEC, bool ZP>
@@ -889,11 +925,11 @@ struct Avx512Sums {
     for (int m = 0; m < MR; ++m)
       acc[m][i % kChains] = _mm512_fmadd_ps(v, _mm512_loadu_ps(xp + m * ldx + k), acc[m][i % kChains]);
   }
-  void store(float* y, int64_t ldy, int64_t n) const {
+  void store(const Packed& w, float* y, int64_t ldy, int64_t n) const {
     for (int m = 0; m < MR; ++m) {
       __m512 total = acc[m][0];
       for (int c = 1; c < kChains; ++c) total = _mm512_add_ps(total, acc[m][c]);
-      y[m * ldy + n] = _mm512_reduce_add_ps(total);
+      w.put(y + m * ldy + n, _mm512_reduce_add_ps(total));
     }
   }
 };
@@ -906,14 +942,13 @@ void row_avx512(const Packed& w, const Avx512Consts<BITS, DEC>& t, RowScales& rs
   const float* srow = rs.scales(n);
   const float* zrow = ZP ? rs.zeros(n) : nullptr;
   Avx512Sums<MR> sums;
-  const int64_t units = w.K / kUnit;
-  for (int64_t u = 0; u < units; ++u) {
-    prefetch_ahead<BITS>(a, b, u);
+  for (int64_t u = w.u_begin; u < w.u_end; ++u) {
+    prefetch_ahead<BITS>(w, a, b, u);
     __m512 v[4];
     weights_avx512<BITS, DEC, ZP>(w, t, a, b, srow, zrow, u, v);
     for (int i = 0; i < 4; ++i) sums.add(v[i], xp, ldx, u * kUnit + 16 * i, i);
   }
-  sums.store(y, ldy, n);
+  sums.store(w, y, ldy, n);
 }
 
 template <int BITS, Dec DEC, bool ZP>
@@ -968,9 +1003,8 @@ void row_avx512_lookup(const Packed& w, RowScales& rs, int64_t n, const float* x
   __m512 lane_scale = _mm512_setzero_ps(), lane_zero = _mm512_setzero_ps();
   Avx512Sums<MR> sums;
   int64_t group = -1;
-  const int64_t units = w.K / kUnit;
-  for (int64_t u = 0; u < units; ++u) {
-    prefetch_ahead<BITS>(a, b, u);
+  for (int64_t u = w.u_begin; u < w.u_end; ++u) {
+    prefetch_ahead<BITS>(w, a, b, u);
     const int32_t g = w.group_of[u * kUnit / 8];
     if (SIXTEEN) {
       table[0] = values[0];
@@ -1021,7 +1055,7 @@ void row_avx512_lookup(const Packed& w, RowScales& rs, int64_t n, const float* x
       sums.add(v, xp, ldx, u * kUnit + 16 * i, i);
     }
   }
-  sums.store(y, ldy, n);
+  sums.store(w, y, ldy, n);
 }
 
 template <int BITS, Dec DEC, bool ZP, Grouping GROUPS>
@@ -1156,9 +1190,8 @@ void row_avx512_vbmi(const Packed& w, RowScales& rs, int64_t n, const float* xp,
   const __m512i low2 = _mm512_set1_epi8(3), upper4 = _mm512_set1_epi8(0x3C);
   const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
   Avx512Sums<MR> sums;
-  const int64_t units = w.K / kUnit;
-  for (int64_t u = 0; u < units; ++u) {
-    prefetch_ahead<BITS>(a, b, u);
+  for (int64_t u = w.u_begin; u < w.u_end; ++u) {
+    prefetch_ahead<BITS>(w, a, b, u);
     __m512i bytes[4];
     if constexpr (BITS == 6) {
       const __m512i nibbles = _mm512_srlv_epi64(
@@ -1184,7 +1217,7 @@ void row_avx512_vbmi(const Packed& w, RowScales& rs, int64_t n, const float* xp,
                          _mm512_castsi512_ps(_mm512_unpackhi_epi16(hi01, hi23))};
     for (int i = 0; i < 4; ++i) sums.add(v[i], xp, ldx, u * kUnit + 16 * i, i);
   }
-  sums.store(y, ldy, n);
+  sums.store(w, y, ldy, n);
 }
 
 template <int BITS, bool ZP>
@@ -1445,6 +1478,7 @@ Packed make_packed(const at::Tensor& plane_a, const at::Tensor& plane_b, const a
   if (w.dec == Dec::SignMagnitude && !sign_magnitude(owned)) w.dec = Dec::Table;  // e.g. a NaN code
   if (w.dec == Dec::Float || w.dec == Dec::FloatSpecial || w.dec == Dec::Fp16Nibble) set_float_decode(w, decode);
   w.mirrored = bits == 8 && mirrored(values, 128);
+  w.u_end = K / kUnit;
   TORCH_CHECK(!zp || w.dec == Dec::Table || w.dec == Dec::SignedInt || w.dec == Dec::UnsignedInt,
               "zero points are for integer formats; a float format takes scales only");
   return w;
@@ -1473,8 +1507,35 @@ void parallel_rows(int64_t N, int64_t K, F&& f) {
   });
 }
 
+// Units of K per block of a SIMD GEMV (see gemv): x's block, M x 4 bytes per column,
+// stays in a 32 KiB L1 beside the streaming codes. A whole group per block for the GEMV
+// that sums a group before its scale (row_avx2_grouped; G a multiple of 128).
+//
+// Only the AVX-512 4-bit GEMVs take blocks: they need 64 bytes of x per 8 bytes of codes,
+// and from L2 that paced them. At M = 1 on 4096x14336 (AMD EPYC with AVX-512, 2 threads,
+// with and without blocks in turn in one process): INT4 per channel 1.16-1.24x, FP4 per
+// channel 1.15-1.52x, INT4 g128 1.56x (once the scales of the rows ahead were
+// prefetched; 0.90x before), NVFP4 and MXFP4 0.98-1.02x; at M = 4 INT4 1.32-1.41x. The
+// 6- and 8-bit GEMVs, half as hungry for x per byte, ran 0.86-1.02x with blocks, and the
+// AVX2 4-bit GEMV 0.96-0.98x.
+int64_t block_units(const Packed& w, Isa isa, int64_t M) {
+  constexpr int64_t kBlockXBytes = 16 * 1024;
+  const int64_t units = w.K / kUnit;
+  if (isa < Isa::Avx512 || w.bits != 4) return units;
+  int64_t block = std::max<int64_t>(4, kBlockXBytes / (4 * kUnit * M));
+  if (w.group_size < w.K && w.group_size % (2 * kUnit) == 0) {
+    const int64_t per_group = w.group_size / kUnit;
+    block = (block + per_group - 1) / per_group * per_group;
+  }
+  return std::min(block, units);
+}
+
 // y [M, N] = x [M, K] w^T in fp32 for fewer than kBlockedMinRows rows (the SIMD ISAs) or
-// any number (scalar): each thread takes whole weight rows against all rows of x.
+// any number (scalar): each thread takes whole weight rows against all rows of x. The SIMD
+// GEMVs take a thread's rows one block of K at a time (block_units), each block's sums added
+// to y: a row of K = 14336 holds 56 KiB of fp32 x, more than an L1; read from L2 for every
+// weight row, it held INT4 per channel at 54 against 74 G weights/s with K = 4096 (AMD
+// EPYC with AVX-512, M = 1, one process).
 void gemv(Packed w, Isa isa, const float* x, int64_t M, float* y) {
   const int64_t K = w.K;
   const bool nibble = isa == Isa::Avx2 && w.dec == Dec::Fp16Nibble;
@@ -1493,23 +1554,28 @@ void gemv(Packed w, Isa isa, const float* x, int64_t M, float* y) {
     x = ordered.data();
   }
 #endif
+  const int64_t block = block_units(w, isa, M), units = K / kUnit;
   parallel_rows(w.N, K, [&](int64_t n0, int64_t n1) {
     const KeepDenormals keep;
 #if FPBENCH_X86
-    if (vbmi) return rows_avx512_vbmi(w, x, K, M, n0, n1, y, w.N);
-    if (lookup) return rows_avx512_lookup(w, x, K, M, n0, n1, y, w.N);
-    if (isa >= Isa::Avx512) {
-      with_format(w, [&](auto b, auto d, auto z) { rows_avx512_t<decltype(b)::value, decltype(d)::value, decltype(z)::value>(w, x, K, M, n0, n1, y, w.N); });
-      return;
+    for (int64_t u = 0; isa != Isa::Scalar && u < units; u += block) {
+      Packed wb = w;
+      wb.u_begin = u, wb.u_end = std::min(u + block, units);
+      const int64_t span = wb.u_end - u, ahead = kPrefetchBytes / (w.bits == 8 ? kUnit : kUnit / 2);
+      wb.ahead_rows = ahead / span, wb.ahead_units = ahead % span;
+      if (vbmi) {
+        rows_avx512_vbmi(wb, x, K, M, n0, n1, y, w.N);
+      } else if (lookup) {
+        rows_avx512_lookup(wb, x, K, M, n0, n1, y, w.N);
+      } else if (isa >= Isa::Avx512) {
+        with_format(w, [&](auto b, auto d, auto z) { rows_avx512_t<decltype(b)::value, decltype(d)::value, decltype(z)::value>(wb, x, K, M, n0, n1, y, w.N); });
+      } else if (nibble) {
+        rows_avx2_t<6, Dec::Fp16Nibble, false>(wb, x, K, M, n0, n1, y, w.N);
+      } else {
+        with_format(w, [&](auto b, auto d, auto z) { rows_avx2_t<decltype(b)::value, decltype(d)::value, decltype(z)::value>(wb, x, K, M, n0, n1, y, w.N); });
+      }
     }
-    if (nibble) {
-      rows_avx2_t<6, Dec::Fp16Nibble, false>(w, x, K, M, n0, n1, y, w.N);
-      return;
-    }
-    if (isa == Isa::Avx2) {
-      with_format(w, [&](auto b, auto d, auto z) { rows_avx2_t<decltype(b)::value, decltype(d)::value, decltype(z)::value>(w, x, K, M, n0, n1, y, w.N); });
-      return;
-    }
+    if (isa != Isa::Scalar) return;
 #endif
     rows_scalar(w, x, K, M, n0, n1, y, w.N);
   });
