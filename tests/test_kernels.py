@@ -293,6 +293,9 @@ def test_isas_agree_on_large_rows(module, fmt, m):
     weight = qweight.dequantize()
     for y in outputs:
         assert bool(((y.double() - x.double() @ weight.double().T).abs() <= _bound(x, weight, k)).all())
+    if m >= BLOCKED_MIN_ROWS:  # the GEMM's AVX-512 and AVX2 blocks: the same FMAs in the same order
+        simd = [y for isa, y in zip(ISAS_HERE, outputs) if isa != "scalar"]
+        assert all(torch.equal(y, simd[0]) for y in simd)
 
 
 def test_stream_bandwidth_is_positive(module):

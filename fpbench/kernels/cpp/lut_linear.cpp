@@ -732,9 +732,35 @@ inline void block_avx2(const float* wt, int64_t ldw, const float* xt, int64_t kc
   }
 }
 
-// Rows n0..n1 of yt = (W x^T) [N, Mp] (zero on entry) from xt = x^T as [Mp/16, K, 16].
+// The same for two blocks of x^T side by side (the second ldb floats after the first):
+// 32 rows of x in two zmm, each y the same FMAs in the same order as block_avx2's.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")
+template <int NR>
+void block_avx512(const float* wt, int64_t ldw, const float* xt, int64_t ldb, int64_t kc, float* yt, int64_t ldyt) {
+  constexpr int64_t ldxt = kXtCols;
+  __m512 acc[NR][2];
+  for (int j = 0; j < NR; ++j) acc[j][0] = acc[j][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m512 x0 = _mm512_loadu_ps(xt + k * ldxt), x1 = _mm512_loadu_ps(xt + ldb + k * ldxt);
+    for (int j = 0; j < NR; ++j) {
+      const __m512 wv = _mm512_set1_ps(wt[j * ldw + k]);
+      acc[j][0] = _mm512_fmadd_ps(wv, x0, acc[j][0]);
+      acc[j][1] = _mm512_fmadd_ps(wv, x1, acc[j][1]);
+    }
+  }
+  for (int j = 0; j < NR; ++j) {
+    _mm512_storeu_ps(yt + j * ldyt, _mm512_add_ps(_mm512_loadu_ps(yt + j * ldyt), acc[j][0]));
+    _mm512_storeu_ps(yt + j * ldyt + 16, _mm512_add_ps(_mm512_loadu_ps(yt + j * ldyt + 16), acc[j][1]));
+  }
+}
+#pragma GCC pop_options
+
+// Rows n0..n1 of yt = (W x^T) [N, Mp] (zero on entry) from xt = x^T as [Mp/16, K, 16]; wide
+// (AVX-512): two blocks of x^T a pass. With the panels decoded once, the decode no longer
+// sets the pace of a GEMM, so the AVX2 decode serves both ISAs.
 template <int BITS, Dec DEC, bool ZP>
-void gemm_avx2_t(const Packed& w, const float* xt, int64_t Mp, int64_t n0, int64_t n1, float* yt) {
+void gemm_avx2_t(const Packed& w, const float* xt, int64_t Mp, int64_t n0, int64_t n1, float* yt, bool wide) {
   const Avx2Consts<BITS, DEC> t(w);
   RowScales rs(w);
   const int64_t K = w.K, cols = std::min(K, kPanelCols);
@@ -747,11 +773,23 @@ void gemm_avx2_t(const Packed& w, const float* xt, int64_t Mp, int64_t n0, int64
       dequant_tile_avx2<BITS, DEC, ZP>(w, t, rs, nb, nb + rows, kb / kUnit, kb_end / kUnit, panel.data(), cols);
       for (int64_t k0 = kb; k0 < kb_end; k0 += kSliceCols) {
         const int64_t kc = std::min(kSliceCols, kb_end - k0);
-        for (int64_t m0 = 0; m0 < Mp; m0 += kXtCols)
+        for (int64_t m0 = 0, step; m0 < Mp; m0 += step) {
+          step = wide && m0 + 2 * kXtCols <= Mp ? 2 * kXtCols : kXtCols;
           for (int64_t j = 0; j < rows; j += 6) {
             const float* wt = panel.data() + j * cols + (k0 - kb);
             const float* xb = xt + m0 * K + k0 * kXtCols;
             float* yb = yt + (nb + j) * Mp + m0;
+            if (step > kXtCols) {
+              switch (std::min<int64_t>(6, rows - j)) {
+                case 6: block_avx512<6>(wt, cols, xb, kXtCols * K, kc, yb, Mp); break;
+                case 5: block_avx512<5>(wt, cols, xb, kXtCols * K, kc, yb, Mp); break;
+                case 4: block_avx512<4>(wt, cols, xb, kXtCols * K, kc, yb, Mp); break;
+                case 3: block_avx512<3>(wt, cols, xb, kXtCols * K, kc, yb, Mp); break;
+                case 2: block_avx512<2>(wt, cols, xb, kXtCols * K, kc, yb, Mp); break;
+                default: block_avx512<1>(wt, cols, xb, kXtCols * K, kc, yb, Mp); break;
+              }
+              continue;
+            }
             switch (std::min<int64_t>(6, rows - j)) {
               case 6: block_avx2<6>(wt, cols, xb, kc, yb, Mp); break;
               case 5: block_avx2<5>(wt, cols, xb, kc, yb, Mp); break;
@@ -761,6 +799,7 @@ void gemm_avx2_t(const Packed& w, const float* xt, int64_t Mp, int64_t n0, int64
               default: block_avx2<1>(wt, cols, xb, kc, yb, Mp); break;
             }
           }
+        }
       }
     }
   }
@@ -1589,8 +1628,7 @@ at::Tensor product(Packed w, Isa isa, const at::Tensor& x_in) {
   const int64_t M = x.size(0);
 #if FPBENCH_X86
   if (isa != Isa::Scalar && M >= kBlockedMinRows) {
-    // Both SIMD ISAs take the AVX2 blocked GEMM: with panels decoded once, the decode no
-    // longer sets the pace, and natural-order panels need no reordered x.
+    // Both SIMD ISAs take the blocked GEMM (natural-order panels need no reordered x).
     if (w.dec == Dec::Fp16Nibble) w.dec = Dec::Table;
     const int64_t Mp = (M + kXtCols - 1) / kXtCols * kXtCols;
     at::Tensor xt = torch::zeros({Mp, K}, torch::kFloat32);
@@ -1599,9 +1637,13 @@ at::Tensor product(Packed w, Isa isa, const at::Tensor& x_in) {
     at::Tensor yt = torch::zeros({w.N, Mp}, torch::kFloat32);
     const float* xtp = xt.data_ptr<float>();
     float* ytp = yt.data_ptr<float>();
+    // AVX-512: 32 rows of x a pass (block_avx512). On an AMD EPYC with AVX-512 (2 threads,
+    // in turn in one process) 1.70-1.76x the AVX2 blocks' speed at M = 64 and 1.80x at
+    // M = 512 on 4096x4096 (FP6 E3M2, INT4 g128).
+    const bool wide = isa >= Isa::Avx512;
     at::parallel_for(0, w.N, std::max<int64_t>(24, row_grain(w.N)), [&](int64_t n0, int64_t n1) {
       const KeepDenormals keep;
-      with_format(w, [&](auto b, auto d, auto z) { gemm_avx2_t<decltype(b)::value, decltype(d)::value, decltype(z)::value>(w, xtp, Mp, n0, n1, ytp); });
+      with_format(w, [&](auto b, auto d, auto z) { gemm_avx2_t<decltype(b)::value, decltype(d)::value, decltype(z)::value>(w, xtp, Mp, n0, n1, ytp, wide); });
     });
     at::Tensor y = yt.narrow(1, 0, M).t().contiguous();
     return y;
