@@ -39,6 +39,11 @@ def test_verdicts_follow_each_metric_tolerance():
     assert judge(_record(value=23.9, cpu="CPU B", **gptq), _record(value=27.1, **gptq)) == \
         ("not judged", "GPTQ on another CPU")
     assert judge(_record(value=23.9, **gptq), _record(value=27.1, **gptq))[0] == "differs"
+    # the same name on another generation (an AVX2 and an AVX-512 AMD EPYC): its flags differ
+    assert judge(_record(value=26.98, cpu_flags="avx2 fma f16c avx512f", **gptq),
+                 _record(value=27.07, cpu_flags="avx2 fma f16c", **gptq)) == ("not judged", "GPTQ on another CPU")
+    assert judge(_record(value=23.9, cpu_flags="avx2", **gptq), _record(value=27.1, cpu_flags="avx2", **gptq))[0] \
+        == "differs"
 
 
 def test_records_match_on_the_run_not_on_the_code_version():

@@ -87,7 +87,7 @@ def value_table(format_name: str) -> torch.Tensor:
     return table.float()
 
 
-# decode_params kinds and special-value rules, as lut_linear.cpp's pick_decoder reads them.
+# decode_params kinds and special-value rules, as pick_decoder (cpp/lut_pack.h) reads them.
 DECODE_TABLE, DECODE_SIGNED_INT, DECODE_UNSIGNED_INT, DECODE_FLOAT = range(4)
 SPECIAL_RULES = {"finite": 0, "fn": 1, "ieee": 2}
 

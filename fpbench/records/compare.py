@@ -12,12 +12,14 @@ purpose, so a reference measured by an earlier release is still compared. Verdic
   binomial sqrt(p(1-p)/n)); ROUGE the reference's bootstrap 95% interval;
 - ``differs``: beyond that;
 - ``not judged``: latency and throughput, which belong to a machine (shown side by side);
-  and the metrics of GPTQ-quantized models measured on another CPU than the reference:
+  and the metrics of GPTQ-quantized models measured on another CPU than the reference
+  (another name or other SIMD flags: two AMD EPYC generations report the same name):
   GPTQ rounds each weight after the error feedback of the ones before, so a last-bit
   difference in the fp32 BLAS that builds the Hessians and block inputs changes later
   rounding decisions. The quick tier's int4/g128 GPTQ perplexity read 27.07 on an AMD
-  EPYC (AVX2), 23.92 on an Intel Xeon, and 26.57 on that Xeon with MKL and oneDNN
-  limited to AVX2: the same code, the CPU's summation order only.
+  EPYC (AVX2), 23.92 on an Intel Xeon, 26.57 on that Xeon with MKL and oneDNN limited to
+  AVX2, and 26.98 on an AMD EPYC with AVX-512: the same code, the CPU's summation order
+  only.
 """
 
 from __future__ import annotations
@@ -53,11 +55,15 @@ def _stderr(record: dict) -> float:
     return 0.0
 
 
+def _cpu(record: dict) -> tuple:
+    return record.get("cpu"), record.get("cpu_flags")
+
+
 def judge(fresh: dict, reference: dict) -> tuple[str, str]:
     """(verdict, the tolerance it was judged with, in words)."""
     if _is_latency(fresh):
         return "not judged", "machine-specific"
-    if fresh.get("algo") == "gptq" and fresh.get("cpu") != reference.get("cpu"):
+    if fresh.get("algo") == "gptq" and _cpu(fresh) != _cpu(reference):
         return "not judged", "GPTQ on another CPU"
     value, ref = float(fresh["value"]), float(reference["value"])
     if value == ref or abs(value - ref) <= EQUAL_RTOL * max(abs(ref), 1e-300):

@@ -1,0 +1,255 @@
+// The kernels' shared vocabulary: the ISAs and decoders, a layer's packed codes and
+// scales as the kernels read them (Packed, Stored, RowScales), and the order of code
+// positions in a unit. One of the pieces lut_linear.cpp includes into one translation
+// unit (everything internal: an anonymous namespace).
+#pragma once
+
+#include "kernel_linear.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <iterator>
+#include <optional>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define FPBENCH_X86 1
+#else
+#pragma message("fpbench kernels: not an x86-64 target, building the scalar kernels only")
+#endif
+
+namespace {
+
+constexpr int64_t kUnit = 64;  // weights per packed unit; K must be a multiple of it
+constexpr int64_t kBlockedMinRows = 16;     // SIMD ISAs: from here the blocked GEMM (measured crossover: 12-16 rows)
+constexpr int64_t kScalarGemmMinRows = 32;  // the scalar ISA: from here, dequantize once + torch's GEMM
+
+// Avx512Vbmi: AVX-512 with vpermb (6-bit and FP8 GEMV, see row_avx512_vbmi); otherwise as Avx512.
+enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2, Avx512Vbmi = 3 };
+
+// How codes become values. Table: the value table (4-bit codes always: one vpshufb per 32
+// codes is cheaper than any arithmetic; and the fallback for anything below). SignedInt /
+// UnsignedInt: 8-bit two's complement / unsigned integers, converted (exact). Float: an
+// 8-bit minifloat code with sign bit s, exponent field E and mantissa field M (m bits)
+// is placed as the fp16 pattern (s << 15) | (E:M << (10 - m)), which is 2^(E - 15) * 1.M
+// for E > 0 and the fp16 subnormal 2^-14 * 0.M for E = 0; vcvtph2ps (F16C) widens it to
+// fp32 exactly, and a multiply by 2^(15 - bias) gives the format's value (a normal fp32,
+// so the multiply does not round). The scalar reference places the same bits in an fp32
+// pattern, (s << 31) | (E:M << (23 - m)), times 2^(127 - bias). Placing them in fp32
+// directly would feed fp32 subnormals (E = 0) to the multiply, which on this AMD EPYC
+// took 1.12 ms instead of 0.62 ms for a 1024x4096 fp6_e3m2 GEMV with 9% such codes.
+// FloatSpecial: the same plus a compare that gives codes with the all-ones exponent
+// (ieee) or the all-ones code (fn) the all-ones exponent, keeping sign and mantissa: inf
+// or NaN. Fp16Nibble: 6-bit minifloats with 3 exponent and 2 mantissa bits and no
+// special codes (FP6 E3M2). The fp16 pattern of value * 2^(bias - 15) is
+// (s << 15) | (E:M << 8): its low byte is 0 and its high byte is T[code >> 2] | (code & 3),
+// T[n] = (n >> 3) << 7 | (n & 7) << 2, so one vpshufb on the 4-bit plane, an OR with the
+// 2-bit plane and vcvtph2ps decode 32 codes (the 4-table lookup takes 8 lookups and 6
+// blends). Its lanes come out in code-position order (see weights_avx2), so the AVX2
+// GEMV reads x from a per-call copy in that order, times 2^(15 - bias) (exact: each
+// product v * x is then the same real number as with the format's values, rounded the
+// same). Dequantization and the AVX-512 and scalar kernels take the table for E3M2 codes,
+// and so do groups that are not a multiple of 32. SignMagnitude: other 6-bit codes whose
+// upper 32 values are the lower 32 negated (a sign bit on top: FP6 E2M3). The AVX2
+// kernels look up the magnitude (code & 31) in two 16-entry tables per byte plane, chosen
+// by code bit 4 with one blend each, and OR the sign into the high byte: 4 lookups and 2
+// blends per 32 codes instead of the 8 lookups and 6 blends of the 4-table lookup (FP6 E2M3
+// GEMV at M = 1 on 4096x4096 and 4096x14336, this AMD EPYC, both decoders timed in turn in
+// one process: 1.33-1.38x faster). For E3M2 the fp16 decode above stayed faster (5.98 against
+// 6.79 ms on 4096x14336). AVX-512 and scalar code take the table for them.
+enum class Dec { Table = 0, SignedInt = 1, UnsignedInt = 2, Float = 3, FloatSpecial = 4, Fp16Nibble = 5,
+                 SignMagnitude = 6 };
+
+Isa best_isa() {
+#if FPBENCH_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl"))
+    return __builtin_cpu_supports("avx512vbmi") ? Isa::Avx512Vbmi : Isa::Avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    return Isa::Avx2;
+#endif
+  return Isa::Scalar;
+}
+
+std::string isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::Avx512Vbmi: return "avx512vbmi";
+    case Isa::Avx512: return "avx512";
+    case Isa::Avx2: return "avx2";
+    default: return "scalar";
+  }
+}
+
+Isa pick_isa(const std::string& requested) {
+  const Isa best = best_isa();
+  if (requested == "auto") return best;
+  const Isa isas[] = {Isa::Avx512Vbmi, Isa::Avx512, Isa::Avx2, Isa::Scalar};
+  const Isa* want = std::find_if(std::begin(isas), std::end(isas), [&](Isa isa) { return isa_name(isa) == requested; });
+  TORCH_CHECK(want != std::end(isas), "unknown ISA ", requested, "; use auto, avx512vbmi, avx512, avx2 or scalar");
+  TORCH_CHECK(static_cast<int>(*want) <= static_cast<int>(best), "this CPU cannot run the ", requested,
+              " kernels (best: ", isa_name(best), ")");
+  return *want;
+}
+
+// Scales or zero points [N, groups] as a layer stores them: fp32, fp16 or bf16 values, or
+// the 8-bit codes of their scale format (E8M0, E4M3, ...) with a 256-entry table of each
+// code's exact fp32 value (for NVFP4 times the tensor scale: the same fp32 product the
+// simulator forms), so a layer holds the bytes its bits per weight count.
+enum class Store { None, F32, F16, BF16, Byte };
+
+inline float half_to_float(uint16_t h) {  // exact; portable (the scalar ISA has no F16C)
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16, exp = (h >> 10) & 31u, man = h & 1023u;
+  uint32_t bits;
+  if (exp == 0) {  // zero or subnormal: man * 2^-24, exact in fp32
+    const float v = std::ldexp(static_cast<float>(man), -24);
+    return sign ? -v : v;
+  }
+  bits = sign | (exp == 31 ? 0x7F800000u : (exp + 112) << 23) | man << 13;
+  float v;
+  std::memcpy(&v, &bits, 4);
+  return v;
+}
+
+#if FPBENCH_X86
+// n fp16 values -> fp32, 8 per vcvtph2ps (exact, as half_to_float): an int4/g128 GEMV on
+// 4096x14336 here runs within 2% of the same GEMV with fp32 scales, which need no
+// conversion.
+__attribute__((target("avx,f16c"))) void halves_to_floats_f16c(const uint16_t* src, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  for (; i < n; ++i) dst[i] = half_to_float(src[i]);
+}
+
+// n 8-bit scale codes -> their fp32 values, 8 per gather. NVFP4 on 4096x14336 here: 1.41x
+// the time of the same GEMV with fp32 scales one by one, 1.27x with the gather.
+__attribute__((target("avx2"))) void codes_to_floats_avx2(const uint8_t* src, int64_t n, const float* table,
+                                                          float* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i index = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + i)));
+    _mm256_storeu_ps(dst + i, _mm256_i32gather_ps(table, index, 4));
+  }
+  for (; i < n; ++i) dst[i] = table[src[i]];
+}
+#endif
+
+// simd: the caller runs a SIMD ISA (which implies AVX2 and F16C); the scalar ISA stays
+// portable.
+inline void halves_to_floats(const uint16_t* src, int64_t n, float* dst, bool simd) {
+#if FPBENCH_X86
+  if (simd) return halves_to_floats_f16c(src, n, dst);
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = half_to_float(src[i]);
+}
+
+inline void codes_to_floats(const uint8_t* src, int64_t n, const float* table, float* dst, bool simd) {
+#if FPBENCH_X86
+  if (simd) return codes_to_floats_avx2(src, n, table, dst);
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = table[src[i]];
+}
+
+struct Stored {
+  Store kind = Store::None;
+  const void* data = nullptr;
+  const float* table = nullptr;  // Byte: 256 entries
+
+  // Row n's `groups` values in fp32, of which groups g0 .. g1 are read: in place when
+  // stored as fp32, else those decoded into buf (buf[g] for group g).
+  const float* row(int64_t n, int64_t groups, int64_t g0, int64_t g1, float* buf, bool simd) const {
+    const int64_t at = n * groups + g0;
+    switch (kind) {
+      case Store::F32: return static_cast<const float*>(data) + n * groups;
+      case Store::F16:
+        halves_to_floats(static_cast<const uint16_t*>(data) + at, g1 - g0, buf + g0, simd);
+        return buf;
+      case Store::BF16:
+        for (int64_t g = g0; g < g1; ++g) {
+          const uint32_t bits = static_cast<uint32_t>(static_cast<const uint16_t*>(data)[n * groups + g]) << 16;
+          std::memcpy(buf + g, &bits, 4);
+        }
+        return buf;
+      case Store::Byte:
+        codes_to_floats(static_cast<const uint8_t*>(data) + at, g1 - g0, table, buf + g0, simd);
+        return buf;
+      default: return nullptr;
+    }
+  }
+
+  // Bring group g0 of row n towards the cache (no fault past the end: a prefetch).
+  void prefetch(int64_t n, int64_t groups, int64_t g0) const {
+    const int64_t size = kind == Store::F32 ? 4 : kind == Store::Byte ? 1 : 2;
+    if (kind != Store::None) __builtin_prefetch(static_cast<const char*>(data) + (n * groups + g0) * size);
+  }
+};
+
+// One packed weight matrix and its scales, as the kernels read it.
+struct Packed {
+  int bits;                  // 4, 6 or 8
+  const uint8_t* plane_a;    // 8-bit: codes [N, K]; 4/6-bit: 4-bit plane [N, K/2]
+  const uint8_t* plane_b;    // 6-bit: 2-bit plane [N, K/4]; else null
+  int64_t lda, ldb;          // bytes per row of each plane
+  Stored scales;             // [N, groups]
+  Stored zeros;              // [N, groups], or kind None (symmetric formats)
+  int64_t groups, group_size;  // group_size: G (K for per-channel scales)
+  int64_t N, K;
+  const int32_t* group_of;   // [K / 8]: group of the 8 weights k = 8j .. 8j+7
+  const float* table;        // 2^bits exact values
+  const uint8_t* table_lo;   // [2^bits]: low byte of each value's bf16 pattern
+  const uint8_t* table_hi;   // [2^bits]: high byte
+  Dec dec;
+  int fbits, mbits;          // Float*: the format's width and mantissa bits
+  uint32_t em_mask;          // Float*: low fbits - 1 bits of a code
+  uint32_t mask32;           // Float*: sign and E:M bits of the placed fp32 pattern
+  uint32_t special32;        // FloatSpecial: placed bits that mark inf/NaN when all set
+  float pow2;                // Float*: 2^(127 - bias)
+  uint16_t mask16, special16;  // the same for the fp16 placement of the SIMD kernels
+  float pow2_16;             // 2^(15 - bias)
+  bool mirrored = false;     // 8-bit: code c + 128 is code c negated, bit for bit (sign-magnitude floats)
+  // The SIMD GEMVs' block of K: units u_begin .. u_end of each row; a block after the first
+  // adds its sums to y (see gemv).
+  int64_t u_begin = 0, u_end = 0;
+  int64_t ahead_rows = 0, ahead_units = 0;  // the GEMVs' prefetch distance (see prefetch_ahead)
+  // y[i] = sum for the first block of K, y[i] + sum for the others.
+  void put(float* y, float sum) const { *y = u_begin == 0 ? sum : *y + sum; }
+};
+
+// A worker's fp32 copy of one row's scales and zero points (in place when stored as fp32),
+// of the groups in w's block of K; simd false for the scalar ISA.
+struct RowScales {
+  const Packed& w;
+  std::vector<float> buf;
+  bool simd;
+  int64_t g0, g1;
+  explicit RowScales(const Packed& w, bool simd = true)
+      : w(w), buf(2 * w.groups), simd(simd), g0(w.group_of[w.u_begin * kUnit / 8]),
+        g1(w.group_of[w.u_end * kUnit / 8 - 1] + 1) {}
+  // Each call prefetches the block's groups kScaleRowsAhead rows on: a row's scales for a
+  // block of K are a few bytes, and the rows' blocks lie a row of scales apart.
+  static constexpr int64_t kScaleRowsAhead = 4;
+  const float* scales(int64_t n) {
+    w.scales.prefetch(n + kScaleRowsAhead, w.groups, g0);
+    return w.scales.row(n, w.groups, g0, g1, buf.data(), simd);
+  }
+  const float* zeros(int64_t n) {
+    w.zeros.prefetch(n + kScaleRowsAhead, w.groups, g0);
+    return w.zeros.row(n, w.groups, g0, g1, buf.data() + w.groups, simd);
+  }
+};
+
+// Position p (0..63) of a unit -> weight offset inside the unit: the order in which the
+// SIMD decode emits fp32 lanes (see lut_linear.cpp's header comment and packing.position_to_k).
+inline int position_to_k(int p) {
+  int half = p / 32, q = p % 32, lane = q / 16, r16 = q % 16;
+  int word_vec = r16 / 8, r = r16 % 8, parity = r % 2;
+  return 32 * half + 8 * (2 * word_vec + parity) + 4 * lane + r / 2;
+}
+
+}  // namespace
