@@ -1,6 +1,7 @@
 """The latency task: measured on the run's own model where the scheme really runs
 (torch dense, torch's int8 kernel, fpbench's kernels), absent where it is simulated."""
 
+import copy
 import json
 
 import pytest
@@ -9,7 +10,7 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
 from fpbench.cli import main
-from fpbench.eval.latency import LatencySettings, TorchInt8Linear, latency_path, measure
+from fpbench.eval.latency import LatencySettings, TorchInt8Linear, latency_path, measure, prepare
 from fpbench.kernels import build as kernels
 from fpbench.kernels.torch_int8 import int8_weight_only_mm
 from fpbench.quant.scheme import Scheme
@@ -52,6 +53,27 @@ def test_measure_reports_positive_rates(tiny_loaded):
     assert timing["decode_ms_per_token"] > 0 and timing["prefill_tokens"] == 64
     assert timing["decode_loop"] == "compiled"  # a dense Llama model: LeanDecoder's compiled step
     assert timing["decode_tokens_per_s"] == pytest.approx(1e3 / timing["decode_ms_per_token"])
+
+
+def test_kernel_path_times_the_rest_of_the_model_in_bf16(tiny_loaded):
+    # Like the bf16 baseline and the INT8 peer: only the linear layers differ between rows.
+    from fpbench.kernels.linear import LutLinear, use_kernel_linears
+    from fpbench.quant.model import quantize_model
+
+    model = copy.deepcopy(tiny_loaded.model)
+    quantized = quantize_model(model, Scheme.parse("fp6_e3m2/channel/rtn"), progress=False)
+    use_kernel_linears(model, quantized.weights)
+    timed = prepare(model, "fpbench-kernel", list(quantized.weights), quantized.weights)
+    layers, timed_layers = dict(model.named_modules()), dict(timed.named_modules())
+    kernel_names = [name for name, module in layers.items() if isinstance(module, LutLinear)]
+    assert kernel_names and all(timed_layers[name] is layers[name] for name in kernel_names)  # shared, not copied
+    dense = [tensor for module in timed.modules() if not isinstance(module, LutLinear)
+             for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+             if tensor.is_floating_point()]
+    assert dense and all(tensor.dtype == torch.bfloat16 for tensor in dense)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the run's own model is untouched
+    timing = measure(timed, timed.config.vocab_size, 32, LatencySettings(4, 4, 32, 1))
+    assert timing["decode_loop"] == "compiled" and timing["decode_tokens_per_s"] > 0
 
 
 def test_latency_records_beside_accuracy(tiny_model_dir, data_dir, tmp_path, monkeypatch):

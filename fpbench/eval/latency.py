@@ -2,7 +2,9 @@
 
 Measured where a scheme really runs, never estimated:
 
-- ``fpbench-kernel``: the quantized linears on fpbench's compiled kernels (``--backend kernel``);
+- ``fpbench-kernel``: the quantized linears on fpbench's compiled kernels (``--backend kernel``),
+  the rest of the model (embeddings, norms, an unquantized head) in bf16 as in the bf16
+  baseline;
 - ``torch-fp32`` / ``torch-bf16``: torch's own dense kernels for the baselines (fp32 and
   fp16 weights compute in fp32 on a CPU, bf16 in bf16);
 - ``torch-int8``: torch's weight-only INT8 kernel (``_weight_int8pack_mm``, bf16
@@ -92,10 +94,30 @@ class TorchInt8Linear(nn.Module):
         return out.reshape(*x.shape[:-1], -1).to(x.dtype)
 
 
+def _with_dense_rest_in_bf16(model: nn.Module) -> nn.Module:
+    """A copy of a kernel run's model whose unquantized parts (embeddings, norms, the head
+    unless it is quantized) hold bf16, sharing the kernel layers (their codes and scales
+    stay as they are)."""
+    kernel_layers = [module for module in model.modules() if isinstance(module, LutLinear)]
+    model = copy.deepcopy(model, memo={id(layer): layer for layer in kernel_layers})
+    for module in model.modules():
+        if isinstance(module, LutLinear):
+            continue
+        for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            if tensor.is_floating_point():
+                tensor.data = tensor.data.to(torch.bfloat16)
+    return model
+
+
 def prepare(model: nn.Module, path: str, layer_names, weights: dict | None = None) -> nn.Module:
-    """The model to time for ``path`` (a copy when the dtype or layers change)."""
-    if path in ("fpbench-kernel", "torch-fp32"):
+    """The model to time for ``path`` (a copy when the dtype or layers change). Besides
+    the quantized linears, every path but torch-fp32 runs in bf16, as torch-bf16 does:
+    the rows differ in their linear layers only. (A kernel run's fp32 head alone, 113 MB
+    for the default model, read once a token, cost as much as its FP6 decoder layers.)"""
+    if path == "torch-fp32":
         return model
+    if path == "fpbench-kernel":
+        return _with_dense_rest_in_bf16(model)
     model = copy.deepcopy(model).to(torch.bfloat16)
     if path == "torch-int8":
         modules = dict(model.named_modules())
