@@ -156,7 +156,8 @@ def test_runner_backend_kernel(tmp_path, monkeypatch):
     assert simulate.key() != config.key()
 
 
-def test_e2e_decode_on_a_tiny_model(tmp_path):
+def test_e2e_decode_on_a_tiny_model(tmp_path, monkeypatch):
+    from fpbench.bench import e2e
     from fpbench.bench.e2e import e2e_table, run_e2e
 
     shape = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
@@ -171,8 +172,13 @@ def test_e2e_decode_on_a_tiny_model(tmp_path):
     for fp6 in records[2:]:  # FP6 rows of every loop, head quantized or not
         assert fp6["speedup_vs_best_dense"] == round(fp6["tokens_per_s"] / best, 3)
     assert (tmp_path / "e2e.jsonl").read_text().count("\n") == 6
+    monkeypatch.setattr(e2e, "llama_cpp_available", lambda: False)
     text = e2e_table(records)
     assert "fp6_kernel" in text and "pip install llama-cpp-python" in text  # no peer: how to add it
+    # installed, but only random models ran (no default model): nothing to say about the peer
+    monkeypatch.setattr(e2e, "llama_cpp_available", lambda: True)
+    text = e2e_table(records)
+    assert e2e.LLAMA_CPP_FAILED not in text and "pip install llama-cpp-python" not in text
 
 
 def test_llama_cpp_peer_is_timed_through_its_generator(monkeypatch, tmp_path):
