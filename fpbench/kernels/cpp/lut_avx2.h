@@ -281,7 +281,7 @@ void row_avx2_grouped(const Packed& w, const Avx2Consts<BITS, DEC>& t, RowScales
   // decode's vectors and its tables stay in the 16 ymm registers.
   __m256 acc[MR];
   for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps();
-  const int64_t per_group = w.group_size / kUnit;  // units per group; a block of K holds whole groups
+  const int64_t per_group = w.group_size / kUnit;  // units per group (AVX2 takes whole rows: no block starts inside one)
   for (int64_t u0 = w.u_begin; u0 < w.u_end; u0 += per_group) {
     const int64_t u1 = std::min(u0 + per_group, w.u_end);  // the last group may be shorter
     __m256 part[MR][kChains];

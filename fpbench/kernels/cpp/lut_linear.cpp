@@ -159,8 +159,8 @@ void parallel_rows(int64_t N, int64_t K, F&& f) {
 }
 
 // Units of K per block of a SIMD GEMV (see gemv): x's block, M x 4 bytes per column,
-// stays in a 32 KiB L1 beside the streaming codes. A whole group per block for the GEMV
-// that sums a group before its scale (row_avx2_grouped; G a multiple of 128).
+// stays in a 32 KiB L1 beside the streaming codes. A block may start inside a group: the
+// GEMVs that take blocks find each unit's group in group_of.
 //
 // Only the AVX-512 4-bit GEMVs take blocks: they need 64 bytes of x per 8 bytes of codes,
 // and from L2 that paced them. At M = 1 on 4096x14336 (AMD EPYC with AVX-512, 2 threads,
@@ -173,18 +173,13 @@ int64_t block_units(const Packed& w, Isa isa, int64_t M) {
   constexpr int64_t kBlockXBytes = 16 * 1024;
   const int64_t units = w.K / kUnit;
   if (isa < Isa::Avx512 || w.bits != 4) return units;
-  int64_t block = std::max<int64_t>(4, kBlockXBytes / (4 * kUnit * M));
-  if (w.group_size < w.K && w.group_size % (2 * kUnit) == 0) {
-    const int64_t per_group = w.group_size / kUnit;
-    block = (block + per_group - 1) / per_group * per_group;
-  }
-  return std::min(block, units);
+  return std::min(units, std::max<int64_t>(4, kBlockXBytes / (4 * kUnit * M)));
 }
 
 // y [M, N] = x [M, K] w^T in fp32 for fewer than kBlockedMinRows rows (the SIMD ISAs) or
 // any number (scalar): each thread takes whole weight rows against all rows of x. The SIMD
-// GEMVs take a thread's rows one block of K at a time (block_units), each block's sums added
-// to y: a row of K = 14336 holds 56 KiB of fp32 x, more than an L1; read from L2 for every
+// GEMVs take a thread's rows one block of K at a time (block_units: a whole row but for
+// the AVX-512 4-bit GEMVs), each block's sums added to y: a row of K = 14336 holds 56 KiB of fp32 x, more than an L1; read from L2 for every
 // weight row, it held INT4 per channel at 54 against 74 G weights/s with K = 4096 (AMD
 // EPYC with AVX-512, M = 1, one process).
 void gemv(Packed w, Isa isa, const float* x, int64_t M, float* y) {
