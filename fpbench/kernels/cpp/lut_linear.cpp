@@ -167,8 +167,9 @@ void parallel_rows(int64_t N, int64_t K, F&& f) {
 // with and without blocks in turn in one process): INT4 per channel 1.16-1.24x, FP4 per
 // channel 1.15-1.52x, INT4 g128 1.56x (once the scales of the rows ahead were
 // prefetched; 0.90x before), NVFP4 and MXFP4 0.98-1.02x; at M = 4 INT4 1.32-1.41x. The
-// 6- and 8-bit GEMVs, half as hungry for x per byte, ran 0.86-1.02x with blocks, and the
-// AVX2 4-bit GEMV 0.96-0.98x.
+// 6- and 8-bit GEMVs, half as hungry for x per byte, gained nothing clear (FP6 0.84-0.99x,
+// INT8 0.86-0.99x, FP8 g128 0.83x; FP8 per channel 1.02-1.50x against baselines that moved
+// by 1.8x between runs), nor did the AVX2 4-bit GEMV (0.96-0.98x).
 int64_t block_units(const Packed& w, Isa isa, int64_t M) {
   constexpr int64_t kBlockXBytes = 16 * 1024;
   const int64_t units = w.K / kUnit;
