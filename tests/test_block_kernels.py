@@ -54,10 +54,13 @@ def test_rows_of_many_stored_scales_decode_exactly(name, isa):
 
 @pytest.mark.parametrize("isa", ISAS_HERE)
 @pytest.mark.parametrize("name", ["int4/channel/rtn", "int4/g128/rtn", "int4_asym/g32/rtn", "int4/g96/rtn",
-                                  "fp4_e2m1/channel/rtn", "mxfp4_e2m1/g32/rtn", "nvfp4/g16/rtn"])
+                                  "fp4_e2m1/channel/rtn", "mxfp4_e2m1/g32/rtn", "nvfp4/g16/rtn",
+                                  "int8/channel/rtn", "fp8_e4m3/channel/rtn", "fp8_e5m2/g128/rtn",
+                                  "mxfp8_e4m3/g32/rtn"])
 def test_long_rows_add_up_over_blocks_of_k(name, isa):
-    # K = 131 units: the AVX-512 4-bit GEMV sums a row in blocks of K (64 units at M = 1,
-    # 16 at M = 4; the last ragged), each block with its own groups' scales, added into y.
+    # K = 131 units: the AVX-512 4-bit GEMVs sum a row in blocks of K (64 units at M = 1,
+    # 16 at M = 4; the last ragged), and so do the 8-bit ones at M = 4, each block with its
+    # own groups' scales, added into y.
     # One-hot x at the blocks' edges gives each weight alone (exact); random x stays within
     # the fp32 summation bound.
     qweight = _weight(name, rows=6, cols=131 * 64)

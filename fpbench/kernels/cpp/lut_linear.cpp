@@ -162,27 +162,30 @@ void parallel_rows(int64_t N, int64_t K, F&& f) {
 // stays in a 32 KiB L1 beside the streaming codes. A block may start inside a group: the
 // GEMVs that take blocks find each unit's group in group_of.
 //
-// Only the AVX-512 4-bit GEMVs take blocks: they need 64 bytes of x per 8 bytes of codes,
-// and from L2 that paced them. At M = 1 on 4096x14336 (AMD EPYC with AVX-512, 2 threads,
+// The AVX-512 4-bit GEMVs take blocks, and the 8-bit ones from 2 rows of x on: the 4-bit
+// ones need 64 bytes of x per 8 bytes of codes, and from L2 that paced them. At M = 1 on 4096x14336 (AMD EPYC with AVX-512, 2 threads,
 // with and without blocks in turn in one process): INT4 per channel 1.16-1.24x, FP4 per
 // channel 1.15-1.52x, INT4 g128 1.56x (once the scales of the rows ahead were
 // prefetched; 0.90x before), NVFP4 and MXFP4 0.98-1.02x; at M = 4 INT4 1.32-1.41x. The
-// 6- and 8-bit GEMVs, half as hungry for x per byte, gained nothing clear (FP6 0.84-0.99x,
-// INT8 0.86-0.99x, FP8 g128 0.83x; FP8 per channel 1.02-1.50x against baselines that moved
-// by 1.8x between runs), nor did the AVX2 4-bit GEMV (0.96-0.98x).
+// 6- and 8-bit GEMVs, half as hungry for x per byte, gained nothing clear at M = 1 (FP6
+// 0.84-0.99x, INT8 0.86-0.99x, FP8 g128 0.83x; FP8 per channel 0.98-1.50x over five runs),
+// nor did the AVX2 4-bit GEMV (0.96-0.98x). With more rows of x, whose block is M times
+// larger, the 8-bit ones did: FP8 per channel at M = 4 1.51x (4096x4096) and 1.03x
+// (4096x14336); at M = 8 FP8 1.21x / 1.01x and INT8 1.19x / 1.04x, where FP6 ran
+// 0.79-1.00x (its tables are rebuilt for every block).
 int64_t block_units(const Packed& w, Isa isa, int64_t M) {
   constexpr int64_t kBlockXBytes = 16 * 1024;
   const int64_t units = w.K / kUnit;
-  if (isa < Isa::Avx512 || w.bits != 4) return units;
+  if (isa < Isa::Avx512 || !(w.bits == 4 || (w.bits == 8 && M > 1))) return units;
   return std::min(units, std::max<int64_t>(4, kBlockXBytes / (4 * kUnit * M)));
 }
 
 // y [M, N] = x [M, K] w^T in fp32 for fewer than kBlockedMinRows rows (the SIMD ISAs) or
 // any number (scalar): each thread takes whole weight rows against all rows of x. The SIMD
 // GEMVs take a thread's rows one block of K at a time (block_units: a whole row but for
-// the AVX-512 4-bit GEMVs), each block's sums added to y: a row of K = 14336 holds 56 KiB of fp32 x, more than an L1; read from L2 for every
-// weight row, it held INT4 per channel at 54 against 74 G weights/s with K = 4096 (AMD
-// EPYC with AVX-512, M = 1, one process).
+// some AVX-512 GEMVs), each block's sums added to y: a row of K = 14336 holds 56 KiB of
+// fp32 x, more than an L1; read from L2 for every weight row, it held INT4 per channel at
+// 54 against 74 G weights/s with K = 4096 (AMD EPYC with AVX-512, M = 1, one process).
 void gemv(Packed w, Isa isa, const float* x, int64_t M, float* y) {
   const int64_t K = w.K;
   const bool nibble = isa == Isa::Avx2 && w.dec == Dec::Fp16Nibble;
