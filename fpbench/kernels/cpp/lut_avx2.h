@@ -18,10 +18,14 @@ namespace {
 // The blocked GEMM's panel decode (a few units of a row per panel) keeps 8 units ahead.
 constexpr int64_t kPrefetchBytes = 4096;
 
-template <int BITS, bool PANEL = false>
-inline void prefetch_ahead(const uint8_t* a, const uint8_t* b, int64_t u) {
-  constexpr int64_t unit_bytes = BITS == 8 ? kUnit : kUnit / 2, ahead = PANEL ? 8 : kPrefetchBytes / unit_bytes;
-  _mm_prefetch(reinterpret_cast<const char*>(a + (u + ahead) * unit_bytes), _MM_HINT_T0);
+// Bytes of the first plane per 64-weight unit.
+constexpr int64_t unit_bytes(int bits) { return bits == 8 ? kUnit : kUnit / 2; }
+
+// The panel decode's prefetch: 8 units ahead in the row.
+template <int BITS>
+inline void prefetch_panel(const uint8_t* a, const uint8_t* b, int64_t u) {
+  constexpr int64_t ahead = 8;
+  _mm_prefetch(reinterpret_cast<const char*>(a + (u + ahead) * unit_bytes(BITS)), _MM_HINT_T0);
   if constexpr (BITS == 6) _mm_prefetch(reinterpret_cast<const char*>(b + (u + ahead) * (kUnit / 4)), _MM_HINT_T0);
 }
 
@@ -30,10 +34,9 @@ inline void prefetch_ahead(const uint8_t* a, const uint8_t* b, int64_t u) {
 // rows (Packed::ahead_rows, ahead_units).
 template <int BITS>
 inline void prefetch_ahead(const Packed& w, const uint8_t* a, const uint8_t* b, int64_t u) {
-  constexpr int64_t unit_bytes = BITS == 8 ? kUnit : kUnit / 2;
   int64_t v = u + w.ahead_units, rows = w.ahead_rows;
   if (v >= w.u_end) v -= w.u_end - w.u_begin, ++rows;
-  _mm_prefetch(reinterpret_cast<const char*>(a + rows * w.lda + v * unit_bytes), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(a + rows * w.lda + v * unit_bytes(BITS)), _MM_HINT_T0);
   if constexpr (BITS == 6) _mm_prefetch(reinterpret_cast<const char*>(b + rows * w.ldb + v * (kUnit / 4)), _MM_HINT_T0);
 }
 
@@ -338,7 +341,7 @@ void dequant_tile_avx2(const Packed& w, const Avx2Consts<BITS, DEC>& t, RowScale
     const uint8_t* b = w.plane_b ? w.plane_b + n * w.ldb : nullptr;
     float* o = out + (n - n0) * ld - u0 * kUnit;
     for (int64_t u = u0; u < u1; ++u) {
-      prefetch_ahead<BITS, true>(a, b, u);
+      prefetch_panel<BITS>(a, b, u);
       for (int h = 0; h < 2; ++h) {
         __m256 v[4];
         weights_avx2<BITS, DEC, ZP>(w, t, a, b, srow, zrow, u, h, v);

@@ -211,7 +211,7 @@ void gemv(Packed w, Isa isa, const float* x, int64_t M, float* y) {
     for (int64_t u = 0; isa != Isa::Scalar && u < units; u += block) {
       Packed wb = w;
       wb.u_begin = u, wb.u_end = std::min(u + block, units);
-      const int64_t span = wb.u_end - u, ahead = kPrefetchBytes / (w.bits == 8 ? kUnit : kUnit / 2);
+      const int64_t span = wb.u_end - u, ahead = kPrefetchBytes / unit_bytes(w.bits);
       wb.ahead_rows = ahead / span, wb.ahead_units = ahead % span;
       if (vbmi) {
         rows_avx512_vbmi(wb, x, K, M, n0, n1, y, w.N);
