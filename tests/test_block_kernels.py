@@ -8,6 +8,7 @@ import torch
 from fpbench.errors import FpbenchError
 from fpbench.kernels import build as kernels
 from fpbench.kernels.linear import LutLinear, check_kernel_scheme, element_view, packed_bytes
+from fpbench.kernels.packing import code_bits, code_indices, decode_params, pack_codes, value_table
 from fpbench.quant.formats import get_format
 from fpbench.quant.scheme import Granularity, Scheme
 from fpbench.quant.weights import bits_per_weight, quantize_weight
@@ -76,6 +77,69 @@ def test_long_rows_add_up_over_blocks_of_k(name, isa):
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
         bound = (k + 2) * 2.0**-24 * (x.abs().double() @ reference.abs().double().T) + 1e-30
         assert bool(((layer(x).double() - x.double() @ reference.double().T).abs() <= bound).all()), m
+
+
+def _scale_table(scale_format: str, tensor_scale: float | None) -> torch.Tensor:
+    # The table as the layers store it: each code's value, times the fp32 tensor scale.
+    table = get_format(scale_format).decode_table.float()
+    return table if tensor_scale is None else table * torch.tensor(tensor_scale, dtype=torch.float32)
+
+
+def _every_scale_code(module, isa, element: str, group: int, table: torch.Tensor, x_rows=None):
+    """A layer of random element codes whose 8-bit scale codes cycle through every code of
+    the table (when x_rows is given, those whose weights are all finite: an inf weight
+    times a 0 of x is NaN); the kernel's result and the simulator's weights,
+    decode(code) * table[scale code] in fp32."""
+    bits = code_bits(element)
+    n, k = 13, 320  # 20 groups of 16 a row: SIMD runs of 8 scale codes and a tail
+    gen = torch.Generator().manual_seed(2)
+    codes = torch.randint(0, 1 << bits, (n, k), generator=gen, dtype=torch.uint8)
+    values = value_table(element)
+    codes[values[codes.long()].isnan() | values[codes.long()].isinf()] = 0
+    largest = values[values.isfinite()].abs().max()
+    allowed = torch.arange(256) if x_rows is None else torch.nonzero((table * largest).isfinite()).flatten()
+    groups = -(-k // group)
+    scales = allowed[torch.arange(n * groups) % len(allowed)].to(torch.uint8).reshape(n, groups)
+    expected = values[codes.long()] * table[scales.long()].repeat_interleave(group, dim=1)[:, :k]
+    plane_a, plane_b = pack_codes(code_indices(codes, element), bits)
+    args = (plane_a, torch.empty(0, dtype=torch.uint8) if plane_b is None else plane_b, values, scales,
+            torch.empty(0), bits, k, group, decode_params(element), isa)
+    if x_rows is None:
+        return module.lut_dequantize(*args, scale_table=table), expected
+    return module.lut_linear(x_rows, *args, scale_table=table), expected
+
+
+@pytest.mark.parametrize("isa", ISAS_HERE)
+@pytest.mark.parametrize("scale_format, tensor_scale, decode", [
+    ("e8m0", None, "exponent"), ("fp8_e4m3", None, "minifloat"), ("fp8_e4m3", 0.37, "minifloat"),
+    ("fp8_e4m3", 2.0**-130, None), ("fp8_e4m3", 3.0e36, None)])
+@pytest.mark.parametrize("element, group", [("fp4_e2m1", 16), ("fp4_e2m1", 32), ("fp6_e2m3", 64), ("fp8_e4m3", 32)])
+def test_every_scale_code_decodes_as_its_table(isa, scale_format, tensor_scale, decode, element, group):
+    # The SIMD kernels decode E8M0 and E4M3 (times a tensor scale) scale codes by
+    # arithmetic, patching the codes it misses from the table; where a tensor scale puts
+    # products out of fp32's normal range the formula may not fit and the table is read.
+    # Either way every one of the 256 codes gives the table's value bit for bit: in the
+    # dequantization and, for finite scales, in the GEMV (one-hot x: each weight alone).
+    module = kernels.load()
+    table = _scale_table(scale_format, tensor_scale)
+    if decode is not None:
+        assert module.scale_decode(table) == decode
+    got, expected = _every_scale_code(module, isa, element, group, table)
+    assert torch.equal(got.isnan(), expected.isnan())
+    assert torch.equal(got.nan_to_num().view(torch.int32), expected.nan_to_num().view(torch.int32))
+    eye = torch.eye(320)
+    for rows in (eye[:4], eye[100:101], eye[316:320]):
+        got, expected = _every_scale_code(module, isa, element, group, table, rows)
+        columns = rows.argmax(dim=1)
+        assert torch.equal(got.T, expected[:, columns]), rows.shape
+
+
+def test_scale_tables_without_a_formula_are_gathered():
+    module = kernels.load()
+    assert module.scale_decode(torch.rand(256, generator=torch.Generator().manual_seed(3))) == "gather"
+    table = _scale_table("e8m0", None)
+    table[[5, 9, 17]] = 1.0  # three codes off the formula: more than it patches
+    assert module.scale_decode(table) == "gather"
 
 
 def test_nvfp4_tensor_scale_is_folded_exactly():

@@ -315,7 +315,7 @@ template <int BITS, Dec DEC, bool ZP>
 void rows_avx2_t(const Packed& w, const float* x, int64_t ldx, int64_t M, int64_t n0, int64_t n1, float* y,
                  int64_t ldy) {
   const Avx2Consts<BITS, DEC> t(w);
-  RowScales rs(w);
+  RowScales rs(w, Isa::Avx2);
   const bool per_channel = !ZP && w.groups == 1, folded = !ZP && w.group_size % (2 * kUnit) == 0;
   for (int64_t n = n0; n < n1; ++n)
     for_row_tiles(M, [&](auto mr, int64_t m) {
@@ -354,7 +354,7 @@ void dequant_tile_avx2(const Packed& w, const Avx2Consts<BITS, DEC>& t, RowScale
 template <int BITS, Dec DEC, bool ZP>
 void dequant_avx2_t(const Packed& w, int64_t n0, int64_t n1, float* out) {
   const Avx2Consts<BITS, DEC> t(w);
-  RowScales rs(w);
+  RowScales rs(w, Isa::Avx2);
   dequant_tile_avx2<BITS, DEC, ZP>(w, t, rs, n0, n1, 0, w.K / kUnit, out + n0 * w.K, w.K);
 }
 
@@ -426,7 +426,7 @@ void block_avx512(const float* wt, int64_t ldw, const float* xt, int64_t ldb, in
 template <int BITS, Dec DEC, bool ZP>
 void gemm_avx2_t(const Packed& w, const float* xt, int64_t Mp, int64_t n0, int64_t n1, float* yt, bool wide) {
   const Avx2Consts<BITS, DEC> t(w);
-  RowScales rs(w);
+  RowScales rs(w, Isa::Avx2);
   const int64_t K = w.K, cols = std::min(K, kPanelCols);
   const int64_t panel_rows = std::clamp<int64_t>(kPanelBytes / (4 * cols) / 6 * 6, 6, 24);
   std::vector<float> panel(panel_rows * cols);

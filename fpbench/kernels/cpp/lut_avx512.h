@@ -175,7 +175,7 @@ template <int BITS, Dec DEC, bool ZP>
 void rows_avx512_t(const Packed& w, const float* xp, int64_t ldx, int64_t M, int64_t n0, int64_t n1, float* y,
                    int64_t ldy) {
   const Avx512Consts<BITS, DEC> t(w);
-  RowScales rs(w);
+  RowScales rs(w, Isa::Avx512);
   for (int64_t n = n0; n < n1; ++n)
     for_row_tiles(M, [&](auto mr, int64_t m) {
       row_avx512<BITS, DEC, ZP, decltype(mr)::value>(w, t, rs, n, xp + m * ldx, ldx, y + m * ldy, ldy);
@@ -281,7 +281,7 @@ void row_avx512_lookup(const Packed& w, RowScales& rs, int64_t n, const float* x
 template <int BITS, Dec DEC, bool ZP, Grouping GROUPS>
 void rows_avx512_lookup_t(const Packed& w, const float* xp, int64_t ldx, int64_t M, int64_t n0, int64_t n1, float* y,
                           int64_t ldy) {
-  RowScales rs(w);
+  RowScales rs(w, Isa::Avx512);
   for (int64_t n = n0; n < n1; ++n)
     for_row_tiles(M, [&](auto mr, int64_t m) {
       row_avx512_lookup<BITS, DEC, ZP, GROUPS, decltype(mr)::value>(w, rs, n, xp + m * ldx, ldx, y + m * ldy, ldy);
@@ -324,7 +324,7 @@ void rows_avx512_lookup(const Packed& w, const float* xp, int64_t ldx, int64_t M
 template <int BITS, Dec DEC, bool ZP>
 void dequant_avx512_t(const Packed& w, int64_t n0, int64_t n1, float* out) {
   const Avx512Consts<BITS, DEC> t(w);
-  RowScales rs(w);
+  RowScales rs(w, Isa::Avx512);
   for (int64_t n = n0; n < n1; ++n) {
     const float* srow = rs.scales(n);
     const float* zrow = ZP ? rs.zeros(n) : nullptr;
@@ -443,7 +443,7 @@ void row_avx512_vbmi(const Packed& w, RowScales& rs, int64_t n, const float* xp,
 template <int BITS, bool ZP>
 void rows_avx512_vbmi_t(const Packed& w, const float* xp, int64_t ldx, int64_t M, int64_t n0, int64_t n1, float* y,
                         int64_t ldy) {
-  RowScales rs(w);
+  RowScales rs(w, Isa::Avx512);
   for (int64_t n = n0; n < n1; ++n)
     for_row_tiles(M, [&](auto mr, int64_t m) {
       row_avx512_vbmi<BITS, ZP, decltype(mr)::value>(w, rs, n, xp + m * ldx, ldx, y + m * ldy, ldy);

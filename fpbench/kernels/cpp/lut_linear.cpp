@@ -282,7 +282,7 @@ at::Tensor dequantize(Packed w, Isa isa) {
       return;
     }
 #endif
-    RowScales rs(w, false);
+    RowScales rs(w, Isa::Scalar);
     for (int64_t n = n0; n < n1; ++n) dequant_row_scalar(w, rs, n, op + n * K);
   });
   return out;
@@ -439,6 +439,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decoder", [](int64_t bits, const std::vector<int64_t>& decode) { return decoder_name(pick_decoder(bits, decode)); },
         "the decoder the AVX2 kernels use for these codes: table, signed_int, unsigned_int, float, float_special, "
         "fp16_nibble or sign_magnitude");
+  m.def("scale_decode",
+        [](const at::Tensor& table) {
+          TORCH_CHECK(table.scalar_type() == torch::kFloat32 && table.is_contiguous() && table.numel() == 256,
+                      "a scale table is 256 contiguous fp32 values");
+          const ByteDecode d = find_byte_decode(table.data_ptr<float>());
+          using K = ByteDecode::Kind;
+          return std::string(d.kind == K::Exponent ? "exponent" : d.kind == K::Minifloat ? "minifloat" : "gather");
+        },
+        "how the SIMD kernels decode 8-bit scale codes with this table: exponent or minifloat arithmetic "
+        "(bit-identical to the table, checked on all 256 codes), else gather");
   m.def("scalar_gemm_min_rows", [] { return kScalarGemmMinRows; },
         "rows of x from which the scalar kernels' layer dequantizes once and calls torch's fp32 GEMM");
   m.def("blocked_min_rows", [] { return kBlockedMinRows; },

@@ -95,6 +95,7 @@ Stored stored(const at::Tensor& values, const std::optional<at::Tensor>& table, 
                 what, " stored as 8-bit codes need their fp32 table of 256 values");
     out.kind = Store::Byte;
     out.table = table->data_ptr<float>();
+    out.decode = find_byte_decode(out.table);
     return out;
   }
   TORCH_CHECK(type == torch::kFloat32 || type == torch::kFloat16 || type == torch::kBFloat16, what,

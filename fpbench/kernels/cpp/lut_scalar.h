@@ -51,7 +51,7 @@ void dequant_row_scalar(const Packed& w, RowScales& rs, int64_t n, float* out) {
 void rows_scalar(const Packed& w, const float* x, int64_t ldx, int64_t M, int64_t n0, int64_t n1,
                  float* y, int64_t ldy) {
   std::vector<float> row(w.K);
-  RowScales rs(w, false);
+  RowScales rs(w, Isa::Scalar);
   for (int64_t n = n0; n < n1; ++n) {
     dequant_row_scalar(w, rs, n, row.data());
     for (int64_t m = 0; m < M; ++m) {
