@@ -63,13 +63,19 @@ def test_real_methods_include_every_isa_and_torch(monkeypatch):
     assert "torch_sum" in each and "read_scalar" in each and best == max(each.values()) > 0
 
 
-def test_records_use_the_best_probe(monkeypatch, small_bench):
-    probes = iter([(5.0, {"a": 5.0}), (8.0, {"a": 8.0})])  # before, after the kernels
-    monkeypatch.setattr(bench, "measure_bandwidth_gbps", lambda: next(probes))
+@pytest.mark.parametrize("before, between, after, best", [(5.0, [6.0, 7.0], 8.0, 8.0), (5.0, [9.0, 6.0], 8.0, 9.0),
+                                                             (9.5, [6.0, 7.0], 8.0, 9.5)])
+def test_records_use_the_best_probe(monkeypatch, small_bench, before, between, after, best):
+    # Probes before the kernels, after each kernel's cells (torch_fp32 and torch_bf16) and
+    # after them all: every fraction is computed against the best of them.
+    probes = iter([(before, {"a": before}), *[(b, {"a": b}) for b in between], (after, {"a": after})])
+    monkeypatch.setattr(bench, "measure_bandwidth_gbps", lambda repeats=5: next(probes))
     records = bench.run_bench([(64, 256)], [1], ["torch_fp32"], repeats=3, progress=False)
+    assert next(probes, None) is None
     for record in records:
-        assert record["bandwidth_gbps"] == 8.0
-        assert record["roofline_fraction"] == round(bench.roofline_fraction(record["bytes_read"], 8.0, record["median_ms"]), 3)
+        assert record["bandwidth_gbps"] == best
+        assert record["bandwidth_by_method"]["between_kernels"] == between
+        assert record["roofline_fraction"] == round(bench.roofline_fraction(record["bytes_read"], best, record["median_ms"]), 3)
 
 
 def test_roofline_fraction_uses_bytes_read():
