@@ -176,7 +176,8 @@ inline ByteDecode find_byte_decode(const float* table) {
   for (d.shift = 4; d.shift <= 8; ++d.shift) {
     // Code 0x40's fp16 pattern is a power of two (shift >= 4): the multiplier is the
     // table's value over it, exactly.
-    d.multiplier = static_cast<float>(static_cast<double>(table[0x40]) / half_to_float(static_cast<uint16_t>(0x40 << d.shift)));
+    const float power = half_to_float(static_cast<uint16_t>(0x40 << d.shift));
+    d.multiplier = static_cast<float>(static_cast<double>(table[0x40]) / power);
     if (std::isfinite(d.multiplier) && d.multiplier != 0.f && patch_misses(d, table)) return d;
   }
   return ByteDecode{};
@@ -207,7 +208,8 @@ __attribute__((target("avx2,f16c"))) void codes_to_floats_avx2(const uint8_t* sr
     if constexpr (KIND == K::Gather) {
       v = _mm256_i32gather_ps(table, index, 4);
     } else if constexpr (KIND == K::Exponent) {
-      v = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_slli_epi32(index, 23), _mm256_set1_epi32(static_cast<int>(d.delta))));
+      const __m256i delta = _mm256_set1_epi32(static_cast<int>(d.delta));
+      v = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_slli_epi32(index, 23), delta));
     } else {
       const __m128i words = _mm_cvtepu8_epi16(bytes);
       const __m128i pattern = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(words, _mm_set1_epi16(0x80)), 8),
@@ -235,12 +237,13 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx2,f16c"))) void codes_to_flo
     const __m512i index = _mm512_cvtepu8_epi32(bytes);
     __m512 v;
     if constexpr (KIND == K::Exponent) {
-      v = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_slli_epi32(index, 23), _mm512_set1_epi32(static_cast<int>(d.delta))));
+      const __m512i delta = _mm512_set1_epi32(static_cast<int>(d.delta));
+      v = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_slli_epi32(index, 23), delta));
     } else {
       const __m256i words = _mm256_cvtepu8_epi16(bytes);
-      const __m256i pattern = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(words, _mm256_set1_epi16(0x80)), 8),
-                                              _mm256_sll_epi16(_mm256_and_si256(words, _mm256_set1_epi16(0x7F)),
-                                                               _mm_cvtsi32_si128(d.shift)));
+      const __m256i sign = _mm256_slli_epi16(_mm256_and_si256(words, _mm256_set1_epi16(0x80)), 8);
+      const __m256i pattern = _mm256_or_si256(
+          sign, _mm256_sll_epi16(_mm256_and_si256(words, _mm256_set1_epi16(0x7F)), _mm_cvtsi32_si128(d.shift)));
       v = _mm512_mul_ps(_mm512_cvtph_ps(pattern), _mm512_set1_ps(d.multiplier));
     }
     for (int p = 0; p < d.patches; ++p)
@@ -265,11 +268,15 @@ inline void codes_to_floats(const uint8_t* src, int64_t n, const float* table, c
 #if FPBENCH_X86
   using K = ByteDecode::Kind;
   const bool avx512 = isa >= Isa::Avx512;
-  if (d.kind == K::Exponent && avx512) return codes_to_floats_avx512<K::Exponent>(src, n, table, d, dst);
-  if (d.kind == K::Minifloat && avx512) return codes_to_floats_avx512<K::Minifloat>(src, n, table, d, dst);
-  if (isa != Isa::Scalar && d.kind == K::Exponent) return codes_to_floats_avx2<K::Exponent>(src, n, table, d, dst);
-  if (isa != Isa::Scalar && d.kind == K::Minifloat) return codes_to_floats_avx2<K::Minifloat>(src, n, table, d, dst);
-  if (isa != Isa::Scalar) return codes_to_floats_avx2<K::Gather>(src, n, table, d, dst);
+  if (isa != Isa::Scalar) switch (d.kind) {
+      case K::Exponent:
+        return avx512 ? codes_to_floats_avx512<K::Exponent>(src, n, table, d, dst)
+                      : codes_to_floats_avx2<K::Exponent>(src, n, table, d, dst);
+      case K::Minifloat:
+        return avx512 ? codes_to_floats_avx512<K::Minifloat>(src, n, table, d, dst)
+                      : codes_to_floats_avx2<K::Minifloat>(src, n, table, d, dst);
+      default: return codes_to_floats_avx2<K::Gather>(src, n, table, d, dst);
+    }
 #endif
   for (int64_t i = 0; i < n; ++i) dst[i] = table[src[i]];
 }
