@@ -119,7 +119,8 @@ def test_every_scale_code_decodes_as_its_table(isa, scale_format, tensor_scale, 
     # arithmetic, patching the codes it misses from the table; where a tensor scale puts
     # products out of fp32's normal range the formula may not fit and the table is read.
     # Either way every one of the 256 codes gives the table's value bit for bit: in the
-    # dequantization and, for finite scales, in the GEMV (one-hot x: each weight alone).
+    # dequantization and, where the weights stay finite, in the GEMV (one-hot x: each
+    # weight alone).
     module = kernels.load()
     table = _scale_table(scale_format, tensor_scale)
     if decode is not None:

@@ -12,8 +12,9 @@ Roofline: the streaming-read ceiling is the best of several read loops over a
 widest loads, one stream a thread and eight side by side, and torch's own sum), measured
 before the kernels, after each kernel's cells (two passes a loop) and after them all:
 other load on a shared machine comes and goes, and a kernel timed in a quiet spell once
-streamed 51.7 GB/s against probes of 50.8 before and 44.1 after it; a kernel that reads ``bytes_read`` bytes (packed weights, scales, zero points
-and x) in ``median_ms`` is at ``roofline_fraction = bytes_read / (bandwidth * median)``.
+streamed 51.7 GB/s against probes of 50.8 before and 44.1 after it. A kernel that reads
+``bytes_read`` bytes (packed weights, scales, zero points and x) in ``median_ms`` is at
+``roofline_fraction = bytes_read / (bandwidth * median)``, bandwidth the best probe.
 The probe takes the maximum over methods so that no kernel can stream faster than "the
 ceiling".
 
