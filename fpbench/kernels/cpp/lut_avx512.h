@@ -402,18 +402,29 @@ inline void byte_tables(const float* table, float s, float z, __m512i plane[4]) 
   }
 }
 
+// The byte planes a row decodes through. 6-bit: codes 0-63 (low); 8-bit: magnitudes
+// 0-63 (low) and 64-127 (high).
+struct VbmiTables {
+  __m512i low[4], high[4];
+  template <int BITS, bool ZP>
+  void build(const Packed& w, float s, float z) {
+    byte_tables<ZP>(w.table, s, z, low);
+    if (BITS == 8) byte_tables<false>(w.table + 64, s, z, high);
+  }
+};
+
+// One weight row through tables t: the row's scaled values (per channel), or the unscaled
+// values with srow, the row's group scales (GROUPED).
 template <int BITS, bool ZP, int MR, bool GROUPED>
-void row_avx512_vbmi(const Packed& w, RowScales& rs, int64_t n, const float* xp, int64_t ldx, float* y, int64_t ldy) {
+void row_avx512_vbmi(const Packed& w, const VbmiTables& t, const float* srow, int64_t n, const float* xp, int64_t ldx,
+                     float* y, int64_t ldy) {
   static_assert(BITS == 6 || (BITS == 8 && !ZP), "8-bit: sign-magnitude codes, no zero points");
   static_assert(!(GROUPED && ZP), "groups: scales only");
   const uint8_t* a = w.plane_a + n * w.lda;
   const uint8_t* b = BITS == 6 ? w.plane_b + n * w.ldb : nullptr;
-  const float* srow = rs.scales(n);
-  const float s = GROUPED ? 1.f : srow[0], z = ZP ? rs.zeros(n)[0] : 0.f;
   const bool halves_of_units = w.group_size % kUnit != 0;
-  __m512i low[4], high[4];  // 6-bit: codes 0-63; 8-bit: magnitudes 0-63 and 64-127
-  byte_tables<ZP>(w.table, s, z, low);
-  if (BITS == 8) byte_tables<false>(w.table + 64, s, z, high);
+  __m512i low[4], high[4];  // in registers for the row
+  for (int q = 0; q < 4; ++q) low[q] = t.low[q], high[q] = BITS == 8 ? t.high[q] : low[q];
   const __m512i nibble_shift = _mm512_setr_epi64(0, 0, 0, 0, 4, 4, 4, 4);
   const __m512i field_shift = _mm512_setr_epi64(0, 0, 2, 2, 4, 4, 6, 6);
   const __m512i low2 = _mm512_set1_epi8(3), upper4 = _mm512_set1_epi8(0x3C);
@@ -458,10 +469,15 @@ template <int BITS, bool ZP, bool GROUPED>
 void rows_avx512_vbmi_t(const Packed& w, const float* xp, int64_t ldx, int64_t M, int64_t n0, int64_t n1, float* y,
                         int64_t ldy) {
   RowScales rs(w, Isa::Avx512);
-  for (int64_t n = n0; n < n1; ++n)
+  VbmiTables t;
+  if (GROUPED) t.build<BITS, false>(w, 1.f, 0.f);  // the same for every row
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* srow = rs.scales(n);
+    if (!GROUPED) t.build<BITS, ZP>(w, srow[0], ZP ? rs.zeros(n)[0] : 0.f);
     for_row_tiles(M, [&](auto mr, int64_t m) {
-      row_avx512_vbmi<BITS, ZP, decltype(mr)::value, GROUPED>(w, rs, n, xp + m * ldx, ldx, y + m * ldy, ldy);
+      row_avx512_vbmi<BITS, ZP, decltype(mr)::value, GROUPED>(w, t, srow, n, xp + m * ldx, ldx, y + m * ldy, ldy);
     });
+  }
 }
 
 // Whether row_avx512_vbmi takes w.
