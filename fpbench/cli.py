@@ -137,7 +137,9 @@ def run(**values):
               help="Batch sizes (tokens per call). Default: 1,8,64,512.")
 @click.option("--kernels", "kernel_names", default=None, metavar="K1,K2",
               help="torch_fp32,torch_bf16,torch_int8_bf16,torch_int4_bf16 and/or FORMAT[/GRANULARITY] "
-                   "of fpbench's kernel (int4/g128, fp6_e3m2/channel; a bare format: channel and g128).")
+                   "of fpbench's kernel (int4/g128, fp6_e3m2/channel; a bare format: channel and g128), "
+                   "with fp32 x, or bf16 x with @bf16 (int4/g128@bf16: from 16 rows the bf16 dot-product "
+                   "GEMM where the CPU has AVX-512 BF16).")
 @click.option("--repeats", type=click.IntRange(min=3), default=21, show_default=True,
               help="Timed calls per cell (the median is reported).")
 @click.option("--e2e", is_flag=True, help="Instead: decode tokens/s (batch 1) of a random ~1B Llama-shaped "

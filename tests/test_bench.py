@@ -92,3 +92,14 @@ def test_kernel_names_expand_and_unknown_ones_are_clear():
         bench.parse_kernels(["fp5_e2m2"])
     with pytest.raises(FpbenchError, match="unknown kernel"):
         bench.prepare("fpbench_fp5", 64, 256, torch.Generator())
+
+
+def test_bf16_suffix_gives_bf16_activations():
+    assert bench.parse_kernels(["nvfp4@bf16", "int4/g128@bf16"]) == ["nvfp4/g16@bf16", "int4/g128@bf16"]
+    for wrong in ("int4/g128@fp16", "torch_fp32@bf16"):
+        with pytest.raises(FpbenchError, match="only activation suffix is @bf16"):
+            bench.parse_kernels([wrong])
+    prepared = bench.prepare("int4/g128@bf16", 64, 256, torch.Generator())
+    assert prepared.activation_dtype == torch.bfloat16
+    x = torch.randn(16, 256).bfloat16()
+    assert prepared.call(x, prepared.weights[0]).dtype == torch.bfloat16

@@ -23,7 +23,10 @@ Kernels: ``torch_fp32`` and ``torch_bf16`` (F.linear), ``torch_int8_bf16``
 (``_weight_int4pack_mm_for_cpu``, groups of 128), and fpbench's table-lookup kernel for
 any ``FORMAT/GRANULARITY`` it supports (``int4/g128``, ``fp6_e3m2/channel``, ...; a bare
 format name means both ``/channel`` and ``/g128``, a bare block format its own block:
-``mxfp4_e2m1``, ``nvfp4``), with fp32 activations. ``vs_bf16`` =
+``mxfp4_e2m1``, ``nvfp4``), with fp32 activations, or bf16 ones with the suffix ``@bf16``
+(``int4/g128@bf16``: as a layer of a model whose rest runs in bf16; from
+``blocked_min_rows()`` rows on a CPU with AVX-512 BF16 it takes the bf16 dot-product
+GEMM, otherwise x is widened to fp32 as before). ``vs_bf16`` =
 torch_bf16's median / this kernel's median (above 1 = faster than bf16), ``vs_fp32`` the
 same against torch_fp32.
 """
@@ -131,14 +134,18 @@ def _format_or_none(name: str):
 
 def parse_kernels(names: list[str] | None) -> list[str]:
     """Torch kernel names as they are; ``FORMAT`` -> ``FORMAT/channel``, ``FORMAT/g128``
-    (a block format: its block, ``mxfp4_e2m1/g32``)."""
+    (a block format: its block, ``mxfp4_e2m1/g32``); an ``@bf16`` suffix is kept."""
     if not names:
         return list(KERNELS)
     out = []
-    for name in names:
-        if name in TORCH_KERNELS:
+    for spec in names:
+        name, at, activations = spec.partition("@")
+        if name in TORCH_KERNELS and not at:
             out.append(name)
             continue
+        if at and (activations != "bf16" or name in TORCH_KERNELS):
+            raise FpbenchError(f"kernel {spec!r}: the only activation suffix is @bf16, for fpbench kernels "
+                               "(FORMAT[/GRANULARITY]@bf16); torch_bf16 already runs in bf16")
         fmt, _, gran = name.partition("/")
         block = getattr(_format_or_none(fmt), "block_size", None)
         for g in [gran] if gran else [f"g{block}"] if block else DEFAULT_GRANULARITIES:
@@ -148,7 +155,7 @@ def parse_kernels(names: list[str] | None) -> list[str]:
             except FpbenchError as exc:
                 raise FpbenchError(f"unknown kernel {name!r} ({exc}); choose from {', '.join(TORCH_KERNELS)} "
                                    "or FORMAT[/GRANULARITY] such as int4/g128") from None
-            out.append(f"{scheme.format}/{scheme.granularity.short}")
+            out.append(f"{scheme.format}/{scheme.granularity.short}{at}{activations}")
     return list(dict.fromkeys(out))
 
 
@@ -233,13 +240,14 @@ def prepare(kernel: str, n: int, k: int, generator: torch.Generator) -> Prepared
     if kernel in TORCH_KERNELS or "/" not in kernel:
         raise FpbenchError(f"unknown kernel {kernel!r}; choose from {', '.join(TORCH_KERNELS)} "
                            "or FORMAT/GRANULARITY such as int4/g128")
+    kernel, at, _ = kernel.partition("@")
     qweight = _random_qweight(kernel, n, k, generator)
     first = LutLinear(qweight)
     nbytes = packed_bytes(first)
     weights = [first] + [LutLinear(_shuffled(qweight, copy)) for copy in range(1, _copies(nbytes))]
     for layer in weights:
         layer.native()  # the compiled handle is built once per layer, as in a model: not timed
-    return Prepared(weights, nbytes, lambda x, layer: layer(x), torch.float32)
+    return Prepared(weights, nbytes, lambda x, layer: layer(x), torch.bfloat16 if at else torch.float32)
 
 
 def time_calls(prepared: Prepared, x: torch.Tensor, repeats: int, warmup: int = 2) -> tuple[float, float]:

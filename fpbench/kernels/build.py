@@ -23,10 +23,11 @@ from fpbench.errors import FpbenchError
 
 SOURCE_DIR = Path(__file__).resolve().parent / "cpp"
 SOURCES = ("lut_linear.cpp", "llama_step.cpp")
-HEADERS = ("kernel_linear.h", "lut_common.h", "lut_scalar.h", "lut_avx2.h", "lut_avx512.h", "lut_pack.h")
-ISAS = ("auto", "avx512vbmi", "avx512", "avx2", "scalar")  # widest first
+HEADERS = ("kernel_linear.h", "lut_common.h", "lut_scalar.h", "lut_avx2.h", "lut_avx512.h", "lut_bf16.h",
+           "lut_pack.h")
+ISAS = ("auto", "avx512bf16", "avx512vbmi", "avx512", "avx2", "scalar")  # widest first
 # The CPU flags that change which code paths exist or are picked.
-_RELEVANT_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vbmi")
+_RELEVANT_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vbmi", "avx512_bf16")
 
 
 def cpu_flags() -> list[str]:
@@ -108,12 +109,12 @@ def load(verbose: bool = False):
 
 
 def runnable_isas() -> list[str]:
-    """The ISAs this CPU can run, widest first (``avx512vbmi``, ``avx512``, ``avx2``, ``scalar``)."""
+    """The ISAs this CPU can run, widest first (``avx512bf16``, ``avx512vbmi``, ``avx512``, ``avx2``, ``scalar``)."""
     return list(ISAS[ISAS.index(load().best_isa()):])
 
 
 def isa(requested: str | None = None) -> str:
-    """The ISA to run, by name (avx512vbmi, avx512, avx2, scalar): ``requested``, else
+    """The ISA to run, by name (avx512bf16, avx512vbmi, avx512, avx2, scalar): ``requested``, else
     ``$FPBENCH_KERNEL_ISA``, else (auto) the widest this CPU supports."""
     name = (requested or os.environ.get("FPBENCH_KERNEL_ISA") or "auto").lower()
     if name not in ISAS:

@@ -29,8 +29,9 @@ constexpr int64_t kUnit = 64;  // weights per packed unit; K must be a multiple 
 constexpr int64_t kBlockedMinRows = 16;     // SIMD ISAs: from here the blocked GEMM (measured crossover: 12-16 rows)
 constexpr int64_t kScalarGemmMinRows = 32;  // the scalar ISA: from here, dequantize once + torch's GEMM
 
-// Avx512Vbmi: AVX-512 with vpermb (6-bit and FP8 GEMV, see row_avx512_vbmi); otherwise as Avx512.
-enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2, Avx512Vbmi = 3 };
+// Avx512Vbmi: AVX-512 with vpermb (6-bit and FP8 GEMV, see row_avx512_vbmi); otherwise as
+// Avx512. Avx512Bf16: that and vdpbf16ps (the bf16 GEMM for bf16 x, see lut_bf16.h).
+enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2, Avx512Vbmi = 3, Avx512Bf16 = 4 };
 
 // How codes become values. Table: the value table (4-bit codes always: one vpshufb per 32
 // codes is cheaper than any arithmetic; and the fallback for anything below). SignedInt /
@@ -70,7 +71,9 @@ Isa best_isa() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl"))
-    return __builtin_cpu_supports("avx512vbmi") ? Isa::Avx512Vbmi : Isa::Avx512;
+    return !__builtin_cpu_supports("avx512vbmi") ? Isa::Avx512
+           : __builtin_cpu_supports("avx512bf16") ? Isa::Avx512Bf16
+                                                  : Isa::Avx512Vbmi;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
     return Isa::Avx2;
 #endif
@@ -79,6 +82,7 @@ Isa best_isa() {
 
 std::string isa_name(Isa isa) {
   switch (isa) {
+    case Isa::Avx512Bf16: return "avx512bf16";
     case Isa::Avx512Vbmi: return "avx512vbmi";
     case Isa::Avx512: return "avx512";
     case Isa::Avx2: return "avx2";
@@ -89,9 +93,9 @@ std::string isa_name(Isa isa) {
 Isa pick_isa(const std::string& requested) {
   const Isa best = best_isa();
   if (requested == "auto") return best;
-  const Isa isas[] = {Isa::Avx512Vbmi, Isa::Avx512, Isa::Avx2, Isa::Scalar};
+  const Isa isas[] = {Isa::Avx512Bf16, Isa::Avx512Vbmi, Isa::Avx512, Isa::Avx2, Isa::Scalar};
   const Isa* want = std::find_if(std::begin(isas), std::end(isas), [&](Isa isa) { return isa_name(isa) == requested; });
-  TORCH_CHECK(want != std::end(isas), "unknown ISA ", requested, "; use auto, avx512vbmi, avx512, avx2 or scalar");
+  TORCH_CHECK(want != std::end(isas), "unknown ISA ", requested, "; use auto, avx512bf16, avx512vbmi, avx512, avx2 or scalar");
   TORCH_CHECK(static_cast<int>(*want) <= static_cast<int>(best), "this CPU cannot run the ", requested,
               " kernels (best: ", isa_name(best), ")");
   return *want;
@@ -339,6 +343,11 @@ struct Packed {
   uint16_t mask16, special16;  // the same for the fp16 placement of the SIMD kernels
   float pow2_16;             // 2^(15 - bias)
   bool mirrored = false;     // 8-bit: code c + 128 is code c negated, bit for bit (sign-magnitude floats)
+  // Byte scales that are a few-bit number times one fp32 multiplier (E8M0; E4M3 times
+  // NVFP4's tensor scale) such that every value times every such number is exact in bf16:
+  // those numbers (kind None where not so), and the multiplier (see lut_bf16.h).
+  Stored scale_factors;
+  float scale_multiplier = 1.f;
   // The SIMD GEMVs' block of K: units u_begin .. u_end of each row; a block after the first
   // adds its sums to y (see gemv).
   int64_t u_begin = 0, u_end = 0;

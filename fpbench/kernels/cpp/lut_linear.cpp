@@ -33,19 +33,23 @@
 // minifloats by placing their bits in an fp16 pattern), or, for a format those do not
 // cover, are gathered from the fp32 table.
 //
-// ISA: AVX-512 with VBMI, AVX-512 (F+BW+VL), AVX2 (+FMA, F16C) and portable scalar code
+// bf16 x from kBlockedMinRows rows on a CPU with AVX-512 BF16 (and VBMI: ISA Avx512Bf16)
+// takes the bf16 dot-product GEMM of lut_bf16.h instead: the same weights, exact
+// products, the scale applied per group sum (its header states the bound).
+//
+// ISA: AVX-512 with VBMI (and BF16), AVX-512 (F+BW+VL), AVX2 (+FMA, F16C) and portable scalar code
 // live in one binary; the best one the CPU supports is picked at run time, or a narrower
 // one forced by the caller. On a non-x86 build only the scalar code exists. Workers clear
 // flush-to-zero and denormals-are-zero while they run, and the build uses no fast-math,
 // so subnormal values stay exact.
 //
 // Files (one translation unit, everything but KernelLinear internal): lut_common.h (the
-// shared types), lut_scalar.h, lut_avx2.h, lut_avx512.h (the kernels of each ISA),
-// lut_pack.h (a layer's tensors to a Packed); this file dispatches: x's order, threads,
+// shared types), lut_scalar.h, lut_avx2.h, lut_avx512.h, lut_bf16.h (the kernels of
+// each ISA), lut_pack.h (a layer's tensors to a Packed); this file dispatches: x's order, threads,
 // GEMV or GEMM, and the Python bindings.
 
 #include "kernel_linear.h"
-#include "lut_avx512.h"
+#include "lut_bf16.h"
 #include "lut_pack.h"
 #include "lut_scalar.h"
 
@@ -192,7 +196,7 @@ void gemv(Packed w, Isa isa, const float* x, int64_t M, float* y) {
   if (w.dec == Dec::Fp16Nibble && !nibble) w.dec = Dec::Table;
   std::vector<float> ordered;
 #if FPBENCH_X86
-  const bool vbmi = isa == Isa::Avx512Vbmi && avx512_vbmi(w);
+  const bool vbmi = isa >= Isa::Avx512Vbmi && avx512_vbmi(w);
   const bool lookup = isa >= Isa::Avx512 && !vbmi && avx512_lookup(w);
   if (isa >= Isa::Avx512 || nibble) {
     ordered.resize(M * K);
@@ -235,8 +239,24 @@ void gemv(Packed w, Isa isa, const float* x, int64_t M, float* y) {
 at::Tensor product(Packed w, Isa isa, const at::Tensor& x_in) {
   const int64_t K = w.K;
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == K, "x must be [M, K] with K = ", K);
+  const int64_t M = x_in.size(0);
+#if FPBENCH_X86
+  if (isa == Isa::Avx512Bf16 && M >= kBlockedMinRows && x_in.scalar_type() == torch::kBFloat16 && bf16_dot(w)) {
+    if (w.dec == Dec::Fp16Nibble) w.dec = Dec::Table;
+    const at::Tensor x = x_in.contiguous();
+    std::vector<uint32_t> pairs(M * K / 2);
+    pair_x(reinterpret_cast<const uint16_t*>(x.data_ptr()), M, K, pairs.data());
+    const uint32_t* xp = pairs.data();
+    at::Tensor y = torch::zeros({M, w.N}, torch::kFloat32);
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, (w.N + kDotRows - 1) / kDotRows, 1, [&](int64_t p0, int64_t p1) {
+      const KeepDenormals keep;
+      with_format(w, [&](auto b, auto d, auto) { gemm_bf16_t<decltype(b)::value, decltype(d)::value>(w, xp, M, p0, p1, yp); });
+    });
+    return y;
+  }
+#endif
   at::Tensor x = x_in.to(torch::kFloat32).contiguous();
-  const int64_t M = x.size(0);
 #if FPBENCH_X86
   if (isa != Isa::Scalar && M >= kBlockedMinRows) {
     // Both SIMD ISAs take the blocked GEMM (natural-order panels need no reordered x).

@@ -58,7 +58,41 @@ void set_float_decode(Packed& w, const std::vector<int64_t>& decode) {
 struct Owned {  // what a Packed points into besides the tensors (2^bits + K/8 entries)
   std::vector<int32_t> group_of;
   std::vector<uint8_t> table_lo, table_hi;
+  std::vector<float> scale_factors;  // 256 or none: see set_scale_factors
 };
+
+inline bool exact_in_bf16(double v) {
+  const float f = static_cast<float>(v);
+  return static_cast<double>(f) == v && (float_bits(f) & 0xFFFF) == 0;
+}
+
+// Packed::scale_factors: byte scales decoded by arithmetic are f(c) * multiplier (Exponent:
+// f(c) the value, multiplier 1; Minifloat: f(c) the widened fp16 pattern, the product
+// rounded to fp32 once), and where every value times every f(c) is exact in bf16 (FP4 x
+// E4M3: 2 + 4 significant bits; any element x E8M0), the bf16 GEMM holds value * f(c) in
+// its panels and multiplies by the multiplier once per output. A code the formula misses
+// (NaN; E8M0's 2^-127) takes its table value over the multiplier.
+void set_scale_factors(Packed& w, Owned& owned) {
+  const Stored& s = w.scales;
+  const ByteDecode& d = s.decode;
+  if (s.kind != Store::Byte || d.kind == ByteDecode::Kind::Gather) return;
+  const bool exponent = d.kind == ByteDecode::Kind::Exponent;
+  const double multiplier = exponent ? 1.0 : d.multiplier;
+  std::vector<float> factors(256);
+  for (int c = 0; c < 256; ++c) {
+    const bool patched = std::find(d.patch_code, d.patch_code + d.patches, c) != d.patch_code + d.patches;
+    factors[c] = exponent || patched ? static_cast<float>(s.table[c] / multiplier)
+                                     : half_to_float(static_cast<uint16_t>((c & 0x80) << 8 | (c & 0x7F) << d.shift));
+    if (std::isnan(factors[c])) continue;
+    for (int64_t v = 0; v < (int64_t{1} << w.bits); ++v)
+      if (std::isfinite(w.table[v]) && !exact_in_bf16(static_cast<double>(w.table[v]) * factors[c])) return;
+  }
+  owned.scale_factors = std::move(factors);
+  w.scale_factors = s;
+  w.scale_factors.table = owned.scale_factors.data();
+  w.scale_factors.decode = find_byte_decode(w.scale_factors.table);
+  w.scale_multiplier = static_cast<float>(multiplier);
+}
 
 // Whether the 64 bf16 patterns are those of sign-magnitude codes: code c + 32 is code c
 // (< 32, sign bit clear) with the sign bit set.
@@ -162,6 +196,7 @@ Packed make_packed(const at::Tensor& plane_a, const at::Tensor& plane_b, const a
   if (w.dec == Dec::SignMagnitude && !sign_magnitude(owned)) w.dec = Dec::Table;  // e.g. a NaN code
   if (w.dec == Dec::Float || w.dec == Dec::FloatSpecial || w.dec == Dec::Fp16Nibble) set_float_decode(w, decode);
   w.mirrored = bits == 8 && mirrored(values, 128);
+  if (!zp) set_scale_factors(w, owned);
   w.u_end = K / kUnit;
   TORCH_CHECK(!zp || w.dec == Dec::Table || w.dec == Dec::SignedInt || w.dec == Dec::UnsignedInt,
               "zero points are for integer formats; a float format takes scales only");

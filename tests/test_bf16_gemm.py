@@ -1,0 +1,105 @@
+"""The bf16 dot-product GEMM (lut_bf16.h): bf16 x from 16 rows on a CPU with AVX-512 BF16.
+
+Products of bf16 x with the exact unscaled values (or values times few-bit scale factors)
+are exact, so each output is within the fp32 summation bound of a float64 product with the
+dequantized weights (plus one rounding of the scale per group sum); one-hot rows of x give
+each weight alone, bit for bit. Layers with zero points keep the fp32 GEMM."""
+
+import pytest
+import torch
+
+from fpbench.kernels import build as kernels
+from fpbench.kernels.linear import LutLinear
+from fpbench.kernels.packing import code_bits, value_table
+from fpbench.quant.scheme import Scheme
+from fpbench.quant.weights import quantize_weight
+
+pytestmark = pytest.mark.skipif("avx512bf16" not in kernels.runnable_isas(),
+                                reason="this CPU has no AVX-512 BF16 (the bf16 GEMM's ISA)")
+
+# N = 53: a panel of 48 rows and a masked one; K = 1088: a block of 1024 columns and one of 64.
+N, K = 53, 1088
+SCHEMES = ["fp4_e2m1/channel", "fp4_e2m1/g16", "fp4_e2m1/g32", "int4/g96", "int4/g128", "int4/channel",
+           "int8/channel", "int8/g64", "fp6_e3m2/channel", "fp6_e2m3/g128", "fp6_e3m2/g32", "fp8_e4m3/g32",
+           "fp8_e5m2/channel", "fp8_e3m4/g128", "mxfp4_e2m1/g32", "mxfp6_e3m2/g32", "mxfp8_e4m3/g32", "nvfp4/g16",
+           "int4_asym/g32"]
+
+
+def _layer(name: str, isa: str = "avx512bf16", every_code: bool = False):
+    scheme = Scheme.parse(name + "/rtn")
+    weight = torch.randn(N, K, generator=torch.Generator().manual_seed(1)) * 0.05
+    qweight = quantize_weight(weight, scheme.format, scheme.granularity, scheme.clip, scheme.scale_format)
+    if every_code:  # every finite code of the element format, in every row and position
+        element = LutLinear(qweight).format
+        values = value_table(element)
+        usable = values.isfinite()
+        if qweight.codes.dtype == torch.int8:  # symmetric integers: -(2^(b-1)) is no code
+            usable[1 << (code_bits(element) - 1)] = False
+        finite = torch.nonzero(usable).flatten()
+        index = (torch.arange(N * K) * 7 + torch.arange(N * K) // K) % len(finite)
+        codes = finite[index].reshape(N, K)
+        if qweight.codes.dtype == torch.int8:  # symmetric integers: two's complement of the index
+            half = 1 << (code_bits(element) - 1)
+            codes = (codes + half) % (2 * half) - half
+        qweight.codes.copy_(codes)
+    return qweight, LutLinear(qweight, isa=isa)
+
+
+def _product(layer: LutLinear, x: torch.Tensor) -> torch.Tensor:
+    return kernels.load().lut_linear(x, *layer._args())  # fp32, no rounding to x's dtype
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+@pytest.mark.parametrize("m", [16, 21, 37])
+def test_bf16_x_within_the_summation_bound(name, m):
+    qweight, layer = _layer(name)
+    weight = qweight.dequantize().double()
+    assert torch.equal(layer.dequantized_weight().view(torch.int32), qweight.dequantize().view(torch.int32))
+    x = torch.randn(m, K, generator=torch.Generator().manual_seed(m)).bfloat16()
+    error = (_product(layer, x).double() - x.double() @ weight.T).abs()
+    bound = (K + 3) * 2.0**-24 * (x.double().abs() @ weight.abs().T) + 1e-30
+    assert bool((error <= bound).all()), float((error / bound).max())
+
+
+@pytest.mark.parametrize("name", [s for s in SCHEMES if s != "nvfp4/g16"])
+def test_one_hot_rows_give_every_code_bit_for_bit(name):
+    # Every column of a unit (each pair slot of the panel), of the second block, and the
+    # last: y[m, n] = w[n, column m], the one product times its scale (E8M0 factors: exact).
+    qweight, layer = _layer(name, every_code=True)
+    weight = qweight.dequantize()
+    columns = [*range(64), *range(1024, 1088, 3), 700, 129]
+    eye = torch.zeros(len(columns), K, dtype=torch.bfloat16)
+    eye[range(len(columns)), columns] = 1.0
+    assert torch.equal(_product(layer, eye).T, weight[:, columns])
+
+
+def test_nvfp4_one_hot_rows_within_one_rounding():
+    # NVFP4's panels hold value x E4M3 factor (exact) and the tensor scale multiplies the
+    # sum: one rounding where the dequantization rounds factor x tensor scale, then x value.
+    qweight, layer = _layer("nvfp4/g16", every_code=True)
+    weight = qweight.dequantize().double()
+    eye = torch.zeros(64, K, dtype=torch.bfloat16)
+    eye[range(64), range(64)] = 1.0
+    error = (_product(layer, eye).double().T - weight[:, :64]).abs()
+    assert bool((error <= 2 * 2.0**-24 * weight[:, :64].abs()).all())
+
+
+@pytest.mark.parametrize("name, taken", [("fp6_e3m2/channel", True), ("int4/g128", True), ("mxfp4_e2m1/g32", True),
+                                         ("int4_asym/g32", False)])
+def test_the_gemm_is_taken_for_bf16_x_from_16_rows(name, taken):
+    # The fp32 GEMM gives the same bits on every AVX-512 ISA; the bf16 GEMM sums in another
+    # order. Zero points (their v - z is not exact in bf16), fp32 x and fewer rows keep it.
+    _, dot = _layer(name)
+    _, fp32 = _layer(name, isa="avx512vbmi")
+    x = torch.randn(16, K, generator=torch.Generator().manual_seed(3)).bfloat16()
+    assert torch.equal(_product(dot, x), _product(fp32, x)) != taken
+    assert torch.equal(_product(dot, x.float()), _product(fp32, x.float()))
+    assert torch.equal(_product(dot, x[:15]), _product(fp32, x[:15]))
+
+
+def test_forward_rounds_once_to_bf16():
+    qweight, layer = _layer("int4/g128")
+    x = torch.randn(2, 20, K, generator=torch.Generator().manual_seed(4)).bfloat16()
+    y = layer(x)
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 20, N)
+    assert torch.equal(y, _product(layer, x.reshape(-1, K)).reshape(2, 20, N).bfloat16())
