@@ -12,21 +12,24 @@
 // weights by the fp32 summation and the scale's rounding per group sum (a relative
 // 2^-24 per term, within the same kind of bound), and by what vdpbf16ps flushes to zero:
 // bf16 inputs and fp32 results below 2^-126 (unscaled values are at least 2^-16 in
-// magnitude, so only activations that small and their products are affected). torch's
-// bf16 GEMM rounds the weights themselves to bf16; this one keeps them exact.
+// magnitude, so only activations that small and their products are affected). Byte
+// scales that are a few-bit number times one multiplier (E8M0, NVFP4) go into the panels
+// as that number times the value, exactly (Packed::scale_factors), and the multiplier
+// into the sum: such layers run as per-channel ones. torch's bf16 GEMM rounds the
+// weights themselves to bf16; this one keeps them exact.
 //
 // torch's bf16 GEMM on an AMD EPYC with AVX-512 BF16 ran ~845 GFLOP/s at M = 512 on
-// 4096x4096 (2 threads); the fp32 GEMM below (blocked, fp32 FMAs) reaches at most half of
+// 4096x4096 (2 threads); the fp32 GEMM (blocked, fp32 FMAs) reaches at most half of
 // that. A standalone test of this loop (weights pre-decoded, 8 rows of x x 48 weight rows
 // a tile) reached 831 GFLOP/s at M = 64 and 894 at M = 512.
 //
 // Layout: a panel is kDotRows weight rows x one block of K, stored as [k / 2][kDotRows]
-// 32-bit words, each the bf16 pair (k, k + 1) of one row: one zmm load gives 16 rows'
-// pair, and one broadcast of x's pair (k, k + 1) multiplies it. A row's block is decoded
-// by the AVX-512 decode (weights_avx512, times scale 1: exact), packed to bf16 pairs
-// (vcvtne2ps2bf16: exact for exact values) and transposed 16 x 16 words into the panel.
-// Zero points are not taken (their unscaled values v - z are not exact in bf16): such
-// layers keep the fp32 GEMM.
+// 32-bit words, each a bf16 pair (k, k') of one row: one zmm load gives 16 rows' pair,
+// and one broadcast of x's pair (x[k], x[k']) multiplies it. A row's block is decoded
+// into pairs (dot_panel: the 4- and 6-bit lookup in bf16, or the fp32 decode rounded to
+// bf16, exactly) and transposed 16 x 16 words into the panel; x is paired once per call
+// in the same order (pair_x). Zero points are not taken (their unscaled values v - z are
+// not exact in bf16): such layers keep the fp32 GEMM.
 #pragma once
 
 #include "lut_avx512.h"
@@ -145,7 +148,7 @@ void dot_panel(const Packed& w, const Avx512Consts<BITS, DEC>& t, RowScales* fac
     for (int64_t u = u0; u < u1; ++u) {
       __m512i w0, w1;
       if (BITS != 8 && !factors) {
-        bf16_pairs<BITS == 8 ? 4 : BITS>(lo, hi, a, b, u, w0, w1);
+        if constexpr (BITS != 8) bf16_pairs<BITS>(lo, hi, a, b, u, w0, w1);
       } else {
         __m512 v[4];
         weights_avx512<BITS, DEC, false>(w, t, a, b, srow, nullptr, u, v);
@@ -168,8 +171,8 @@ void dot_panel(const Packed& w, const Avx512Consts<BITS, DEC>& t, RowScales* fac
 // y[m, 0..48) (masked) += sum over the block of x[m, k] * panel[k] for MB rows of x (x as
 // bf16 pairs, ldx words apart), each group's sum (group_pairs words; per channel one
 // group a block) times its scales sc[g][0..48) added to y at once: 8 rows' sums in 24
-// registers. (Running totals in another 12 registers, 4 rows a tile, ran 0.65-0.9x as fast
-// with groups of 16 and 32, and slower still with 128.)
+// registers. (Running totals in another 12 registers, 4 rows a tile, ran 0.73-0.93x as
+// fast with groups of 16 and 32 and 0.63-0.69x with 128: 4096x4096, M = 512, separate runs.)
 template <int MB>
 void dot_tile(const uint32_t* panel, int64_t pairs, int64_t group_pairs, const float* sc, const uint32_t* x,
               int64_t ldx, float* y, int64_t ldy, const __mmask16 (&mask)[3]) {
