@@ -66,15 +66,15 @@ def test_real_methods_include_every_isa_and_torch(monkeypatch):
 @pytest.mark.parametrize("before, between, after, best", [(5.0, [6.0, 7.0], 8.0, 8.0), (5.0, [9.0, 6.0], 8.0, 9.0),
                                                              (9.5, [6.0, 7.0], 8.0, 9.5)])
 def test_records_use_the_best_probe(monkeypatch, small_bench, before, between, after, best):
-    # Probes before the kernels, after each kernel's cells (torch_fp32 and torch_bf16) and
-    # after them all: every fraction is computed against the best of them.
+    # Probes before the kernels, after each shape's cells and after them all: every
+    # fraction is computed against the best of them.
     probes = iter([(before, {"a": before}), *[(b, {"a": b}) for b in between], (after, {"a": after})])
     monkeypatch.setattr(bench, "measure_bandwidth_gbps", lambda repeats=5: next(probes))
-    records = bench.run_bench([(64, 256)], [1], ["torch_fp32"], repeats=3, progress=False)
+    records = bench.run_bench([(64, 256), (32, 128)], [1], ["torch_fp32"], repeats=3, progress=False)
     assert next(probes, None) is None
     for record in records:
         assert record["bandwidth_gbps"] == best
-        assert record["bandwidth_by_method"]["between_kernels"] == between
+        assert record["bandwidth_by_method"]["between_shapes"] == between
         assert record["roofline_fraction"] == round(bench.roofline_fraction(record["bytes_read"], best, record["median_ms"]), 3)
 
 
@@ -103,3 +103,13 @@ def test_bf16_suffix_gives_bf16_activations():
     assert prepared.activation_dtype == torch.bfloat16
     x = torch.randn(16, 256).bfloat16()
     assert prepared.call(x, prepared.weights[0]).dtype == torch.bfloat16
+
+
+def test_kernels_take_turns_call_by_call(monkeypatch):
+    # Each kernel's i-th call falls between the others' i-th calls, after the warm-up.
+    order = []
+    prepared = [bench.Prepared([f"{name}0", f"{name}1"], 1, lambda x, w: order.append(w), torch.float32)
+                for name in "ab"]
+    times = bench.interleaved_times(prepared, [torch.zeros(1)] * 2, repeats=3, warmup=1)
+    assert order == ["a0", "b0", "a1", "b1", "a0", "b0", "a1", "b1"]
+    assert [len(t) for t in times] == [3, 3] and all(s >= 0 for t in times for s in t)

@@ -84,6 +84,22 @@ def test_nvfp4_one_hot_rows_within_one_rounding():
     assert bool((error <= 2 * 2.0**-24 * weight[:, :64].abs()).all())
 
 
+@pytest.mark.parametrize("name", ["mxfp4_e2m1/g32", "mxfp8_e4m3/g32"])
+def test_e8m0_extremes_keep_the_group_scales(name):
+    # A scale of 2^127 (a row of zeros) would overflow bf16 with most values in a panel,
+    # 2^-126 underflow it (vdpbf16ps flushes subnormals): the layer keeps its scales per
+    # group, and the row of 2^-126 is within the bound and one subnormal step of it.
+    qweight, _ = _layer(name)
+    qweight.scales[0], qweight.scales[1] = 2.0**127, 2.0**-126
+    qweight.codes[0] = 0
+    layer = LutLinear(qweight)
+    weight = qweight.dequantize().double()
+    assert bool((weight[1] != 0).any())
+    x = torch.randn(16, K, generator=torch.Generator().manual_seed(5)).bfloat16()
+    error = (_product(layer, x).double() - x.double() @ weight.T).abs()
+    assert bool((error <= (K + 3) * 2.0**-24 * (x.double().abs() @ weight.abs().T) + 2.0**-149).all())
+
+
 @pytest.mark.parametrize("name, taken", [("fp6_e3m2/channel", True), ("int4/g128", True), ("mxfp4_e2m1/g32", True),
                                          ("int4_asym/g32", False)])
 def test_the_gemm_is_taken_for_bf16_x_from_16_rows(name, taken):

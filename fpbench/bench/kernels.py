@@ -253,16 +253,27 @@ def prepare(kernel: str, n: int, k: int, generator: torch.Generator) -> Prepared
 def time_calls(prepared: Prepared, x: torch.Tensor, repeats: int, warmup: int = 2) -> tuple[float, float]:
     """Median and minimum milliseconds of one call, cycling through the weight copies.
     On a loaded machine the minimum is the least disturbed call; both are recorded."""
-    copies = len(prepared.weights)
-    for i in range(warmup):
-        prepared.call(x, prepared.weights[i % copies])
-    times = []
-    for i in range(repeats):
-        weight = prepared.weights[(warmup + i) % copies]
-        start = time.perf_counter()
-        prepared.call(x, weight)
-        times.append(time.perf_counter() - start)
+    times = interleaved_times([prepared], [x], repeats, warmup)[0]
     return statistics.median(times) * 1e3, min(times) * 1e3
+
+
+def interleaved_times(prepared: list[Prepared], xs: list[torch.Tensor], repeats: int,
+                      warmup: int = 2) -> list[list[float]]:
+    """Seconds of each call of each kernel (x from xs alike), the kernels taking turns call
+    by call, each cycling through its weight copies: a slower or faster spell of a shared
+    machine falls on every kernel alike, so their ratios hold (timed one kernel after the
+    other, the same kernel's ratio to torch's moved by up to 15% between runs)."""
+    for i in range(warmup):
+        for p, x in zip(prepared, xs):
+            p.call(x, p.weights[i % len(p.weights)])
+    times = [[] for _ in prepared]
+    for i in range(repeats):
+        for p, x, samples in zip(prepared, xs, times):
+            weight = p.weights[(warmup + i) % len(p.weights)]
+            start = time.perf_counter()
+            p.call(x, weight)
+            samples.append(time.perf_counter() - start)
+    return times
 
 
 def _repeats_for(m: int, n: int, k: int, repeats: int) -> int:
@@ -287,34 +298,38 @@ def run_bench(shapes=None, batches=None, kernel_names=None, repeats: int = 21, o
     records = []
     steps = tqdm(total=len(shapes) * len(kernel_names) * len(batches), desc="bench", disable=not progress)
     for n, k in shapes:
+        prepared = {}
         for kernel in kernel_names:
-            prepared = prepare(kernel, n, k, generator)
+            prepared[kernel] = p = prepare(kernel, n, k, generator)
             # One call on every copy first: on this VM the first pass over freshly
             # allocated weights ran up to 10x slower (no page faults counted), which the
             # few warm-up calls of the first cell did not cover.
-            warm_x = torch.zeros(1, k, dtype=prepared.activation_dtype)
-            for weight in prepared.weights:
-                prepared.call(warm_x, weight)
-            for m in batches:
-                x = torch.randn(m, k, generator=generator).to(prepared.activation_dtype)
-                median_ms, min_ms = time_calls(prepared, x, _repeats_for(m, n, k, repeats))
-                bytes_read = prepared.weight_bytes + x.numel() * x.element_size()
+            warm_x = torch.zeros(1, k, dtype=p.activation_dtype)
+            for weight in p.weights:
+                p.call(warm_x, weight)
+        for m in batches:
+            x = torch.randn(m, k, generator=generator)
+            xs = [x.to(p.activation_dtype) for p in prepared.values()]
+            times = interleaved_times(list(prepared.values()), xs, _repeats_for(m, n, k, repeats))
+            for (kernel, p), xk, samples in zip(prepared.items(), xs, times):
+                median_ms, min_ms = statistics.median(samples) * 1e3, min(samples) * 1e3
+                bytes_read = p.weight_bytes + xk.numel() * xk.element_size()
                 records.append({"kernel": kernel, "M": m, "N": n, "K": k, "median_ms": round(median_ms, 4),
                                 "min_ms": round(min_ms, 4),
                                 "gbps": round(bytes_read / (median_ms * 1e-3) / 1e9, 2),
-                                "weight_bytes": prepared.weight_bytes, "bytes_read": bytes_read,
-                                "copies": len(prepared.weights),
-                                "activation_dtype": str(prepared.activation_dtype).replace("torch.", ""), **env})
-                steps.update()
-            del prepared
-            between.append(round(measure_bandwidth_gbps(2)[0], 2))
+                                "weight_bytes": p.weight_bytes, "bytes_read": bytes_read,
+                                "copies": len(p.weights),
+                                "activation_dtype": str(p.activation_dtype).replace("torch.", ""), **env})
+            steps.update(len(prepared))
+        del prepared, p
+        between.append(round(measure_bandwidth_gbps(2)[0], 2))
     steps.close()
     after, after_by_method = measure_bandwidth_gbps()
     ceiling = max(bandwidth, after, *between)  # the best probe of the run
     for record in records:
         record["roofline_fraction"] = round(roofline_fraction(record["bytes_read"], ceiling, record["median_ms"]), 3)
         record["bandwidth_gbps"] = round(ceiling, 2)
-        record["bandwidth_by_method"] = {"before": by_method, "after": after_by_method, "between_kernels": between}
+        record["bandwidth_by_method"] = {"before": by_method, "after": after_by_method, "between_shapes": between}
     stamp = utc_now()
     for reference in ("bf16", "fp32"):
         medians = {(r["M"], r["N"], r["K"]): r["median_ms"] for r in records if r["kernel"] == f"torch_{reference}"}

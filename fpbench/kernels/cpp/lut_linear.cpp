@@ -245,13 +245,15 @@ at::Tensor product(Packed w, Isa isa, const at::Tensor& x_in) {
     if (w.dec == Dec::Fp16Nibble) w.dec = Dec::Table;
     const at::Tensor x = x_in.contiguous();
     std::vector<uint32_t> pairs(M * K / 2);
-    pair_x(reinterpret_cast<const uint16_t*>(x.data_ptr()), M, K, pairs.data());
+    at::parallel_for(0, M * K / kUnit, 256, [&](int64_t u0, int64_t u1) {
+      pair_x(reinterpret_cast<const uint16_t*>(x.data_ptr()), u0, u1, pairs.data());
+    });
     const uint32_t* xp = pairs.data();
-    at::Tensor y = torch::zeros({M, w.N}, torch::kFloat32);
+    at::Tensor y = torch::empty({M, w.N}, torch::kFloat32);
     float* yp = y.data_ptr<float>();
     at::parallel_for(0, (w.N + kDotRows - 1) / kDotRows, 1, [&](int64_t p0, int64_t p1) {
       const KeepDenormals keep;
-      with_format(w, [&](auto b, auto d, auto) { gemm_bf16_t<decltype(b)::value, decltype(d)::value>(w, xp, M, p0, p1, yp); });
+      with_format(w, [&](auto b, auto, auto) { gemm_bf16_t<decltype(b)::value>(w, xp, M, p0, p1, yp); });
     });
     return y;
   }

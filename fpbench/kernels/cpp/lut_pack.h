@@ -61,29 +61,36 @@ struct Owned {  // what a Packed points into besides the tensors (2^bits + K/8 e
   std::vector<float> scale_factors;  // 256 or none: see set_scale_factors
 };
 
+// Exact as a bf16 that vdpbf16ps takes as it is: zero or a normal number (it flushes
+// subnormal inputs).
 inline bool exact_in_bf16(double v) {
   const float f = static_cast<float>(v);
-  return static_cast<double>(f) == v && (float_bits(f) & 0xFFFF) == 0;
+  return static_cast<double>(f) == v && (float_bits(f) & 0xFFFF) == 0 && (f == 0 || std::isnormal(f));
 }
 
 // Packed::scale_factors: byte scales decoded by arithmetic are f(c) * multiplier (Exponent:
 // f(c) the value, multiplier 1; Minifloat: f(c) the widened fp16 pattern, the product
 // rounded to fp32 once), and where every value times every f(c) is exact in bf16 (FP4 x
-// E4M3: 2 + 4 significant bits; any element x E8M0), the bf16 GEMM holds value * f(c) in
-// its panels and multiplies by the multiplier once per output. A code the formula misses
-// (NaN; E8M0's 2^-127) takes its table value over the multiplier.
+// E4M3: 2 + 4 significant bits; an element x E8M0 within bf16's normal range), the bf16
+// GEMM holds value * f(c) in its panels and multiplies by the multiplier once per output.
+// Only the codes the layer uses are checked: E8M0's extremes (2^±127) would overflow or
+// underflow with any element, and no layer of real weights holds them. A code the formula
+// misses (NaN; E8M0's 2^-127) takes its table value over the multiplier.
 void set_scale_factors(Packed& w, Owned& owned) {
   const Stored& s = w.scales;
   const ByteDecode& d = s.decode;
   if (s.kind != Store::Byte || d.kind == ByteDecode::Kind::Gather) return;
   const bool exponent = d.kind == ByteDecode::Kind::Exponent;
   const double multiplier = exponent ? 1.0 : d.multiplier;
+  bool used[256] = {};
+  const uint8_t* codes = static_cast<const uint8_t*>(s.data);
+  for (int64_t i = 0; i < w.N * w.groups; ++i) used[codes[i]] = true;
   std::vector<float> factors(256);
   for (int c = 0; c < 256; ++c) {
     const bool patched = std::find(d.patch_code, d.patch_code + d.patches, c) != d.patch_code + d.patches;
     factors[c] = exponent || patched ? static_cast<float>(s.table[c] / multiplier)
                                      : half_to_float(static_cast<uint16_t>((c & 0x80) << 8 | (c & 0x7F) << d.shift));
-    if (std::isnan(factors[c])) continue;
+    if (!used[c] || std::isnan(factors[c])) continue;
     for (int64_t v = 0; v < (int64_t{1} << w.bits); ++v)
       if (std::isfinite(w.table[v]) && !exact_in_bf16(static_cast<double>(w.table[v]) * factors[c])) return;
   }
