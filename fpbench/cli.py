@@ -141,7 +141,8 @@ def run(**values):
                    "with fp32 x, or bf16 x with @bf16 (int4/g128@bf16: from 16 rows the bf16 dot-product "
                    "GEMM where the CPU has AVX-512 BF16).")
 @click.option("--repeats", type=click.IntRange(min=3), default=21, show_default=True,
-              help="Timed calls per cell (the median is reported).")
+              help="Timed calls per cell (the median is reported); the kernels of a shape and "
+                   "batch take turns call by call.")
 @click.option("--e2e", is_flag=True, help="Instead: decode tokens/s (batch 1) of a random ~1B Llama-shaped "
                                           "model and of the default model: torch fp32 and bf16 vs the FP6 "
                                           "kernel in the compiled decode loop, the FP6 kernel with the "
