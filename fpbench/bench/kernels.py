@@ -262,7 +262,7 @@ def interleaved_times(prepared: list[Prepared], xs: list[torch.Tensor], repeats:
     """Seconds of each call of each kernel (x from xs alike), the kernels taking turns call
     by call, each cycling through its weight copies: a slower or faster spell of a shared
     machine falls on every kernel alike, so their ratios hold (timed one kernel after the
-    other, the same kernel's ratio to torch's moved by up to 15% between runs)."""
+    other, the same kernel's ratio to torch's moved by up to 28% between two runs)."""
     for i in range(warmup):
         for p, x in zip(prepared, xs):
             p.call(x, p.weights[i % len(p.weights)])
