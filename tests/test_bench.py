@@ -105,7 +105,7 @@ def test_bf16_suffix_gives_bf16_activations():
     assert prepared.call(x, prepared.weights[0]).dtype == torch.bfloat16
 
 
-def test_kernels_take_turns_call_by_call(monkeypatch):
+def test_kernels_take_turns_call_by_call():
     # Each kernel's i-th call falls between the others' i-th calls, after the warm-up.
     order = []
     prepared = [bench.Prepared([f"{name}0", f"{name}1"], 1, lambda x, w: order.append(w), torch.float32)

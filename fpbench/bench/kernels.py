@@ -250,19 +250,13 @@ def prepare(kernel: str, n: int, k: int, generator: torch.Generator) -> Prepared
     return Prepared(weights, nbytes, lambda x, layer: layer(x), torch.bfloat16 if at else torch.float32)
 
 
-def time_calls(prepared: Prepared, x: torch.Tensor, repeats: int, warmup: int = 2) -> tuple[float, float]:
-    """Median and minimum milliseconds of one call, cycling through the weight copies.
-    On a loaded machine the minimum is the least disturbed call; both are recorded."""
-    times = interleaved_times([prepared], [x], repeats, warmup)[0]
-    return statistics.median(times) * 1e3, min(times) * 1e3
-
-
 def interleaved_times(prepared: list[Prepared], xs: list[torch.Tensor], repeats: int,
                       warmup: int = 2) -> list[list[float]]:
     """Seconds of each call of each kernel (x from xs alike), the kernels taking turns call
     by call, each cycling through its weight copies: a slower or faster spell of a shared
     machine falls on every kernel alike, so their ratios hold (timed one kernel after the
-    other, the same kernel's ratio to torch's moved by up to 28% between two runs)."""
+    other, the same kernel's ratio to torch's moved by up to 28% between two runs). The
+    records keep each kernel's median and its minimum (its least disturbed call)."""
     for i in range(warmup):
         for p, x in zip(prepared, xs):
             p.call(x, p.weights[i % len(p.weights)])
