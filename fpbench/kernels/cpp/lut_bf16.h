@@ -35,8 +35,8 @@
 // Against torch's bf16 GEMM on an AMD EPYC with AVX-512 BF16 (2 threads, the kernels
 // taking turns call by call: `fpbench bench --kernels torch_bf16,FORMAT/GRAN@bf16`),
 // median ratios 0.95-1.10 on 4096x4096 and 0.90-1.04 on 4096x14336 at M = 64 and 512
-// for FP4/INT4/FP6/INT8/FP8 per channel, INT4 g128, NVFP4 and MXFP4/6/8 (MXFP6 0.78 at
-// M = 64 on 4096x14336 the low outlier). The decode takes ~0.4 ms a call on 4096x4096
+// for FP4/INT4/FP6/INT8/FP8 per channel, INT4 g128, NVFP4 and MXFP4/6/8 (MXFP6 on
+// 4096x14336 the low outlier: 0.78 at M = 64, 0.85 at M = 512). The decode takes ~0.4 ms a call on 4096x4096
 // (FP6, INT4 g128), against ~3.3 ms for the whole call at M = 64.
 #pragma once
 
