@@ -138,8 +138,8 @@ def run(**values):
 @click.option("--kernels", "kernel_names", default=None, metavar="K1,K2",
               help="torch_fp32,torch_bf16,torch_int8_bf16,torch_int4_bf16 and/or FORMAT[/GRANULARITY] "
                    "of fpbench's kernel (int4/g128, fp6_e3m2/channel; a bare format: channel and g128), "
-                   "with fp32 x, or bf16 x with @bf16 (int4/g128@bf16: from 16 rows the bf16 dot-product "
-                   "GEMM where the CPU has AVX-512 BF16).")
+                   "with fp32 x, or bf16 x with @bf16 (int4/g128@bf16: the bf16 dot-product GEMV and GEMM "
+                   "where the CPU has AVX-512 BF16).")
 @click.option("--repeats", type=click.IntRange(min=3), default=21, show_default=True,
               help="Timed calls per cell (the median is reported); the kernels of a shape and "
                    "batch take turns call by call.")

@@ -1,9 +1,10 @@
-"""The bf16 dot-product GEMM (lut_bf16.h): bf16 x from 16 rows on a CPU with AVX-512 BF16.
+"""The bf16 dot-product kernels for bf16 x on a CPU with AVX-512 BF16: the GEMV
+(lut_bf16_gemv.h) below ``bf16_gemm_min_rows()`` rows of x, the GEMM (lut_bf16.h) from there.
 
 Products of bf16 x with the exact unscaled values (or values times few-bit scale factors)
 are exact, so each output is within the fp32 summation bound of a float64 product with the
 dequantized weights (plus one rounding of the scale per group sum); one-hot rows of x give
-each weight alone, bit for bit. Layers with zero points keep the fp32 GEMM."""
+each weight alone, bit for bit. Layers with zero points keep the fp32 kernels."""
 
 import pytest
 import torch
@@ -17,12 +18,14 @@ from fpbench.quant.weights import quantize_weight
 pytestmark = pytest.mark.skipif("avx512bf16" not in kernels.runnable_isas(),
                                 reason="this CPU has no AVX-512 BF16 (the bf16 GEMM's ISA)")
 
-# N = 53: a panel of 48 rows and a masked one; K = 1088: a block of 1024 columns and one of 64.
+# N = 53: a panel of 48 rows and a masked one; K = 1088: a block of 1024 columns and one of 64
+# (the GEMM), an odd number of units (the GEMV's pairs of units).
 N, K = 53, 1088
+GEMM_FROM = kernels.load().bf16_gemm_min_rows() if "avx512bf16" in kernels.runnable_isas() else 9
 SCHEMES = ["fp4_e2m1/channel", "fp4_e2m1/g16", "fp4_e2m1/g32", "int4/g96", "int4/g128", "int4/channel",
            "int8/channel", "int8/g64", "fp6_e3m2/channel", "fp6_e2m3/g128", "fp6_e3m2/g32", "fp8_e4m3/g32",
            "fp8_e5m2/channel", "fp8_e3m4/g128", "mxfp4_e2m1/g32", "mxfp6_e3m2/g32", "mxfp8_e4m3/g32", "nvfp4/g16",
-           "int4_asym/g32"]
+           "int8/g32", "int4/g48", "int4_asym/g32"]
 
 
 def _layer(name: str, isa: str = "avx512bf16", every_code: bool = False):
@@ -50,7 +53,7 @@ def _product(layer: LutLinear, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", SCHEMES)
-@pytest.mark.parametrize("m", [16, 21, 37])
+@pytest.mark.parametrize("m", [1, 3, 5, 8, 9, 15, 16, 21, 37])
 def test_bf16_x_within_the_summation_bound(name, m):
     qweight, layer = _layer(name)
     weight = qweight.dequantize().double()
@@ -71,6 +74,10 @@ def test_one_hot_rows_give_every_code_bit_for_bit(name):
     eye = torch.zeros(len(columns), K, dtype=torch.bfloat16)
     eye[range(len(columns)), columns] = 1.0
     assert torch.equal(_product(layer, eye).T, weight[:, columns])
+    # The GEMV: 1-4 rows of x a weight row.
+    for rows in (1, 3, 4, 7):
+        y = torch.cat([_product(layer, part) for part in eye.split(rows)])
+        assert torch.equal(y.T, weight[:, columns])
 
 
 def test_nvfp4_one_hot_rows_within_one_rounding():
@@ -100,17 +107,26 @@ def test_e8m0_extremes_keep_the_group_scales(name):
     assert bool((error <= (K + 3) * 2.0**-24 * (x.double().abs() @ weight.abs().T) + 2.0**-149).all())
 
 
-@pytest.mark.parametrize("name, taken", [("fp6_e3m2/channel", True), ("int4/g128", True), ("mxfp4_e2m1/g32", True),
-                                         ("int4_asym/g32", False)])
-def test_the_gemm_is_taken_for_bf16_x_from_16_rows(name, taken):
-    # The fp32 GEMM gives the same bits on every AVX-512 ISA; the bf16 GEMM sums in another
-    # order. Zero points (their v - z is not exact in bf16), fp32 x and fewer rows keep it.
+@pytest.mark.parametrize("name, gemv, gemm", [("fp6_e3m2/channel", True, True), ("int4/g128", True, True),
+                                              ("mxfp4_e2m1/g32", True, True), ("nvfp4/g16", True, True),
+                                              ("fp8_e4m3/g32", True, True), ("int8/g64", True, True),
+                                              ("int8/g32", True, True), ("int4/g96", True, True),
+                                              ("int4/g48", False, True), ("int8/g96", False, True),
+                                              ("int4_asym/g32", False, False)])
+def test_the_bf16_kernels_are_taken_for_bf16_x(name, gemv, gemm):
+    # The fp32 kernels give the same bits on every AVX-512 ISA; the bf16 ones sum in another
+    # order: the GEMV below GEMM_FROM rows (groups of 16, 32, or whole vectors of a unit: a
+    # multiple of 32 weights for 4- and 6-bit codes, of 64 for 8-bit ones), the GEMM from
+    # there. Zero points (their v - z is not exact in bf16) and fp32 x keep the fp32 kernels.
     _, dot = _layer(name)
     _, fp32 = _layer(name, isa="avx512vbmi")
     x = torch.randn(16, K, generator=torch.Generator().manual_seed(3)).bfloat16()
-    assert torch.equal(_product(dot, x), _product(fp32, x)) != taken
-    assert torch.equal(_product(dot, x.float()), _product(fp32, x.float()))
-    assert torch.equal(_product(dot, x[:15]), _product(fp32, x[:15]))
+    for rows in (1, GEMM_FROM - 1):
+        assert torch.equal(_product(dot, x[:rows]), _product(fp32, x[:rows])) != gemv
+    for rows in (GEMM_FROM, 16):
+        assert torch.equal(_product(dot, x[:rows]), _product(fp32, x[:rows])) != gemm
+        assert torch.equal(_product(dot, x[:rows].float()), _product(fp32, x[:rows].float()))
+    assert torch.equal(_product(dot, x[:1].float()), _product(fp32, x[:1].float()))
 
 
 def test_forward_rounds_once_to_bf16():

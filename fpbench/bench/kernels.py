@@ -24,9 +24,9 @@ Kernels: ``torch_fp32`` and ``torch_bf16`` (F.linear), ``torch_int8_bf16``
 any ``FORMAT/GRANULARITY`` it supports (``int4/g128``, ``fp6_e3m2/channel``, ...; a bare
 format name means both ``/channel`` and ``/g128``, a bare block format its own block:
 ``mxfp4_e2m1``, ``nvfp4``), with fp32 activations, or bf16 ones with the suffix ``@bf16``
-(``int4/g128@bf16``: as a layer of a model whose rest runs in bf16; from
-``blocked_min_rows()`` rows on a CPU with AVX-512 BF16 it takes the bf16 dot-product
-GEMM, otherwise x is widened to fp32 as before). ``vs_bf16`` =
+(``int4/g128@bf16``: as a layer of a model whose rest runs in bf16; on a CPU with AVX-512
+BF16 it takes the bf16 dot-product GEMV, or GEMM from ``bf16_gemm_min_rows()`` rows,
+otherwise x is widened to fp32 as before). ``vs_bf16`` =
 torch_bf16's median / this kernel's median (above 1 = faster than bf16), ``vs_fp32`` the
 same against torch_fp32.
 """

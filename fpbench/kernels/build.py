@@ -24,7 +24,7 @@ from fpbench.errors import FpbenchError
 SOURCE_DIR = Path(__file__).resolve().parent / "cpp"
 SOURCES = ("lut_linear.cpp", "llama_step.cpp")
 HEADERS = ("kernel_linear.h", "lut_common.h", "lut_scalar.h", "lut_avx2.h", "lut_avx512.h", "lut_bf16.h",
-           "lut_pack.h")
+           "lut_bf16_gemv.h", "lut_pack.h")
 ISAS = ("auto", "avx512bf16", "avx512vbmi", "avx512", "avx2", "scalar")  # widest first
 # The CPU flags that change which code paths exist or are picked.
 _RELEVANT_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vbmi", "avx512_bf16")

@@ -10,9 +10,11 @@ count. The weight it multiplies by is ``(table[code] - zero_point) * scale`` com
 fp32, bit-identical to ``QuantizedWeight.dequantize()``; outputs equal a float64 product
 with those weights up to fp32 summation order. bfloat16 (or fp16) inputs are widened to fp32 (exact) and the
 result is rounded once to the input dtype, after the bias; on a CPU with AVX-512 BF16 (ISA
-``avx512bf16``), bf16 inputs of 16 or more rows take the bf16 dot-product GEMM instead (exact
-products of x with the unscaled values, the scale applied to each group's fp32 sum:
-``cpp/lut_bf16.h``), except for layers with zero points.
+``avx512bf16``), bf16 inputs take the bf16 dot-product kernels instead (exact products of x
+with the unscaled values, the scale applied to each group's fp32 sum): the GEMV below
+``bf16_gemm_min_rows()`` rows (``cpp/lut_bf16_gemv.h``; groups of 16, 32 or a multiple of 32
+weights, of 64 for 8-bit codes), the GEMM from there (``cpp/lut_bf16.h``), except for layers
+with zero points.
 
 Supported shapes: K (in_features) a multiple of 64; G a multiple of 16 (16 covers the
 NVFP4-style blocks, 32 the MX blocks: any scale passed as fp32 values works unchanged),
@@ -194,8 +196,9 @@ class LutLinear(nn.Module):
         bias added to the fp32 product, one rounding to x's dtype. One compiled call: the
         scalar ISA from ``scalar_gemm_min_rows()`` rows dequantizes once and calls torch's
         fp32 GEMM; the SIMD ISAs run their GEMV, or their blocked GEMM from
-        ``blocked_min_rows()`` rows (decoded panels reused from cache; bf16 x on
-        ``avx512bf16``: the bf16 dot-product GEMM)."""
+        ``blocked_min_rows()`` rows (decoded panels reused from cache); bf16 x on
+        ``avx512bf16`` takes the bf16 dot-product GEMV, or GEMM from ``bf16_gemm_min_rows()``
+        rows."""
         return self.native().forward(x)
 
     def extra_repr(self) -> str:

@@ -29,11 +29,14 @@ class KernelLinear {
   at::Tensor dequantize() const;
   // One row, no tensors: y [N] = W x [K] + bias in fp32, the same bits as forward on fp32 x.
   void forward_row(const float* x, float* y) const;
+  // The same for bf16 x: the same bits as forward on bf16 x.
+  void forward_row(const c10::BFloat16* x, float* y) const;
   int64_t out_features() const;
 
   struct Impl;
 
  private:
+  void add_bias(float* y) const;
   std::shared_ptr<const Impl> impl_;
 };
 

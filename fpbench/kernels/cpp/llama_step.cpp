@@ -81,6 +81,10 @@ struct Projection {
     }
     if constexpr (std::is_same_v<T, float>) {
       kernel->forward_row(x, y);
+    } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      y32.resize(N);
+      kernel->forward_row(x, y32.data());
+      for (int64_t n = 0; n < N; ++n) y[n] = narrow<T>(y32[n]);
     } else {
       x32.resize(K), y32.resize(N);
       for (int64_t k = 0; k < K; ++k) x32[k] = wide(x[k]);  // exact

@@ -51,7 +51,7 @@ namespace {
 constexpr int64_t kDotRows = 48;    // weight rows a panel: three zmm of outputs
 constexpr int64_t kDotDepth = 1024;  // columns a block (a multiple of 64 and of G; 512 and 2048: no clear difference)
 
-// Whether the bf16 GEMM takes w (bf16 x from kBlockedMinRows rows, ISA Avx512Bf16).
+// Whether the bf16 GEMM takes w (bf16 x from kBf16GemmMinRows rows, ISA Avx512Bf16).
 inline bool bf16_dot(const Packed& w) { return w.zeros.kind == Store::None; }
 
 #pragma GCC push_options

@@ -27,6 +27,11 @@ namespace {
 
 constexpr int64_t kUnit = 64;  // weights per packed unit; K must be a multiple of it
 constexpr int64_t kBlockedMinRows = 16;     // SIMD ISAs: from here the blocked GEMM (measured crossover: 12-16 rows)
+// ISA Avx512Bf16 with bf16 x: from here the bf16 GEMM, below it the bf16 GEMV. On 4096x4096
+// (AMD EPYC with AVX-512 BF16, in turn call by call in one process; FP6 per channel, INT4
+// g128, INT8 per channel) the GEMM ran 1.35-1.64x as fast as the GEMV at M = 12 and
+// 1.21-1.57x at M = 15; at M = 8, 0.62x (FP6) to 1.07x (INT4); at M = 4, 0.51-0.62x.
+constexpr int64_t kBf16GemmMinRows = 9;
 constexpr int64_t kScalarGemmMinRows = 32;  // the scalar ISA: from here, dequantize once + torch's GEMM
 
 // Avx512Vbmi: AVX-512 with vpermb (6-bit and FP8 GEMV, see row_avx512_vbmi); otherwise as

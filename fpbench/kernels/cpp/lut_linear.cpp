@@ -33,9 +33,10 @@
 // minifloats by placing their bits in an fp16 pattern), or, for a format those do not
 // cover, are gathered from the fp32 table.
 //
-// bf16 x from kBlockedMinRows rows on a CPU with AVX-512 BF16 (and VBMI: ISA Avx512Bf16)
-// takes the bf16 dot-product GEMM of lut_bf16.h instead: the same weights, exact
-// products, the scale applied per group sum (its header states the bound).
+// bf16 x on a CPU with AVX-512 BF16 (and VBMI: ISA Avx512Bf16) takes the bf16 dot-product
+// kernels instead: the GEMV of lut_bf16_gemv.h below kBf16GemmMinRows rows, the GEMM of
+// lut_bf16.h from there: the same weights, exact products, the scale applied per group
+// sum (lut_bf16.h's header states the bound).
 //
 // ISA: AVX-512 with VBMI (and BF16), AVX-512 (F+BW+VL), AVX2 (+FMA, F16C) and portable scalar code
 // live in one binary; the best one the CPU supports is picked at run time, or a narrower
@@ -44,12 +45,12 @@
 // so subnormal values stay exact.
 //
 // Files (one translation unit, everything but KernelLinear internal): lut_common.h (the
-// shared types), lut_scalar.h, lut_avx2.h, lut_avx512.h, lut_bf16.h (the kernels of
-// each ISA), lut_pack.h (a layer's tensors to a Packed); this file dispatches: x's order, threads,
+// shared types), lut_scalar.h, lut_avx2.h, lut_avx512.h, lut_bf16.h, lut_bf16_gemv.h (the
+// kernels of each ISA), lut_pack.h (a layer's tensors to a Packed); this file dispatches: x's order, threads,
 // GEMV or GEMM, and the Python bindings.
 
 #include "kernel_linear.h"
-#include "lut_bf16.h"
+#include "lut_bf16_gemv.h"
 #include "lut_pack.h"
 #include "lut_scalar.h"
 
@@ -235,13 +236,59 @@ void gemv(Packed w, Isa isa, const float* x, int64_t M, float* y) {
   });
 }
 
+#if FPBENCH_X86
+// The bf16 GEMV's prefetch distance, twice the fp32 GEMVs' (it streams faster): at M = 1 on
+// 4096x14336 (AMD EPYC with AVX-512 BF16, distances in turn call by call in one process)
+// INT4 per channel 1.12-1.13x and INT4 g128 1.17x against 4 KiB; FP6, INT8 and NVFP4
+// 0.97-1.07x, and 0.97-1.04x on 4096x4096.
+constexpr int64_t kBf16PrefetchBytes = 8192;
+
+// Columns of x a block of the bf16 GEMV from 2 rows of x: the block (M x 2 bytes a
+// column) stays in L1 beside the streaming codes. Whole rows of K at M = 1 (up to 28 KiB
+// of x for K = 14336). On 4096x4096 (AMD EPYC with AVX-512 BF16, in turn call by call in
+// one process) blocks ran 1.08-1.21x as fast as whole rows at M = 8 (FP6, INT4 g128, INT8
+// per channel) and INT8 1.28x at M = 4; at M = 12 and 15, with blocks of 8-10 units,
+// 0.81-0.97x: there the bf16 GEMM takes over (kBf16GemmMinRows).
+constexpr int64_t kBf16BlockXBytes = 16 * 1024;
+
+// y [M, N] = x [M, K] w^T in fp32 for bf16 x and fewer than kBlockedMinRows rows (ISA
+// Avx512Bf16, bf16_gemv(w)): a thread's rows one block of K at a time, as gemv.
+void gemv_bf16(Packed w, const uint16_t* x, int64_t M, float* y) {
+  const int64_t units = w.K / kUnit, ahead = kBf16PrefetchBytes / unit_bytes(w.bits);
+  const int64_t block = M == 1 ? units : std::min(units, std::max<int64_t>(4, kBf16BlockXBytes / (2 * kUnit * M)));
+  std::vector<uint16_t> ordered(M * w.K);
+  order_x_bf16(w.bits, x, 0, M * units, ordered.data());
+  parallel_rows(w.N, w.K, [&](int64_t n0, int64_t n1) {
+    const KeepDenormals keep;
+    for (int64_t u = 0; u < units; u += block) {
+      Packed wb = w;
+      wb.u_begin = u, wb.u_end = std::min(u + block, units);
+      const int64_t span = wb.u_end - u;
+      wb.ahead_rows = ahead / span, wb.ahead_units = ahead % span;
+      rows_bf16(wb, ordered.data(), M, n0, n1, y);
+    }
+  });
+}
+
+// Whether gemv_bf16 takes x [M, K] of this dtype.
+bool takes_bf16_gemv(const Packed& w, Isa isa, int64_t M, at::ScalarType dtype) {
+  return isa == Isa::Avx512Bf16 && M < kBf16GemmMinRows && dtype == torch::kBFloat16 && bf16_gemv(w);
+}
+#endif
+
 // y = x w^T in fp32 for x [M, K] of any float dtype.
 at::Tensor product(Packed w, Isa isa, const at::Tensor& x_in) {
   const int64_t K = w.K;
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == K, "x must be [M, K] with K = ", K);
   const int64_t M = x_in.size(0);
 #if FPBENCH_X86
-  if (isa == Isa::Avx512Bf16 && M >= kBlockedMinRows && x_in.scalar_type() == torch::kBFloat16 && bf16_dot(w)) {
+  if (takes_bf16_gemv(w, isa, M, x_in.scalar_type())) {
+    const at::Tensor x = x_in.contiguous();
+    at::Tensor y = torch::empty({M, w.N}, torch::kFloat32);
+    gemv_bf16(w, reinterpret_cast<const uint16_t*>(x.data_ptr()), M, y.data_ptr<float>());
+    return y;
+  }
+  if (isa == Isa::Avx512Bf16 && M >= kBf16GemmMinRows && x_in.scalar_type() == torch::kBFloat16 && bf16_dot(w)) {
     if (w.dec == Dec::Fp16Nibble) w.dec = Dec::Table;
     const at::Tensor x = x_in.contiguous();
     std::vector<uint32_t> pairs(M * K / 2);
@@ -391,6 +438,22 @@ at::Tensor fpbench::KernelLinear::dequantize() const { return ::dequantize(impl_
 
 void fpbench::KernelLinear::forward_row(const float* x, float* y) const {
   gemv(impl_->w, impl_->isa, x, 1, y);
+  add_bias(y);
+}
+
+void fpbench::KernelLinear::forward_row(const c10::BFloat16* x, float* y) const {
+  const Packed& w = impl_->w;
+#if FPBENCH_X86
+  if (takes_bf16_gemv(w, impl_->isa, 1, torch::kBFloat16)) {
+    gemv_bf16(w, reinterpret_cast<const uint16_t*>(x), 1, y);
+    return add_bias(y);
+  }
+#endif
+  std::vector<float> wide(x, x + w.K);  // exact, as product's conversion
+  forward_row(wide.data(), y);
+}
+
+void fpbench::KernelLinear::add_bias(float* y) const {
   if (impl_->bias) {
     const float* bias = impl_->bias->data_ptr<float>();
     for (int64_t n = 0; n < impl_->w.N; ++n) y[n] += bias[n];
@@ -475,6 +538,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "rows of x from which the scalar kernels' layer dequantizes once and calls torch's fp32 GEMM");
   m.def("blocked_min_rows", [] { return kBlockedMinRows; },
         "rows of x from which the SIMD kernels decode weight panels once and reuse them (blocked GEMM)");
+  m.def("bf16_gemm_min_rows", [] { return kBf16GemmMinRows; },
+        "rows of bf16 x from which the avx512bf16 kernels take the bf16 GEMM instead of the bf16 GEMV");
   m.def("best_isa", [] { return isa_name(best_isa()); }, "widest ISA this CPU supports");
   m.def("position_to_k", [](int64_t p) { return position_to_k(static_cast<int>(p)); },
         "weight offset inside a 64-weight unit of code position p");

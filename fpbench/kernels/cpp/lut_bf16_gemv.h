@@ -1,0 +1,240 @@
+// The bf16 dot-product GEMV (AVX-512 BF16): batch-1 decode and up to kBf16GemmMinRows - 1
+// rows of bf16 x. Part of lut_linear.cpp's translation unit.
+//
+// The same contract as the bf16 GEMM (lut_bf16.h): the unscaled values are exact in bf16,
+// each product value * x exact in fp32, vdpbf16ps adds pairs of them into fp32 sums, and
+// the scale multiplies each group's sum (per channel: the row's); bf16 inputs and fp32
+// results below 2^-126 flush to zero. The fp32 GEMVs decode each weight to fp32 and
+// multiply it by its scale before one FMA per 16 weights; here a unit of 64 weights is
+// two vectors of 32 bf16 words and two vdpbf16ps, with no scale per weight:
+// - 4-bit: the unit's 32 code bytes widened to words (vpmovzxbw): the low nibbles (bits
+//   0-4 of a word index vpermw's 32 entries: the 16 patterns twice) and the high ones
+//   (shifted down) look up positions 0-31 and 32-63;
+// - 6-bit: each word's nibble shifted into index bits 2-5 beside its two low bits from the
+//   2-bit plane (widened the same way), looked up in 64 entries (vpermi2w);
+// - 8-bit: the code bytes looked up as low and high bytes (Bf16Bytes; sign-magnitude codes
+//   in 128 entries and bit 7 moved to the sign) and interleaved into words.
+// Lane j of the two vectors (j < 32 the first) holds weight lane_k(BITS, j) of the unit; x
+// is copied once per call in that order (order_x_bf16). Per channel the scale multiplies
+// the row's sum; with groups, each vector's sums of a unit are multiplied by their scales
+// (Bf16Groups) before they are added up.
+//
+// Against the fp32 GEMVs on the same bf16 x widened (AMD EPYC with AVX-512 BF16, 2 threads,
+// 2048x4096 resident in cache, in turn in one process; G weights/s): INT4 per channel 111
+// vs 86, INT4 g128 99 vs 82, FP4 113 vs 88, FP6 E3M2 80 vs 51, E2M3 82 vs 51, INT8 83 vs 55,
+// FP8 E4M3 91 vs 64, NVFP4 67 vs 56, MXFP4 91 vs 65, MXFP6 60 vs 39, MXFP8 54 vs 50.
+#pragma once
+
+#include "lut_bf16.h"
+
+namespace {
+
+#if FPBENCH_X86
+
+// Weight k (in its unit) of lane j of the two decoded vectors: positions in order for 4-
+// and 6-bit codes; 8-bit codes stored in k order, bytes 16L + i (i < 8) of each 128-bit
+// lane L in the first vector's words 8L + i, bytes 16L + 8 + i in the second's.
+inline int lane_k(int bits, int j) {
+  if (bits != 8) return position_to_k(j);
+  const int v = j / 32, l = j % 32;
+  return 16 * (l / 8) + 8 * v + l % 8;
+}
+
+// Whether gemv_bf16 takes w: no zero points (v - z is not exact in bf16), and groups that
+// hold whole vectors of a unit (Bf16Groups) or 16 or 32 weights (each sum lane's two
+// weights in one group).
+inline bool bf16_gemv(const Packed& w) {
+  const int64_t G = w.group_size;
+  return w.zeros.kind == Store::None && (G % (w.bits == 8 ? kUnit : 32) == 0 || G == 16 || G == 32);
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512bf16,avx2,fma,f16c")
+
+// Units u0 .. u1 of x (bf16, 64 values a unit) in lane order: out[64u + j] = x[64u + lane_k(bits, j)].
+inline void order_x_bf16(int bits, const uint16_t* x, int64_t u0, int64_t u1, uint16_t* out) {
+  alignas(64) uint16_t order[kUnit];
+  for (int j = 0; j < kUnit; ++j) order[j] = static_cast<uint16_t>(lane_k(bits, j));
+  const __m512i first = _mm512_load_si512(order), second = _mm512_load_si512(order + 32);
+  for (int64_t u = u0; u < u1; ++u) {
+    const __m512i a = _mm512_loadu_si512(x + u * kUnit), b = _mm512_loadu_si512(x + u * kUnit + 32);
+    _mm512_storeu_si512(out + u * kUnit, _mm512_permutex2var_epi16(a, first, b));
+    _mm512_storeu_si512(out + u * kUnit + 32, _mm512_permutex2var_epi16(a, second, b));
+  }
+}
+
+// The lookups of one format: bf16 word tables (4-bit: the 16 patterns twice, 6-bit: 64), or
+// the byte tables (8-bit).
+template <int BITS>
+struct Bf16Words {
+  __m512i word[2];
+  explicit Bf16Words(const Packed& w) {
+    alignas(64) uint16_t patterns[64];
+    for (int j = 0; j < 64; ++j) {
+      const int c = j % (1 << BITS);
+      patterns[j] = static_cast<uint16_t>(w.table_lo[c] | w.table_hi[c] << 8);
+    }
+    word[0] = _mm512_load_si512(patterns), word[1] = _mm512_load_si512(patterns + 32);
+  }
+};
+
+template <>
+struct Bf16Words<8> {
+  Bf16Bytes<8> bytes;
+  explicit Bf16Words(const Packed& w) : bytes(w) {}
+};
+
+// Unit u of a row (planes a, b) as two vectors of 32 bf16 weights (lanes as lane_k).
+// MIRRORED (8-bit): code c + 128 is code c negated.
+template <int BITS, bool MIRRORED>
+inline void decode_bf16(const Bf16Words<BITS>& t, const uint8_t* a, const uint8_t* b, int64_t u, __m512i& first,
+                        __m512i& second) {
+  if constexpr (BITS == 8) {
+    const __m512i codes = _mm512_loadu_si512(a + u * kUnit);
+    __m512i lo, hi;
+    if constexpr (MIRRORED) {
+      lo = _mm512_permutex2var_epi8(t.bytes.lo[0], codes, t.bytes.lo[1]);
+      // A ^ (B & C): code bit 7 into the sign bit.
+      hi = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(t.bytes.hi[0], codes, t.bytes.hi[1]), codes,
+                                     _mm512_set1_epi8(static_cast<char>(0x80)), 0x78);
+    } else {
+      lo = Bf16Bytes<8>::look(t.bytes.lo, codes);
+      hi = Bf16Bytes<8>::look(t.bytes.hi, codes);
+    }
+    first = _mm512_unpacklo_epi8(lo, hi), second = _mm512_unpackhi_epi8(lo, hi);
+  } else {
+    const __m512i nibbles = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + u * 32)));
+    if constexpr (BITS == 4) {
+      first = _mm512_permutexvar_epi16(nibbles, t.word[0]);
+      second = _mm512_permutexvar_epi16(_mm512_srli_epi16(nibbles, 4), t.word[0]);
+    } else {
+      // Word j: byte j % 16 of the 2-bit plane, whose bits 2 (p / 16) hold position p's.
+      const __m512i fields = _mm512_cvtepu8_epi16(
+          _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + u * 16))));
+      const __m512i shift = _mm512_set_epi64(0x0002000200020002, 0x0002000200020002, 0x0002000200020002,
+                                             0x0002000200020002, 0, 0, 0, 0);
+      const __m512i upper4 = _mm512_set1_epi16(0x3C);
+      // Index bits 2-5 from the nibble, the rest from the fields (0xE4: (A & C) | (B & ~C));
+      // vpermi2w reads bits 0-5.
+      const __m512i low = _mm512_ternarylogic_epi32(_mm512_slli_epi16(nibbles, 2), _mm512_srlv_epi16(fields, shift),
+                                                    upper4, 0xE4);
+      const __m512i high = _mm512_ternarylogic_epi32(
+          _mm512_srli_epi16(nibbles, 2), _mm512_srlv_epi16(fields, _mm512_add_epi16(shift, _mm512_set1_epi16(4))),
+          upper4, 0xE4);
+      first = _mm512_permutex2var_epi16(t.word[0], low, t.word[1]);
+      second = _mm512_permutex2var_epi16(t.word[0], high, t.word[1]);
+    }
+  }
+}
+
+// One group a row; each vector of a unit in one group (G % 32 == 0 for 4- and 6-bit codes, whose
+// first vector holds k = 0-31, G % 64 == 0 for 8-bit ones); groups of 16 or 32 across a vector's lanes.
+enum class Bf16Groups { Channel, Vectors, Lanes };
+
+// The scales of each sum lane of vector v (0, 1) in a unit: lane i sums lanes 2i and 2i + 1,
+// whose weights lie in the unit's group lane_k / G.
+template <int BITS>
+inline __m512i lane_groups(int64_t G, int v) {
+  alignas(64) int32_t group[16];
+  for (int i = 0; i < 16; ++i) group[i] = static_cast<int32_t>(lane_k(BITS, 32 * v + 2 * i) / G);
+  return _mm512_load_si512(group);
+}
+
+// One weight row's block of K (units u_begin .. u_end) against MR rows of x (lane order, ldx
+// apart): y[m * ldy] = the block's sums (Packed::put: added to y after the first block).
+// Per channel the products go into 4 chains a row of x at M = 1 (2 from M = 2), two a
+// vector by unit parity, to cover vdpbf16ps's latency, and the scale multiplies the row's
+// sum. With groups each vector's products of a unit are multiplied by their scales
+// (broadcast where a vector lies in one group) into running totals, chained the same way.
+// (Summing a group's units first, then one FMA a group, ran slower at M = 1: INT4 with
+// G = 64 and 128 at 0.55-0.7x of this, the bookkeeping a group against one FMA a vector.)
+template <int BITS, bool MIRRORED, Bf16Groups GROUPS, int MR>
+void row_bf16(const Packed& w, const Bf16Words<BITS>& t, const __m512i (&lanes)[2], const float* srow, int64_t n,
+              const uint16_t* x, int64_t ldx, float* y, int64_t ldy) {
+  const uint8_t* a = w.plane_a + n * w.lda;
+  const uint8_t* b = BITS == 6 ? w.plane_b + n * w.ldb : nullptr;
+  constexpr int kChains = MR == 1 ? 4 : 2;
+  __m512 acc[MR][kChains];
+  for (int m = 0; m < MR; ++m)
+    for (int c = 0; c < kChains; ++c) acc[m][c] = _mm512_setzero_ps();
+  const __mmask16 unit_scales = static_cast<__mmask16>((1u << (kUnit / std::min<int64_t>(w.group_size, kUnit))) - 1);
+  // Unit u into chains c, c + 1 (compile-time indices: chains indexed at run time went
+  // through memory).
+  const auto unit = [&](int64_t u, auto chain) __attribute__((always_inline)) {
+    constexpr int c = decltype(chain)::value;
+    prefetch_ahead<BITS>(w, a, b, u);
+    __m512i v[2];
+    decode_bf16<BITS, MIRRORED>(t, a, b, u, v[0], v[1]);
+    __m512 scale[2];
+    if constexpr (GROUPS == Bf16Groups::Lanes) {
+      const __m512 unit_scale = _mm512_maskz_loadu_ps(unit_scales, srow + w.group_of[u * kUnit / 8]);
+      for (int h = 0; h < 2; ++h) scale[h] = _mm512_permutexvar_ps(lanes[h], unit_scale);
+    } else if constexpr (GROUPS == Bf16Groups::Vectors) {
+      for (int h = 0; h < 2; ++h) scale[h] = _mm512_set1_ps(srow[w.group_of[u * kUnit / 8 + 4 * h]]);
+    }
+    for (int m = 0; m < MR; ++m) {
+      const uint16_t* xu = x + m * ldx + u * kUnit;
+      for (int h = 0; h < 2; ++h) {
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(xu + 32 * h);
+        __m512& sum = acc[m][c + h];
+        if constexpr (GROUPS == Bf16Groups::Channel)
+          sum = _mm512_dpbf16_ps(sum, (__m512bh)v[h], xv);
+        else
+          sum = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)v[h], xv), scale[h], sum);
+      }
+    }
+  };
+  int64_t u = w.u_begin;
+  for (; u + 2 <= w.u_end; u += 2) unit(u, std::integral_constant<int, 0>{}), unit(u + 1, std::integral_constant<int, kChains - 2>{});
+  if (u < w.u_end) unit(u, std::integral_constant<int, 0>{});
+  for (int m = 0; m < MR; ++m) {
+    __m512 all = acc[m][0];
+    for (int c = 1; c < kChains; ++c) all = _mm512_add_ps(all, acc[m][c]);
+    const float sum = _mm512_reduce_add_ps(all);
+    w.put(y + m * ldy, GROUPS == Bf16Groups::Channel ? sum * srow[0] : sum);
+  }
+}
+
+// Rows n0 .. n1 of y [M, N] (fp32) for x [M, K] in lane order.
+template <int BITS, bool MIRRORED, Bf16Groups GROUPS>
+void rows_bf16_t(const Packed& w, const uint16_t* x, int64_t M, int64_t n0, int64_t n1, float* y) {
+  const Bf16Words<BITS> t(w);
+  RowScales rs(w, Isa::Avx512);
+  const __m512i lanes[2] = {lane_groups<BITS>(std::min<int64_t>(w.group_size, kUnit), 0),
+                            lane_groups<BITS>(std::min<int64_t>(w.group_size, kUnit), 1)};
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* srow = rs.scales(n);
+    // Tiles of 8, 4, 2 and 1 rows of x: each decodes the weight row once.
+    int64_t m = 0;
+    const auto tile = [&](auto mr) {
+      row_bf16<BITS, MIRRORED, GROUPS, decltype(mr)::value>(w, t, lanes, srow, n, x + m * w.K, w.K, y + m * w.N + n,
+                                                            w.N);
+      m += decltype(mr)::value;
+    };
+    while (m + 8 <= M) tile(std::integral_constant<int, 8>{});
+    if (m + 4 <= M) tile(std::integral_constant<int, 4>{});
+    if (m + 2 <= M) tile(std::integral_constant<int, 2>{});
+    if (m < M) tile(std::integral_constant<int, 1>{});
+  }
+}
+
+// Calls rows_bf16_t for w's combination.
+void rows_bf16(const Packed& w, const uint16_t* x, int64_t M, int64_t n0, int64_t n1, float* y) {
+  using G = Bf16Groups;
+  const auto run = [&](auto bits, auto mirrored) {
+    constexpr int B = decltype(bits)::value;
+    constexpr bool MI = decltype(mirrored)::value;
+    if (w.groups == 1) return rows_bf16_t<B, MI, G::Channel>(w, x, M, n0, n1, y);
+    if (w.group_size % (B == 8 ? kUnit : 32) == 0) return rows_bf16_t<B, MI, G::Vectors>(w, x, M, n0, n1, y);
+    rows_bf16_t<B, MI, G::Lanes>(w, x, M, n0, n1, y);
+  };
+  using std::integral_constant;
+  if (w.bits == 4) return run(integral_constant<int, 4>{}, std::false_type{});
+  if (w.bits == 6) return run(integral_constant<int, 6>{}, std::false_type{});
+  w.mirrored ? run(integral_constant<int, 8>{}, std::true_type{}) : run(integral_constant<int, 8>{}, std::false_type{});
+}
+
+#pragma GCC pop_options
+#endif  // FPBENCH_X86
+
+}  // namespace
