@@ -96,6 +96,10 @@ def test_kernel_names_expand_and_unknown_ones_are_clear():
 
 def test_bf16_suffix_gives_bf16_activations():
     assert bench.parse_kernels(["nvfp4@bf16", "int4/g128@bf16"]) == ["nvfp4/g16@bf16", "int4/g128@bf16"]
+    # The default: the torch kernels and fpbench's with bf16 x, as on the latency path.
+    default = bench.parse_kernels(None)
+    assert default[:4] == list(bench.TORCH_KERNELS) and "fp6_e3m2/channel@bf16" in default
+    assert all(name.endswith("@bf16") for name in default[4:])
     for wrong in ("int4/g128@fp16", "torch_fp32@bf16"):
         with pytest.raises(FpbenchError, match="only activation suffix is @bf16"):
             bench.parse_kernels([wrong])

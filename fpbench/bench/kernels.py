@@ -26,7 +26,8 @@ format name means both ``/channel`` and ``/g128``, a bare block format its own b
 ``mxfp4_e2m1``, ``nvfp4``), with fp32 activations, or bf16 ones with the suffix ``@bf16``
 (``int4/g128@bf16``: as a layer of a model whose rest runs in bf16; on a CPU with AVX-512
 BF16 it takes the bf16 dot-product GEMV, or GEMM from ``bf16_gemm_min_rows()`` rows,
-otherwise x is widened to fp32 as before). ``vs_bf16`` =
+otherwise x is widened to fp32 as before). The default list (``KERNELS``) takes bf16 x, as
+a model's kernel layers get it on the latency path. ``vs_bf16`` =
 torch_bf16's median / this kernel's median (above 1 = faster than bf16), ``vs_fp32`` the
 same against torch_fp32.
 """
@@ -60,7 +61,9 @@ DEFAULT_BATCHES = (1, 8, 64, 512)
 TORCH_KERNELS = ("torch_fp32", "torch_bf16", "torch_int8_bf16", "torch_int4_bf16")
 DEFAULT_FORMATS = ("int4", "int4_asym", "int8", "fp4_e2m1", "fp6_e2m3", "fp6_e3m2", "fp8_e4m3", "fp8_e5m2")
 DEFAULT_GRANULARITIES = ("channel", "g128")
-KERNELS = TORCH_KERNELS + tuple(f"{f}/{g}" for f in DEFAULT_FORMATS for g in DEFAULT_GRANULARITIES)
+# By default fpbench's kernels take bf16 x, as in a model on the latency path (its unquantized
+# rest runs in bf16: on AVX-512 BF16 the bf16 kernels, elsewhere x widened to fp32 exactly).
+KERNELS = TORCH_KERNELS + tuple(f"{f}/{g}@bf16" for f in DEFAULT_FORMATS for g in DEFAULT_GRANULARITIES)
 TORCH_INT4_GROUP = 128
 BANDWIDTH_BUFFER_BYTES = 512 * 2**20
 CACHE_DIR = Path("/sys/devices/system/cpu/cpu0/cache")
@@ -134,7 +137,8 @@ def _format_or_none(name: str):
 
 def parse_kernels(names: list[str] | None) -> list[str]:
     """Torch kernel names as they are; ``FORMAT`` -> ``FORMAT/channel``, ``FORMAT/g128``
-    (a block format: its block, ``mxfp4_e2m1/g32``); an ``@bf16`` suffix is kept."""
+    (a block format: its block, ``mxfp4_e2m1/g32``); an ``@bf16`` suffix is kept. None:
+    ``KERNELS`` (fpbench's kernels with bf16 x)."""
     if not names:
         return list(KERNELS)
     out = []
