@@ -248,10 +248,10 @@ constexpr int64_t kBf16PrefetchBytes = 8192;
 // of x for K = 14336). On 4096x4096 (AMD EPYC with AVX-512 BF16, in turn call by call in
 // one process) blocks ran 1.08-1.21x as fast as whole rows at M = 8 (FP6, INT4 g128, INT8
 // per channel) and INT8 1.28x at M = 4; at M = 12 and 15, with blocks of 8-10 units,
-// 0.81-0.97x: there the bf16 GEMM takes over (kBf16GemmMinRows).
+// 0.80-0.96x: there the bf16 GEMM takes over (kBf16GemmMinRows).
 constexpr int64_t kBf16BlockXBytes = 16 * 1024;
 
-// y [M, N] = x [M, K] w^T in fp32 for bf16 x and fewer than kBlockedMinRows rows (ISA
+// y [M, N] = x [M, K] w^T in fp32 for bf16 x and fewer than kBf16GemmMinRows rows (ISA
 // Avx512Bf16, bf16_gemv(w)): a thread's rows one block of K at a time, as gemv.
 void gemv_bf16(Packed w, const uint16_t* x, int64_t M, float* y) {
   const int64_t units = w.K / kUnit, ahead = kBf16PrefetchBytes / unit_bytes(w.bits);
