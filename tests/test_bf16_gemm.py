@@ -21,7 +21,6 @@ pytestmark = pytest.mark.skipif("avx512bf16" not in kernels.runnable_isas(),
 # N = 53: a panel of 48 rows and a masked one; K = 1088: a block of 1024 columns and one of 64
 # (the GEMM), an odd number of units (the GEMV's pairs of units).
 N, K = 53, 1088
-GEMM_FROM = kernels.load().bf16_gemm_min_rows() if "avx512bf16" in kernels.runnable_isas() else 9
 SCHEMES = ["fp4_e2m1/channel", "fp4_e2m1/g16", "fp4_e2m1/g32", "int4/g96", "int4/g128", "int4/channel",
            "int8/channel", "int8/g64", "fp6_e3m2/channel", "fp6_e2m3/g128", "fp6_e3m2/g32", "fp8_e4m3/g32",
            "fp8_e5m2/channel", "fp8_e3m4/g128", "mxfp4_e2m1/g32", "mxfp6_e3m2/g32", "mxfp8_e4m3/g32", "nvfp4/g16",
@@ -46,6 +45,10 @@ def _layer(name: str, isa: str = "avx512bf16", every_code: bool = False):
             codes = (codes + half) % (2 * half) - half
         qweight.codes.copy_(codes)
     return qweight, LutLinear(qweight, isa=isa)
+
+
+def _gemm_from() -> int:  # rows of x from which the GEMM takes over from the GEMV
+    return kernels.load().bf16_gemm_min_rows()
 
 
 def _product(layer: LutLinear, x: torch.Tensor) -> torch.Tensor:
@@ -74,8 +77,8 @@ def test_one_hot_rows_give_every_code_bit_for_bit(name):
     eye = torch.zeros(len(columns), K, dtype=torch.bfloat16)
     eye[range(len(columns)), columns] = 1.0
     assert torch.equal(_product(layer, eye).T, weight[:, columns])
-    # The GEMV: 1-4 rows of x a weight row.
-    for rows in (1, 3, 4, 7):
+    # The GEMV: 1 to _gemm_from() - 1 rows of x a call.
+    for rows in (1, 3, 4, _gemm_from() - 1):
         y = torch.cat([_product(layer, part) for part in eye.split(rows)])
         assert torch.equal(y.T, weight[:, columns])
 
@@ -115,15 +118,15 @@ def test_e8m0_extremes_keep_the_group_scales(name):
                                               ("int4_asym/g32", False, False)])
 def test_the_bf16_kernels_are_taken_for_bf16_x(name, gemv, gemm):
     # The fp32 kernels give the same bits on every AVX-512 ISA; the bf16 ones sum in another
-    # order: the GEMV below GEMM_FROM rows (groups of 16, 32, or whole vectors of a unit: a
+    # order: the GEMV below _gemm_from() rows (groups of 16, 32, or whole vectors of a unit: a
     # multiple of 32 weights for 4- and 6-bit codes, of 64 for 8-bit ones), the GEMM from
     # there. Zero points (their v - z is not exact in bf16) and fp32 x keep the fp32 kernels.
     _, dot = _layer(name)
     _, fp32 = _layer(name, isa="avx512vbmi")
     x = torch.randn(16, K, generator=torch.Generator().manual_seed(3)).bfloat16()
-    for rows in (1, GEMM_FROM - 1):
+    for rows in (1, _gemm_from() - 1):
         assert torch.equal(_product(dot, x[:rows]), _product(fp32, x[:rows])) != gemv
-    for rows in (GEMM_FROM, 16):
+    for rows in (_gemm_from(), 16):
         assert torch.equal(_product(dot, x[:rows]), _product(fp32, x[:rows])) != gemm
         assert torch.equal(_product(dot, x[:rows].float()), _product(fp32, x[:rows].float()))
     assert torch.equal(_product(dot, x[:1].float()), _product(fp32, x[:1].float()))
