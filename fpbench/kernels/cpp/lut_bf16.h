@@ -68,17 +68,22 @@ constexpr int pair_k(int e, int high) {
 }
 constexpr int slot(int e) { return e / 8 == 1 || e / 8 == 2 ? e ^ 24 : e; }  // its own inverse
 
-// Units u0 .. u1 of x (bf16, 64 values a unit) as pairs (pair_k, in slot order), 32
-// 32-bit words a unit: two word permutes a unit.
-inline void pair_x(const uint16_t* x, int64_t u0, int64_t u1, uint32_t* out) {
-  alignas(64) uint16_t order[2 * 32];
-  for (int e = 0; e < 32; ++e) order[2 * slot(e)] = pair_k(e, 0), order[2 * slot(e) + 1] = pair_k(e, 1);
-  const __m512i first = _mm512_load_si512(order), second = _mm512_load_si512(order + 32);
+// Units u0 .. u1 of x (bf16, 64 values a unit) with each unit's values in `order`:
+// out[64u + j] = x[64u + order[j]], two word permutes a unit.
+inline void order_units(const uint16_t* x, const uint16_t (&order)[kUnit], int64_t u0, int64_t u1, uint16_t* out) {
+  const __m512i first = _mm512_loadu_si512(order), second = _mm512_loadu_si512(order + 32);
   for (int64_t u = u0; u < u1; ++u) {
     const __m512i a = _mm512_loadu_si512(x + u * kUnit), b = _mm512_loadu_si512(x + u * kUnit + 32);
-    _mm512_storeu_si512(out + u * 32, _mm512_permutex2var_epi16(a, first, b));
-    _mm512_storeu_si512(out + u * 32 + 16, _mm512_permutex2var_epi16(a, second, b));
+    _mm512_storeu_si512(out + u * kUnit, _mm512_permutex2var_epi16(a, first, b));
+    _mm512_storeu_si512(out + u * kUnit + 32, _mm512_permutex2var_epi16(a, second, b));
   }
+}
+
+// Units u0 .. u1 of x as pairs (pair_k, in slot order), 32 32-bit words a unit.
+inline void pair_x(const uint16_t* x, int64_t u0, int64_t u1, uint32_t* out) {
+  uint16_t order[kUnit];
+  for (int e = 0; e < 32; ++e) order[2 * slot(e)] = pair_k(e, 0), order[2 * slot(e) + 1] = pair_k(e, 1);
+  order_units(x, order, u0, u1, reinterpret_cast<uint16_t*>(out));
 }
 
 // The bf16 patterns of code bytes as their low and high bytes, looked up in the value

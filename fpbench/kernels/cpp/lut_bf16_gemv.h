@@ -53,14 +53,9 @@ inline bool bf16_gemv(const Packed& w) {
 
 // Units u0 .. u1 of x (bf16, 64 values a unit) in lane order: out[64u + j] = x[64u + lane_k(bits, j)].
 inline void order_x_bf16(int bits, const uint16_t* x, int64_t u0, int64_t u1, uint16_t* out) {
-  alignas(64) uint16_t order[kUnit];
+  uint16_t order[kUnit];
   for (int j = 0; j < kUnit; ++j) order[j] = static_cast<uint16_t>(lane_k(bits, j));
-  const __m512i first = _mm512_load_si512(order), second = _mm512_load_si512(order + 32);
-  for (int64_t u = u0; u < u1; ++u) {
-    const __m512i a = _mm512_loadu_si512(x + u * kUnit), b = _mm512_loadu_si512(x + u * kUnit + 32);
-    _mm512_storeu_si512(out + u * kUnit, _mm512_permutex2var_epi16(a, first, b));
-    _mm512_storeu_si512(out + u * kUnit + 32, _mm512_permutex2var_epi16(a, second, b));
-  }
+  order_units(x, order, u0, u1, out);
 }
 
 // The lookups of one format: bf16 word tables (4-bit: the 16 patterns twice, 6-bit: 64), or
