@@ -29,8 +29,9 @@ class KernelLinear {
   at::Tensor dequantize() const;
   // One row, no tensors: y [N] = W x [K] + bias in fp32, the same bits as forward on fp32 x.
   void forward_row(const float* x, float* y) const;
-  // The same for bf16 x: the same bits as forward on bf16 x.
-  void forward_row(const c10::BFloat16* x, float* y) const;
+  // The same for bf16 x: the same bits as forward on bf16 x (x widened into `wide` where
+  // the layer's ISA has no bf16 GEMV).
+  void forward_row(const c10::BFloat16* x, float* y, std::vector<float>& wide) const;
   int64_t out_features() const;
 
   struct Impl;

@@ -83,7 +83,7 @@ struct Projection {
       kernel->forward_row(x, y);
     } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
       y32.resize(N);
-      kernel->forward_row(x, y32.data());
+      kernel->forward_row(x, y32.data(), x32);
       for (int64_t n = 0; n < N; ++n) y[n] = narrow<T>(y32[n]);
     } else {
       x32.resize(K), y32.resize(N);

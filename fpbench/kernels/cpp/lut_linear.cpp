@@ -441,7 +441,7 @@ void fpbench::KernelLinear::forward_row(const float* x, float* y) const {
   add_bias(y);
 }
 
-void fpbench::KernelLinear::forward_row(const c10::BFloat16* x, float* y) const {
+void fpbench::KernelLinear::forward_row(const c10::BFloat16* x, float* y, std::vector<float>& wide) const {
   const Packed& w = impl_->w;
 #if FPBENCH_X86
   if (takes_bf16_gemv(w, impl_->isa, 1, torch::kBFloat16)) {
@@ -449,7 +449,7 @@ void fpbench::KernelLinear::forward_row(const c10::BFloat16* x, float* y) const 
     return add_bias(y);
   }
 #endif
-  std::vector<float> wide(x, x + w.K);  // exact, as product's conversion
+  wide.assign(x, x + w.K);  // exact, as product's conversion
   forward_row(wide.data(), y);
 }
 
