@@ -41,12 +41,16 @@ inline int lane_k(int bits, int j) {
   return 16 * (l / 8) + 8 * v + l % 8;
 }
 
+// The span of k a decoded vector's weights lie in: its 32 consecutive k for 4- and 6-bit
+// codes, the whole unit for 8-bit ones (lane_k). Groups of a multiple of it hold whole vectors.
+constexpr int64_t vector_span(int bits) { return bits == 8 ? kUnit : 32; }
+
 // Whether gemv_bf16 takes w: no zero points (v - z is not exact in bf16), and groups that
 // hold whole vectors of a unit (Bf16Groups) or 16 or 32 weights (each sum lane's two
 // weights in one group).
 inline bool bf16_gemv(const Packed& w) {
   const int64_t G = w.group_size;
-  return w.zeros.kind == Store::None && (G % (w.bits == 8 ? kUnit : 32) == 0 || G == 16 || G == 32);
+  return w.zeros.kind == Store::None && (G % vector_span(w.bits) == 0 || G == 16 || G == 32);
 }
 
 #pragma GCC push_options
@@ -247,7 +251,7 @@ void rows_bf16(const Packed& w, const uint16_t* x, int64_t M, int64_t n0, int64_
     constexpr int B = decltype(bits)::value;
     constexpr bool MI = decltype(mirrored)::value;
     if (w.groups == 1) return rows_bf16_t<B, MI, G::Channel>(w, x, M, n0, n1, y);
-    if (w.group_size % (B == 8 ? kUnit : 32) == 0) return rows_bf16_t<B, MI, G::Vectors>(w, x, M, n0, n1, y);
+    if (w.group_size % vector_span(B) == 0) return rows_bf16_t<B, MI, G::Vectors>(w, x, M, n0, n1, y);
     rows_bf16_t<B, MI, G::Lanes>(w, x, M, n0, n1, y);
   };
   using std::integral_constant;

@@ -35,7 +35,8 @@ constexpr int64_t kBf16GemmMinRows = 9;
 constexpr int64_t kScalarGemmMinRows = 32;  // the scalar ISA: from here, dequantize once + torch's GEMM
 
 // Avx512Vbmi: AVX-512 with vpermb (6-bit and FP8 GEMV, see row_avx512_vbmi); otherwise as
-// Avx512. Avx512Bf16: that and vdpbf16ps (the bf16 GEMM for bf16 x, see lut_bf16.h).
+// Avx512. Avx512Bf16: that and vdpbf16ps (the bf16 GEMV and GEMM for bf16 x, see
+// lut_bf16_gemv.h and lut_bf16.h).
 enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2, Avx512Vbmi = 3, Avx512Bf16 = 4 };
 
 // How codes become values. Table: the value table (4-bit codes always: one vpshufb per 32
