@@ -24,7 +24,7 @@ N, K = 53, 1088
 SCHEMES = ["fp4_e2m1/channel", "fp4_e2m1/g16", "fp4_e2m1/g32", "int4/g96", "int4/g128", "int4/channel",
            "int8/channel", "int8/g64", "fp6_e3m2/channel", "fp6_e2m3/g128", "fp6_e3m2/g32", "fp8_e4m3/g32",
            "fp8_e5m2/channel", "fp8_e3m4/g128", "mxfp4_e2m1/g32", "mxfp6_e3m2/g32", "mxfp8_e4m3/g32", "nvfp4/g16",
-           "int8/g32", "int4/g48", "int4_asym/g32"]
+           "int8/g32", "int4/g48", "int4_asym/g32", "fp8_e4m3/g16", "fp6_e3m2/g16"]
 
 
 def _layer(name: str, isa: str = "avx512bf16", every_code: bool = False):

@@ -32,11 +32,26 @@ namespace {
 
 #if FPBENCH_X86
 
+// 4-bit codes in groups of 16 (NVFP4): a vector's words, the low (first vector) or high
+// nibbles of the unit's 32 bytes, hold two groups: byte b's nibble lies in the vector's
+// group (b % 16) / 8 (position_to_k). The decode orders them so that sum lane i (words 2i,
+// 2i + 1) lies in group i % 2, and a vector's scales are one broadcast pair instead of a
+// masked load and a permute (NVFP4 with the weights in cache, in turn in one process:
+// 1.03-1.10x). The byte of word j (0..31).
+inline int alternate_byte(int j) {
+  const int group = j / 2 % 2, ordinal = j / 4 * 2 + j % 2;  // 0..15 among the group's bytes
+  return 8 * group + (ordinal < 8 ? ordinal : 8 + ordinal);
+}
+
+// Whether the decode orders w's words by alternate_byte.
+inline bool alternate_lanes(const Packed& w) { return w.bits == 4 && w.group_size == 16; }
+
 // Weight k (in its unit) of lane j of the two decoded vectors: positions in order for 4-
-// and 6-bit codes; 8-bit codes stored in k order, bytes 16L + i (i < 8) of each 128-bit
-// lane L in the first vector's words 8L + i, bytes 16L + 8 + i in the second's.
-inline int lane_k(int bits, int j) {
-  if (bits != 8) return position_to_k(j);
+// and 6-bit codes (or by alternate_byte); 8-bit codes stored in k order, bytes 16L + i (i <
+// 8) of each 128-bit lane L in the first vector's words 8L + i, bytes 16L + 8 + i in the
+// second's.
+inline int lane_k(int bits, int j, bool alternate = false) {
+  if (bits != 8) return position_to_k(alternate ? 32 * (j / 32) + alternate_byte(j % 32) : j);
   const int v = j / 32, l = j % 32;
   return 16 * (l / 8) + 8 * v + l % 8;
 }
@@ -56,10 +71,10 @@ inline bool bf16_gemv(const Packed& w) {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512bf16,avx2,fma,f16c")
 
-// Units u0 .. u1 of x (bf16, 64 values a unit) in lane order: out[64u + j] = x[64u + lane_k(bits, j)].
-inline void order_x_bf16(int bits, const uint16_t* x, int64_t u0, int64_t u1, uint16_t* out) {
+// Units u0 .. u1 of x (bf16, 64 values a unit) in w's lane order: out[64u + j] = x[64u + lane_k(j)].
+inline void order_x_bf16(const Packed& w, const uint16_t* x, int64_t u0, int64_t u1, uint16_t* out) {
   uint16_t order[kUnit];
-  for (int j = 0; j < kUnit; ++j) order[j] = static_cast<uint16_t>(lane_k(bits, j));
+  for (int j = 0; j < kUnit; ++j) order[j] = static_cast<uint16_t>(lane_k(w.bits, j, alternate_lanes(w)));
   order_units(x, order, u0, u1, out);
 }
 
@@ -68,6 +83,7 @@ inline void order_x_bf16(int bits, const uint16_t* x, int64_t u0, int64_t u1, ui
 template <int BITS>
 struct Bf16Words {
   __m512i word[2];
+  __m512i alternate;  // 4-bit: byte alternate_byte(j) of a unit's codes in byte 2j
   explicit Bf16Words(const Packed& w) {
     alignas(64) uint16_t patterns[64];
     for (int j = 0; j < 64; ++j) {
@@ -75,6 +91,9 @@ struct Bf16Words {
       patterns[j] = static_cast<uint16_t>(w.table_lo[c] | w.table_hi[c] << 8);
     }
     word[0] = _mm512_load_si512(patterns), word[1] = _mm512_load_si512(patterns + 32);
+    alignas(64) uint16_t order[32];
+    for (int j = 0; j < 32; ++j) order[j] = static_cast<uint16_t>(alternate_byte(j));
+    alternate = _mm512_load_si512(order);
   }
 };
 
@@ -84,9 +103,9 @@ struct Bf16Words<8> {
   explicit Bf16Words(const Packed& w) : bytes(w) {}
 };
 
-// Unit u of a row (planes a, b) as two vectors of 32 bf16 weights (lanes as lane_k).
-// MIRRORED (8-bit): code c + 128 is code c negated.
-template <int BITS, bool MIRRORED>
+// Unit u of a row (planes a, b) as two vectors of 32 bf16 weights (lanes as lane_k; ALTERNATE:
+// 4-bit words by alternate_byte). MIRRORED (8-bit): code c + 128 is code c negated.
+template <int BITS, bool MIRRORED, bool ALTERNATE = false>
 inline void decode_bf16(const Bf16Words<BITS>& t, const uint8_t* a, const uint8_t* b, int64_t u, __m512i& first,
                         __m512i& second) {
   if constexpr (BITS == 8) {
@@ -103,7 +122,10 @@ inline void decode_bf16(const Bf16Words<BITS>& t, const uint8_t* a, const uint8_
     }
     first = _mm512_unpacklo_epi8(lo, hi), second = _mm512_unpackhi_epi8(lo, hi);
   } else {
-    const __m512i nibbles = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + u * 32)));
+    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + u * 32));
+    const __m512i nibbles = ALTERNATE ? _mm512_maskz_permutexvar_epi8(0x5555555555555555ull, t.alternate,
+                                                                      _mm512_castsi256_si512(bytes))
+                                      : _mm512_cvtepu8_epi16(bytes);
     if constexpr (BITS == 4) {
       first = _mm512_permutexvar_epi16(nibbles, t.word[0]);
       second = _mm512_permutexvar_epi16(_mm512_srli_epi16(nibbles, 4), t.word[0]);
@@ -127,9 +149,13 @@ inline void decode_bf16(const Bf16Words<BITS>& t, const uint8_t* a, const uint8_
   }
 }
 
-// One group a row; each vector of a unit in one group (G % 32 == 0 for 4- and 6-bit codes, whose
-// first vector holds k = 0-31, G % 64 == 0 for 8-bit ones); groups of 16 or 32 across a vector's lanes.
-enum class Bf16Groups { Channel, Vectors, Lanes };
+// How the scales apply. Channel: one a row, on its sum. Vectors: each vector of a unit in one
+// group (G % 32 == 0 for 4- and 6-bit codes, whose first vector holds k = 0-31, G % 64 == 0
+// for 8-bit ones), one broadcast. Alternate: 4-bit codes in groups of 16, each vector's sum
+// lanes alternating between its two groups (alternate_byte), one broadcast pair. Lanes:
+// groups of 16 or 32 across a vector's lanes, a permuted vector of the unit's scales (for
+// 8-bit codes the same for both vectors).
+enum class Bf16Groups { Channel, Vectors, Alternate, Lanes };
 
 // The scales of each sum lane of vector v (0, 1) in a unit: lane i sums lanes 2i and 2i + 1,
 // whose weights lie in the unit's group lane_k / G.
@@ -173,23 +199,34 @@ void row_bf16(const Packed& w, const Bf16Words<BITS>& t, const __m512i (&lanes)[
   const auto unit = [&](int64_t u, auto chain) __attribute__((always_inline)) {
     constexpr int c = decltype(chain)::value;
     __m512i v[2];
-    decode_bf16<BITS, MIRRORED>(t, a, b, u, v[0], v[1]);
+    decode_bf16<BITS, MIRRORED, GROUPS == Bf16Groups::Alternate>(t, a, b, u, v[0], v[1]);
     __m512 scale[2];
-    if constexpr (GROUPS == Bf16Groups::Lanes) {
+    if constexpr (GROUPS == Bf16Groups::Alternate) {
+      for (int h = 0; h < 2; ++h)
+        scale[h] = _mm512_castsi512_ps(
+            _mm512_broadcastq_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(srow + 4 * u + 2 * h))));
+    } else if constexpr (GROUPS == Bf16Groups::Lanes) {
       const __m512 unit_scale = _mm512_maskz_loadu_ps(unit_scales, srow + u * unit_groups);
-      for (int h = 0; h < 2; ++h) scale[h] = _mm512_permutexvar_ps(lane_scales[h], unit_scale);
+      for (int h = 0; h < (BITS == 8 ? 1 : 2); ++h) scale[h] = _mm512_permutexvar_ps(lane_scales[h], unit_scale);
     } else if constexpr (GROUPS == Bf16Groups::Vectors) {
       for (int h = 0; h < 2; ++h) scale[h] = _mm512_set1_ps(srow[w.group_of[u * kUnit / 8 + 4 * h]]);
     }
     for (int m = 0; m < MR; ++m) {
       const uint16_t* xu = x + m * ldx + u * kUnit;
-      for (int h = 0; h < 2; ++h) {
-        const __m512bh xv = (__m512bh)_mm512_loadu_si512(xu + 32 * h);
-        __m512& sum = acc[m][c + h];
-        if constexpr (GROUPS == Bf16Groups::Channel)
-          sum = _mm512_dpbf16_ps(sum, (__m512bh)v[h], xv);
-        else
-          sum = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)v[h], xv), scale[h], sum);
+      if constexpr (GROUPS == Bf16Groups::Lanes && BITS == 8) {
+        // Both vectors' sum lanes in the same groups (lane_k): their products summed first.
+        const __m512 p = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)v[0], (__m512bh)_mm512_loadu_si512(xu));
+        acc[m][c] = _mm512_fmadd_ps(_mm512_dpbf16_ps(p, (__m512bh)v[1], (__m512bh)_mm512_loadu_si512(xu + 32)),
+                                    scale[0], acc[m][c]);
+      } else {
+        for (int h = 0; h < 2; ++h) {
+          const __m512bh xv = (__m512bh)_mm512_loadu_si512(xu + 32 * h);
+          __m512& sum = acc[m][c + h];
+          if constexpr (GROUPS == Bf16Groups::Channel)
+            sum = _mm512_dpbf16_ps(sum, (__m512bh)v[h], xv);
+          else
+            sum = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)v[h], xv), scale[h], sum);
+        }
       }
     }
   };
@@ -276,6 +313,7 @@ void rows_bf16(const Packed& w, const uint16_t* x, int64_t M, int64_t n0, int64_
     constexpr bool MI = decltype(mirrored)::value;
     if (w.groups == 1) return rows_bf16_t<B, MI, G::Channel>(w, x, M, n0, n1, y);
     if (w.group_size % vector_span(B) == 0) return rows_bf16_t<B, MI, G::Vectors>(w, x, M, n0, n1, y);
+    if (B == 4 && alternate_lanes(w)) return rows_bf16_t<B, MI, G::Alternate>(w, x, M, n0, n1, y);
     rows_bf16_t<B, MI, G::Lanes>(w, x, M, n0, n1, y);
   };
   using std::integral_constant;

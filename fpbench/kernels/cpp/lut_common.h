@@ -205,11 +205,18 @@ __attribute__((target("avx,f16c"))) void halves_to_floats_f16c(const uint16_t* s
 }
 
 // n 8-bit scale codes -> their fp32 values, 8 at a time (see ByteDecode); the rest from
-// the table.
+// the table. d's fields are copied into registers first: read through the reference, they
+// were read again for every 8 codes (dst's float stores might alias them).
 template <ByteDecode::Kind KIND>
 __attribute__((target("avx2,f16c"))) void codes_to_floats_avx2(const uint8_t* src, int64_t n, const float* table,
                                                                const ByteDecode& d, float* dst) {
   using K = ByteDecode::Kind;
+  const __m256i delta = _mm256_set1_epi32(static_cast<int>(d.delta));
+  const __m128i shift = _mm_cvtsi32_si128(d.shift);
+  const __m256 multiplier = _mm256_set1_ps(d.multiplier);
+  const int patches = d.patches;
+  const __m256i patch_code[2] = {_mm256_set1_epi32(d.patch_code[0]), _mm256_set1_epi32(d.patch_code[1])};
+  const __m256 patch_value[2] = {_mm256_set1_ps(d.patch_value[0]), _mm256_set1_ps(d.patch_value[1])};
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + i));
@@ -218,19 +225,17 @@ __attribute__((target("avx2,f16c"))) void codes_to_floats_avx2(const uint8_t* sr
     if constexpr (KIND == K::Gather) {
       v = _mm256_i32gather_ps(table, index, 4);
     } else if constexpr (KIND == K::Exponent) {
-      const __m256i delta = _mm256_set1_epi32(static_cast<int>(d.delta));
       v = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_slli_epi32(index, 23), delta));
     } else {
       const __m128i words = _mm_cvtepu8_epi16(bytes);
       const __m128i pattern = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(words, _mm_set1_epi16(0x80)), 8),
-                                           _mm_sll_epi16(_mm_and_si128(words, _mm_set1_epi16(0x7F)),
-                                                         _mm_cvtsi32_si128(d.shift)));
-      v = _mm256_mul_ps(_mm256_cvtph_ps(pattern), _mm256_set1_ps(d.multiplier));
+                                           _mm_sll_epi16(_mm_and_si128(words, _mm_set1_epi16(0x7F)), shift));
+      v = _mm256_mul_ps(_mm256_cvtph_ps(pattern), multiplier);
     }
     if constexpr (KIND != K::Gather)
-      for (int p = 0; p < d.patches; ++p)
-        v = _mm256_blendv_ps(v, _mm256_set1_ps(d.patch_value[p]),
-                             _mm256_castsi256_ps(_mm256_cmpeq_epi32(index, _mm256_set1_epi32(d.patch_code[p]))));
+      for (int p = 0; p < 2; ++p)
+        if (p < patches)
+          v = _mm256_blendv_ps(v, patch_value[p], _mm256_castsi256_ps(_mm256_cmpeq_epi32(index, patch_code[p])));
     _mm256_storeu_ps(dst + i, v);
   }
   for (; i < n; ++i) dst[i] = table[src[i]];
@@ -241,24 +246,27 @@ template <ByteDecode::Kind KIND>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,f16c"))) void codes_to_floats_avx512(
     const uint8_t* src, int64_t n, const float* table, const ByteDecode& d, float* dst) {
   using K = ByteDecode::Kind;
+  const __m512i delta = _mm512_set1_epi32(static_cast<int>(d.delta));
+  const __m128i shift = _mm_cvtsi32_si128(d.shift);
+  const __m512 multiplier = _mm512_set1_ps(d.multiplier);
+  const int patches = d.patches;
+  const __m512i patch_code[2] = {_mm512_set1_epi32(d.patch_code[0]), _mm512_set1_epi32(d.patch_code[1])};
+  const __m512 patch_value[2] = {_mm512_set1_ps(d.patch_value[0]), _mm512_set1_ps(d.patch_value[1])};
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
     const __m512i index = _mm512_cvtepu8_epi32(bytes);
     __m512 v;
     if constexpr (KIND == K::Exponent) {
-      const __m512i delta = _mm512_set1_epi32(static_cast<int>(d.delta));
       v = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_slli_epi32(index, 23), delta));
     } else {
       const __m256i words = _mm256_cvtepu8_epi16(bytes);
       const __m256i sign = _mm256_slli_epi16(_mm256_and_si256(words, _mm256_set1_epi16(0x80)), 8);
-      const __m256i pattern = _mm256_or_si256(
-          sign, _mm256_sll_epi16(_mm256_and_si256(words, _mm256_set1_epi16(0x7F)), _mm_cvtsi32_si128(d.shift)));
-      v = _mm512_mul_ps(_mm512_cvtph_ps(pattern), _mm512_set1_ps(d.multiplier));
+      const __m256i pattern = _mm256_or_si256(sign, _mm256_sll_epi16(_mm256_and_si256(words, _mm256_set1_epi16(0x7F)), shift));
+      v = _mm512_mul_ps(_mm512_cvtph_ps(pattern), multiplier);
     }
-    for (int p = 0; p < d.patches; ++p)
-      v = _mm512_mask_mov_ps(v, _mm512_cmpeq_epi32_mask(index, _mm512_set1_epi32(d.patch_code[p])),
-                             _mm512_set1_ps(d.patch_value[p]));
+    for (int p = 0; p < 2; ++p)
+      if (p < patches) v = _mm512_mask_mov_ps(v, _mm512_cmpeq_epi32_mask(index, patch_code[p]), patch_value[p]);
     _mm512_storeu_ps(dst + i, v);
   }
   codes_to_floats_avx2<KIND>(src + i, n - i, table, d, dst + i);

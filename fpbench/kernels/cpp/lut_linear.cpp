@@ -257,7 +257,7 @@ void gemv_bf16(Packed w, const uint16_t* x, int64_t M, float* y) {
   const int64_t units = w.K / kUnit, ahead = kBf16PrefetchBytes / unit_bytes(w.bits);
   const int64_t block = M == 1 ? units : std::min(units, std::max<int64_t>(4, kBf16BlockXBytes / (2 * kUnit * M)));
   std::vector<uint16_t> ordered(M * w.K);
-  order_x_bf16(w.bits, x, 0, M * units, ordered.data());
+  order_x_bf16(w, x, 0, M * units, ordered.data());
   parallel_rows(w.N, w.K, [&](int64_t n0, int64_t n1) {
     const KeepDenormals keep;
     for (int64_t u = 0; u < units; u += block) {
