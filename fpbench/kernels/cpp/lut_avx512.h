@@ -162,8 +162,9 @@ void row_avx512(const Packed& w, const Avx512Consts<BITS, DEC>& t, RowScales& rs
   const float* srow = rs.scales(n);
   const float* zrow = ZP ? rs.zeros(n) : nullptr;
   Avx512Sums<MR> sums;
+  Ahead<BITS> ahead(w, a, b);
   for (int64_t u = w.u_begin; u < w.u_end; ++u) {
-    prefetch_ahead<BITS>(w, a, b, u);
+    ahead.at(u);
     __m512 v[4];
     weights_avx512<BITS, DEC, ZP>(w, t, a, b, srow, zrow, u, v);
     for (int i = 0; i < 4; ++i) sums.add(v[i], xp, ldx, u * kUnit + 16 * i, i);
@@ -223,8 +224,9 @@ void row_avx512_lookup(const Packed& w, RowScales& rs, int64_t n, const float* x
   __m512 lane_scale = _mm512_setzero_ps(), lane_zero = _mm512_setzero_ps();
   Avx512Sums<MR> sums;
   int64_t group = -1;
+  Ahead<BITS> ahead(w, a, b);
   for (int64_t u = w.u_begin; u < w.u_end; ++u) {
-    prefetch_ahead<BITS>(w, a, b, u);
+    ahead.at(u);
     const int32_t g = w.group_of[u * kUnit / 8];
     if (SIXTEEN) {
       table[0] = values[0];
@@ -430,8 +432,9 @@ void row_avx512_vbmi(const Packed& w, const VbmiTables& t, const float* srow, in
   const __m512i low2 = _mm512_set1_epi8(3), upper4 = _mm512_set1_epi8(0x3C);
   const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
   Avx512Sums<MR> sums;
+  Ahead<BITS> ahead(w, a, b);
   for (int64_t u = w.u_begin; u < w.u_end; ++u) {
-    prefetch_ahead<BITS>(w, a, b, u);
+    ahead.at(u);
     __m512i bytes[4];
     if constexpr (BITS == 6) {
       const __m512i nibbles = _mm512_srlv_epi64(

@@ -177,8 +177,8 @@ inline __m512i lane_groups(int64_t G, int v) {
 // FP8 g128 1.13-1.14x with the weights in cache, INT4 g128 1.06-1.10x and FP6 g128 1.02x
 // cold. (Summing whole groups with run-time bookkeeping ran at 0.55-0.7x: INT4, G = 64
 // and 128.) The loop holds little besides the vector work: one prefetch a 64-byte line
-// on a pointer that moves once a block, scale addresses from u where G is 16 or 32. Against
-// prefetch_ahead's per-unit address and a scale index read from group_of (2048x4096 in
+// on a pointer that moves once a block (Ahead), scale addresses from u where G is 16 or 32.
+// Against a prefetch address worked out per unit and a scale index read from group_of (2048x4096 in
 // cache, 2 threads, in turn in one process): NVFP4 1.08x, MXFP8 1.33x, FP6 E3M2 1.20x, FP6
 // E2M3 g128 1.18x, MXFP6 1.12x, INT4 per channel and g128 1.07x, 8-bit per channel 1.02x.
 template <int BITS, bool MIRRORED, Bf16Groups GROUPS, int MR>
@@ -245,24 +245,13 @@ void row_bf16(const Packed& w, const Bf16Words<BITS>& t, const __m512i (&lanes)[
       }
     }
   };
-  // The prefetch (prefetch_ahead's address, one a 64-byte line of each plane): linear in
-  // u but for one jump at unit `jump`, where the distance passes the block's end into the
-  // next rows.
-  const int64_t span = w.u_end - w.u_begin;
-  const int64_t jump = w.u_begin + std::min(span, (std::max<int64_t>(0, span - w.ahead_units) + 1) & ~int64_t{1});
-  const uint8_t* pa = a + w.ahead_rows * w.lda + w.ahead_units * unit_bytes(BITS);
-  const uint8_t* pb = BITS == 6 ? b + w.ahead_rows * w.ldb + w.ahead_units * (kUnit / 4) : nullptr;
+  Ahead<BITS, 2> ahead(w, a, b);  // one prefetch a 64-byte line of each plane
   // Groups of a multiple of 128 weights from an even unit: every pair of units in one group.
   const bool pairs = GROUPS == Bf16Groups::Vectors && w.group_size % (2 * kUnit) == 0 && w.u_begin % 2 == 0;
   int64_t u = w.u_begin;
   for (; u + 2 <= w.u_end; u += 2) {
-    if (u == jump) {
-      pa += w.lda - span * unit_bytes(BITS);
-      if constexpr (BITS == 6) pb += w.ldb - span * (kUnit / 4);
-    }
-    _mm_prefetch(reinterpret_cast<const char*>(pa + u * unit_bytes(BITS)), _MM_HINT_T0);
-    if constexpr (BITS == 6) _mm_prefetch(reinterpret_cast<const char*>(pb + u * (kUnit / 4)), _MM_HINT_T0);
-    if constexpr (BITS == 8) _mm_prefetch(reinterpret_cast<const char*>(pa + (u + 1) * kUnit), _MM_HINT_T0);
+    ahead.at(u);
+    if constexpr (BITS == 8) ahead.line(u + 1);
     if (pairs) {
       pair(u);
     } else {
@@ -271,7 +260,7 @@ void row_bf16(const Packed& w, const Bf16Words<BITS>& t, const __m512i (&lanes)[
     }
   }
   if (u < w.u_end) {
-    _mm_prefetch(reinterpret_cast<const char*>(pa + u * unit_bytes(BITS)), _MM_HINT_T0);
+    ahead.at(u);
     unit(u, std::integral_constant<int, 0>{});
   }
   for (int m = 0; m < MR; ++m) {

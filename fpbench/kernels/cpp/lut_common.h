@@ -365,7 +365,7 @@ struct Packed {
   // The SIMD GEMVs' block of K: units u_begin .. u_end of each row; a block after the first
   // adds its sums to y (see gemv).
   int64_t u_begin = 0, u_end = 0;
-  int64_t ahead_rows = 0, ahead_units = 0;  // the GEMVs' prefetch distance (see prefetch_ahead)
+  int64_t ahead_rows = 0, ahead_units = 0;  // the GEMVs' prefetch distance (see Ahead)
   // y[i] = sum for the first block of K, y[i] + sum for the others.
   void put(float* y, float sum) const { *y = u_begin == 0 ? sum : *y + sum; }
 };
