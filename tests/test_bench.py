@@ -1,6 +1,7 @@
 """fpbench bench on a tiny shape: records for torch's and fpbench's kernels, an honest roofline."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -41,10 +42,36 @@ def test_records_for_every_kernel(tmp_path, small_bench):
         assert record["bytes_read"] == record["weight_bytes"] + record["M"] * 384 * (
             2 if record["activation_dtype"] == "bfloat16" else 4)
         assert {"vs_bf16", "vs_fp32", "gbps", "roofline_fraction", "bandwidth_by_method"} <= set(record)
+        # against the streaming read timed in the same cell's turns
+        assert record["stream_gbps"] > 0
+        assert record["stream_fraction"] == pytest.approx(record["gbps"] / record["stream_gbps"], rel=0.01)
+    cells = {(r["M"], r["stream_gbps"]) for r in records}
+    assert len(cells) == 2  # one read a cell, the same for its kernels
     lines = (tmp_path / "bench.jsonl").read_text().splitlines()
     assert len(lines) == len(records) == 2 * len(expected)
     assert json.loads(lines[0])["N"] == 256
     assert "fp6_e3m2/channel" in bench.table(records) and "x_vs_fp32" in bench.table(records, "min_ms")
+    assert "vs_read" in bench.table(records)
+
+
+def test_the_cells_read_is_timed_in_the_kernels_turns(monkeypatch, small_bench):
+    # The read of each cell takes its turns among the kernels' calls, cycling cold copies as
+    # they do, with one and eight streams a thread; the better of the two is the cell's.
+    calls = []
+    real = bench.interleaved_times
+
+    def spy(prepared, xs, repeats, warmup=2):
+        calls.append([p.weight_bytes for p in prepared])
+        return real(prepared, xs, repeats, warmup)
+
+    monkeypatch.setattr(bench, "interleaved_times", spy)
+    records = bench.run_bench([(64, 200)], [1], ["torch_fp32"], repeats=3, progress=False)
+    stream = -(-64 * 200 // 4096) * 4096
+    assert calls == [[64 * 200 * 2, 64 * 200 * 4, stream, stream]]  # torch_bf16 joins as the reference
+    reads = [bench.prepare_stream(s, 64, 200) for s in bench.STREAMS]
+    assert [len(p.weights) for p in reads] == [bench._copies(stream)] * 2
+    assert all(reads[0].call(None, buffer) > 0 for buffer in reads[0].weights)
+    assert records[0]["stream_gbps"] > 0
 
 
 def test_bandwidth_is_the_best_method(monkeypatch):
@@ -110,10 +137,20 @@ def test_bf16_suffix_gives_bf16_activations():
 
 
 def test_kernels_take_turns_call_by_call():
-    # Each kernel's i-th call falls between the others' i-th calls, after the warm-up.
+    # Each round calls every kernel once (its next weight copy), in an order that changes
+    # between rounds; after the warm-up round.
     order = []
     prepared = [bench.Prepared([f"{name}0", f"{name}1"], 1, lambda x, w: order.append(w), torch.float32)
-                for name in "ab"]
-    times = bench.interleaved_times(prepared, [torch.zeros(1)] * 2, repeats=3, warmup=1)
-    assert order == ["a0", "b0", "a1", "b1", "a0", "b0", "a1", "b1"]
-    assert [len(t) for t in times] == [3, 3] and all(s >= 0 for t in times for s in t)
+                for name in "abc"]
+    times = bench.interleaved_times(prepared, [torch.zeros(1)] * 3, repeats=8, warmup=1)
+    assert order[:3] == ["a0", "b0", "c0"]
+    rounds = [order[i:i + 3] for i in range(3, len(order), 3)]
+    assert len(rounds) == 8
+    for i, calls in enumerate(rounds):
+        assert sorted(calls) == [f"{name}{(1 + i) % 2}" for name in "abc"]
+    assert len({tuple(w[0] for w in calls) for calls in rounds}) > 1  # not one fixed order
+    assert [len(t) for t in times] == [8, 8, 8] and all(s >= 0 for t in times for s in t)
+    # the times land with their own kernel
+    slow = [bench.Prepared([0], 1, lambda x, w, d=d: time.sleep(d), torch.float32) for d in (0.0, 0.004)]
+    fast, slower = bench.interleaved_times(slow, [None, None], repeats=4, warmup=0)
+    assert max(fast) < min(slower)

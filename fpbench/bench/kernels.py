@@ -16,7 +16,11 @@ streamed 51.7 GB/s against probes of 50.8 before and 44.1 after it. A kernel tha
 ``bytes_read`` bytes (packed weights, scales, zero points and x) in ``median_ms`` is at
 ``roofline_fraction = bytes_read / (bandwidth * median)``, bandwidth the best probe.
 The probe takes the maximum over methods so that no kernel can stream faster than "the
-ceiling".
+ceiling". Each cell also times a plain streaming read of N x K bytes (one and eight
+streams a thread, the better kept) in the same turns as its kernels (``prepare_stream``):
+``stream_gbps``, and ``stream_fraction`` = the kernel's GB/s over it, the share of what the
+memory system gave a read loop in those very turns (the best probe may come from a faster
+spell than the cell's).
 
 Kernels: ``torch_fp32`` and ``torch_bf16`` (F.linear), ``torch_int8_bf16``
 (``_weight_int8pack_mm``, per-channel), ``torch_int4_bf16``
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 import statistics
 import time
 from dataclasses import dataclass
@@ -66,6 +71,7 @@ DEFAULT_GRANULARITIES = ("channel", "g128")
 KERNELS = TORCH_KERNELS + tuple(f"{f}/{g}@bf16" for f in DEFAULT_FORMATS for g in DEFAULT_GRANULARITIES)
 TORCH_INT4_GROUP = 128
 BANDWIDTH_BUFFER_BYTES = 512 * 2**20
+STREAMS = (1, 8)  # streams a thread of the reads timed in each cell's turns (prepare_stream)
 CACHE_DIR = Path("/sys/devices/system/cpu/cpu0/cache")
 
 
@@ -254,23 +260,45 @@ def prepare(kernel: str, n: int, k: int, generator: torch.Generator) -> Prepared
     return Prepared(weights, nbytes, lambda x, layer: layer(x), torch.bfloat16 if at else torch.float32)
 
 
+def prepare_stream(streams: int, n: int, k: int) -> Prepared:
+    """A plain streaming read of N x K bytes (an 8-bit weight's size) by all threads with the
+    widest loads of the best ISA, ``streams`` streams a thread, cycling through cold copies
+    as the kernels do: timed in the same turns as a cell's kernels, it is what the memory
+    system gave a read loop in those turns (on a shared machine the bandwidth comes and goes
+    by up to 2x between minutes, which a probe before or after the kernels misses)."""
+    module = kernels.load()
+    nbytes = -(-n * k // 4096) * 4096  # the read loop takes whole 4 KiB pages
+    buffers = [torch.ones(nbytes // 8, dtype=torch.int64) for _ in range(_copies(nbytes))]
+    isa = module.best_isa()
+    return Prepared(buffers, nbytes, lambda x, buffer: module.stream_read_gbps(buffer, 1, isa, streams),
+                    torch.float32)
+
+
 def interleaved_times(prepared: list[Prepared], xs: list[torch.Tensor], repeats: int,
                       warmup: int = 2) -> list[list[float]]:
     """Seconds of each call of each kernel (x from xs alike), the kernels taking turns call
     by call, each cycling through its weight copies: a slower or faster spell of a shared
     machine falls on every kernel alike, so their ratios hold (timed one kernel after the
     other, the same kernel's ratio to torch's moved by up to 28% between two runs). The
-    records keep each kernel's median and its minimum (its least disturbed call)."""
+    records keep each kernel's median and its minimum (its least disturbed call). Each round
+    takes the kernels in another order (seeded): in a fixed one the first of fpbench's
+    kernels after torch's ran up to 1.6x slower than in second place on 4096x4096 (AMD EPYC,
+    M = 1), whichever kernel it was; shuffled, such a neighbour falls on every kernel's
+    calls now and then, and the medians pass over it."""
     for i in range(warmup):
         for p, x in zip(prepared, xs):
             p.call(x, p.weights[i % len(p.weights)])
     times = [[] for _ in prepared]
+    order = list(range(len(prepared)))
+    shuffle = random.Random(0).shuffle
     for i in range(repeats):
-        for p, x, samples in zip(prepared, xs, times):
+        shuffle(order)
+        for j in order:
+            p = prepared[j]
             weight = p.weights[(warmup + i) % len(p.weights)]
             start = time.perf_counter()
-            p.call(x, weight)
-            samples.append(time.perf_counter() - start)
+            p.call(xs[j], weight)
+            times[j].append(time.perf_counter() - start)
     return times
 
 
@@ -297,6 +325,7 @@ def run_bench(shapes=None, batches=None, kernel_names=None, repeats: int = 21, o
     steps = tqdm(total=len(shapes) * len(kernel_names) * len(batches), desc="bench", disable=not progress)
     for n, k in shapes:
         prepared = {}
+        streams = {count: prepare_stream(count, n, k) for count in STREAMS}
         for kernel in kernel_names:
             prepared[kernel] = p = prepare(kernel, n, k, generator)
             # One call on every copy first: on this VM the first pass over freshly
@@ -308,7 +337,11 @@ def run_bench(shapes=None, batches=None, kernel_names=None, repeats: int = 21, o
         for m in batches:
             x = torch.randn(m, k, generator=generator)
             xs = [x.to(p.activation_dtype) for p in prepared.values()]
-            times = interleaved_times(list(prepared.values()), xs, _repeats_for(m, n, k, repeats))
+            turns = list(prepared.values()) + list(streams.values())
+            times = interleaved_times(turns, xs + [x] * len(streams), _repeats_for(m, n, k, repeats))
+            # The better of the reads with one and eight streams a thread, in the same turns.
+            stream_gbps = max(p.weight_bytes / statistics.median(samples) / 1e9
+                              for p, samples in zip(streams.values(), times[len(prepared):]))
             for (kernel, p), xk, samples in zip(prepared.items(), xs, times):
                 median_ms, min_ms = statistics.median(samples) * 1e3, min(samples) * 1e3
                 bytes_read = p.weight_bytes + xk.numel() * xk.element_size()
@@ -316,10 +349,12 @@ def run_bench(shapes=None, batches=None, kernel_names=None, repeats: int = 21, o
                                 "min_ms": round(min_ms, 4),
                                 "gbps": round(bytes_read / (median_ms * 1e-3) / 1e9, 2),
                                 "weight_bytes": p.weight_bytes, "bytes_read": bytes_read,
+                                "stream_gbps": round(stream_gbps, 2),
+                                "stream_fraction": round(bytes_read / (median_ms * 1e-3) / 1e9 / stream_gbps, 3),
                                 "copies": len(p.weights),
                                 "activation_dtype": str(p.activation_dtype).replace("torch.", ""), **env})
             steps.update(len(prepared))
-        del prepared, p
+        del prepared, p, streams
         between.append(round(measure_bandwidth_gbps(2)[0], 2))
     steps.close()
     after, after_by_method = measure_bandwidth_gbps()
@@ -342,19 +377,21 @@ def run_bench(shapes=None, batches=None, kernel_names=None, repeats: int = 21, o
 
 def table(records: list[dict], stat: str = "median_ms") -> str:
     """Markdown: one row per kernel x shape x batch: ``stat`` ms, GB/s, roofline fraction,
-    x vs torch_bf16 and x vs torch_fp32 (same statistic)."""
+    fraction of the read in the same turns (``vs_read``), x vs torch_bf16 and x vs torch_fp32
+    (same statistic)."""
     import pandas as pd
 
     frame = pd.DataFrame(records)
     for reference in ("bf16", "fp32"):
         base = frame[frame.kernel == f"torch_{reference}"].set_index(["M", "N", "K"])[stat]
         frame[f"x_vs_{reference}"] = [round(base[(r.M, r.N, r.K)] / r[stat], 2) for _, r in frame.iterrows()]
-    # At the fastest call's time the fraction scales by median / min.
+    # At the fastest call's time the fractions scale by median / min.
     frame["roofline"] = (frame["roofline_fraction"] * frame["median_ms"] / frame[stat]).round(2)
+    frame["vs_read"] = (frame["stream_fraction"] * frame["median_ms"] / frame[stat]).round(2)
     frame["GB/s"] = (frame["gbps"] * frame["median_ms"] / frame[stat]).round(1)
     frame[stat] = frame[stat].round(3)
     order = {name: i for i, name in enumerate(dict.fromkeys(frame.kernel))}
     frame = frame.sort_values(["N", "K", "M"], kind="stable").sort_values(
         ["N", "K", "M", "kernel"], key=lambda col: col.map(order) if col.name == "kernel" else col, kind="stable")
-    columns = ["N", "K", "M", "kernel", stat, "GB/s", "roofline", "x_vs_bf16", "x_vs_fp32"]
+    columns = ["N", "K", "M", "kernel", stat, "GB/s", "roofline", "vs_read", "x_vs_bf16", "x_vs_fp32"]
     return frame[columns].to_markdown(index=False)

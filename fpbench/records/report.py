@@ -438,14 +438,16 @@ def kernel_latency_section(bench_dir: Path) -> list[str]:
     if kernel_records:
         lines += ["Weight-only linear kernels (`fpbench bench`, cold weights). Cells: median ms · × vs "
                   "torch_bf16 (same run; above 1 is faster) · GB/s of weights · fraction of the measured "
-                  "bandwidth roofline.", ""]
+                  "bandwidth roofline (the run's best probe) · in parentheses, fraction of a plain streaming "
+                  "read timed in the same turns.", ""]
         lines += _machine_lines(kernel_records, f"{BENCH_DIR}/bench.jsonl")
         frame = pd.DataFrame(kernel_records)
-        for column in ("vs_bf16", "gbps", "roofline_fraction"):
+        for column in ("vs_bf16", "gbps", "roofline_fraction", "stream_fraction"):
             if column not in frame:
                 frame[column] = None
         frame["cell"] = [f"{_number(r.median_ms, '.3f')} · {_number(r.vs_bf16, '.2f', '×')} · "
                          f"{_number(r.gbps, '.1f')} · {_number(r.roofline_fraction, '.0%')}"
+                         + ("" if _number(r.stream_fraction, ".0%") == "–" else f" ({r.stream_fraction:.0%})")
                          for r in frame.itertuples()]
         for (n, k), shape in frame.groupby(["N", "K"], sort=False):
             wide = shape.pivot_table(index="kernel", columns="M", values="cell", aggfunc="last")

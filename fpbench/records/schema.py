@@ -92,7 +92,8 @@ KERNEL_BENCH = RecordKind(
     "kernel_bench",
     required={"kernel": STR, "M": INT, "N": INT, "K": INT, "median_ms": NUM, "time": STR},
     optional={**ENVIRONMENT, "min_ms": NUM, "gbps": NUM, "roofline_fraction": NUM, "weight_bytes": INT,
-              "copies": INT, "activation_dtype": STR, "kernel_isa": STR, "bandwidth_gbps": NUM, "vs_bf16": NUM},
+              "copies": INT, "activation_dtype": STR, "kernel_isa": STR, "bandwidth_gbps": NUM, "vs_bf16": NUM,
+              "stream_gbps": NUM, "stream_fraction": NUM},
 )
 
 E2E_BENCH = RecordKind(
