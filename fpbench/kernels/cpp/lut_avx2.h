@@ -46,7 +46,10 @@ struct Ahead {
     jump = w.u_begin + std::min(span, (std::max<int64_t>(0, span - w.ahead_units) + STEP - 1) / STEP * STEP);
     a = a_row + w.ahead_rows * w.lda + w.ahead_units * unit_bytes(BITS);
     da = w.lda - span * unit_bytes(BITS);
-    if constexpr (BITS == 6) b = b_row + w.ahead_rows * w.ldb + w.ahead_units * (kUnit / 4), db = w.ldb - span * (kUnit / 4);
+    if constexpr (BITS == 6) {
+      b = b_row + w.ahead_rows * w.ldb + w.ahead_units * (kUnit / 4);
+      db = w.ldb - span * (kUnit / 4);
+    }
   }
   void at(int64_t u) {
     if (u == jump) a += da, b += db;

@@ -262,7 +262,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx2,f16c"))) void codes_to_flo
     } else {
       const __m256i words = _mm256_cvtepu8_epi16(bytes);
       const __m256i sign = _mm256_slli_epi16(_mm256_and_si256(words, _mm256_set1_epi16(0x80)), 8);
-      const __m256i pattern = _mm256_or_si256(sign, _mm256_sll_epi16(_mm256_and_si256(words, _mm256_set1_epi16(0x7F)), shift));
+      const __m256i pattern =
+          _mm256_or_si256(sign, _mm256_sll_epi16(_mm256_and_si256(words, _mm256_set1_epi16(0x7F)), shift));
       v = _mm512_mul_ps(_mm512_cvtph_ps(pattern), multiplier);
     }
     for (int p = 0; p < 2; ++p)
