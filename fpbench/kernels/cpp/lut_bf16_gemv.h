@@ -194,6 +194,13 @@ void row_bf16(const Packed& w, const Bf16Words<BITS>& t, const __m512i (&lanes)[
   // Lanes (G = 16 or 32): the unit's scales, unit_groups from srow + u * unit_groups.
   const int64_t unit_groups = GROUPS == Bf16Groups::Lanes ? kUnit / w.group_size : 0;
   const __mmask16 unit_scales = static_cast<__mmask16>((1u << unit_groups) - 1);
+  // Vectors: the group of vector h of unit u, by a shift where G = 32 x 2^s (against a read
+  // of group_of, with the weights in cache, in turn in one process: MXFP4 1.29x, INT4 g64
+  // 1.36x, g128 1.05x).
+  const int vector_shift = w.group_size & (w.group_size - 1) ? -1 : __builtin_ctzll(w.group_size) - 5;
+  const auto vector_group = [&](int64_t u, int h) __attribute__((always_inline)) {
+    return vector_shift >= 0 ? (2 * u + h) >> vector_shift : w.group_of[u * kUnit / 8 + 4 * h];
+  };
   // Unit u into chains c, c + 1 (compile-time indices: chains indexed at run time went
   // through memory).
   const auto unit = [&](int64_t u, auto chain) __attribute__((always_inline)) {
@@ -209,7 +216,7 @@ void row_bf16(const Packed& w, const Bf16Words<BITS>& t, const __m512i (&lanes)[
       const __m512 unit_scale = _mm512_maskz_loadu_ps(unit_scales, srow + u * unit_groups);
       for (int h = 0; h < (BITS == 8 ? 1 : 2); ++h) scale[h] = _mm512_permutexvar_ps(lane_scales[h], unit_scale);
     } else if constexpr (GROUPS == Bf16Groups::Vectors) {
-      for (int h = 0; h < 2; ++h) scale[h] = _mm512_set1_ps(srow[w.group_of[u * kUnit / 8 + 4 * h]]);
+      for (int h = 0; h < 2; ++h) scale[h] = _mm512_set1_ps(srow[vector_group(u, h)]);
     }
     for (int m = 0; m < MR; ++m) {
       const uint16_t* xu = x + m * ldx + u * kUnit;
@@ -235,7 +242,7 @@ void row_bf16(const Packed& w, const Bf16Words<BITS>& t, const __m512i (&lanes)[
     __m512i v[2][2];
     decode_bf16<BITS, MIRRORED>(t, a, b, u, v[0][0], v[0][1]);
     decode_bf16<BITS, MIRRORED>(t, a, b, u + 1, v[1][0], v[1][1]);
-    const __m512 scale = _mm512_set1_ps(srow[w.group_of[u * kUnit / 8]]);
+    const __m512 scale = _mm512_set1_ps(srow[vector_group(u, 0)]);
     for (int m = 0; m < MR; ++m) {
       const uint16_t* xu = x + m * ldx + u * kUnit;
       for (int h = 0; h < 2; ++h) {
