@@ -4,7 +4,9 @@
 Products of bf16 x with the exact unscaled values (or values times few-bit scale factors)
 are exact, so each output is within the fp32 summation bound of a float64 product with the
 dequantized weights (plus one rounding of the scale per group sum); one-hot rows of x give
-each weight alone, bit for bit. Layers with zero points keep the fp32 kernels."""
+each weight alone, bit for bit. With zero points (v - z is not exact in bf16) the GEMV sums
+s x v per group and takes off s z (the group's sum of x): within the bound counted on
+|x| (|v| + |z|) s; the GEMM keeps the fp32 kernels."""
 
 import pytest
 import torch
@@ -13,7 +15,8 @@ from fpbench.kernels import build as kernels
 from fpbench.kernels.linear import LutLinear
 from fpbench.kernels.packing import code_bits, value_table
 from fpbench.quant.scheme import Scheme
-from fpbench.quant.weights import quantize_weight
+from fpbench.quant.formats import get_format
+from fpbench.quant.weights import expand_to_weight, quantize_weight
 
 pytestmark = pytest.mark.skipif("avx512bf16" not in kernels.runnable_isas(),
                                 reason="this CPU has no AVX-512 BF16 (the bf16 GEMM's ISA)")
@@ -24,7 +27,8 @@ N, K = 53, 1088
 SCHEMES = ["fp4_e2m1/channel", "fp4_e2m1/g16", "fp4_e2m1/g32", "int4/g96", "int4/g128", "int4/channel",
            "int8/channel", "int8/g64", "fp6_e3m2/channel", "fp6_e2m3/g128", "fp6_e3m2/g32", "fp8_e4m3/g32",
            "fp8_e5m2/channel", "fp8_e3m4/g128", "mxfp4_e2m1/g32", "mxfp6_e3m2/g32", "mxfp8_e4m3/g32", "nvfp4/g16",
-           "int8/g32", "int4/g48", "int4_asym/g32", "fp8_e4m3/g16", "fp6_e3m2/g16"]
+           "int8/g32", "int4/g48", "int4_asym/g32", "fp8_e4m3/g16", "fp6_e3m2/g16", "int4_asym/channel",
+           "int4_asym/g128"]
 
 
 def _layer(name: str, isa: str = "avx512bf16", every_code: bool = False):
@@ -94,6 +98,24 @@ def test_nvfp4_one_hot_rows_within_one_rounding():
     assert bool((error <= 2 * 2.0**-24 * weight[:, :64].abs()).all())
 
 
+@pytest.mark.parametrize("name", ["int4_asym/g32", "int4_asym/g128", "int4_asym/channel"])
+def test_zero_points_within_the_bound_on_values_and_zero_points(name):
+    # Codes next to their zero points: the weights (v - z) s nearly cancel, the GEMV's sums
+    # s x v and s z X do not; the error is within the bound counted on |x| (|v| + |z|) s.
+    qweight, _ = _layer(name)
+    shape = tuple(qweight.codes.shape)
+    zero = expand_to_weight(qweight.zero_points, qweight.granularity, shape)
+    qweight.codes.copy_(zero.round().clamp(0, 15).to(qweight.codes.dtype))
+    layer = LutLinear(qweight)
+    weight = qweight.dequantize().double()
+    scale = expand_to_weight(qweight.effective_scales, qweight.granularity, shape).double()
+    terms = (get_format(qweight.format).decode(qweight.codes).double().abs() + zero.double().abs()) * scale.abs()
+    for m in (1, 3, 8):
+        x = torch.randn(m, K, generator=torch.Generator().manual_seed(m)).bfloat16()
+        error = (_product(layer, x).double() - x.double() @ weight.T).abs()
+        assert bool((error <= (K + 3) * 2.0**-24 * (x.double().abs() @ terms.T) + 1e-30).all())
+
+
 @pytest.mark.parametrize("name", ["mxfp4_e2m1/g32", "mxfp8_e4m3/g32"])
 def test_e8m0_extremes_keep_the_group_scales(name):
     # A scale of 2^127 (a row of zeros) would overflow bf16 with most values in a panel,
@@ -115,12 +137,15 @@ def test_e8m0_extremes_keep_the_group_scales(name):
                                               ("fp8_e4m3/g32", True, True), ("int8/g64", True, True),
                                               ("int8/g32", True, True), ("int4/g96", True, True),
                                               ("int4/g48", False, True), ("int8/g96", False, True),
-                                              ("int4_asym/g32", False, False)])
+                                              ("int4_asym/g32", True, False), ("int4_asym/channel", True, False),
+                                              ("int4_asym/g16", False, False)])
 def test_the_bf16_kernels_are_taken_for_bf16_x(name, gemv, gemm):
     # The fp32 kernels give the same bits on every AVX-512 ISA; the bf16 ones sum in another
     # order: the GEMV below _gemm_from() rows (groups of 16, 32, or whole vectors of a unit: a
     # multiple of 32 weights for 4- and 6-bit codes, of 64 for 8-bit ones), the GEMM from
-    # there. Zero points (their v - z is not exact in bf16) and fp32 x keep the fp32 kernels.
+    # there. Zero points (their v - z is not exact in bf16): the GEMV with groups of whole
+    # vectors, the zero points' term taken off each row; the fp32 kernels otherwise, and
+    # for fp32 x.
     _, dot = _layer(name)
     _, fp32 = _layer(name, isa="avx512vbmi")
     x = torch.randn(16, K, generator=torch.Generator().manual_seed(3)).bfloat16()

@@ -60,12 +60,13 @@ inline int lane_k(int bits, int j, bool alternate = false) {
 // codes, the whole unit for 8-bit ones (lane_k). Groups of a multiple of it hold whole vectors.
 constexpr int64_t vector_span(int bits) { return bits == 8 ? kUnit : 32; }
 
-// Whether gemv_bf16 takes w: no zero points (v - z is not exact in bf16), and groups that
-// hold whole vectors of a unit (Bf16Groups) or 16 or 32 weights (each sum lane's two
-// weights in one group).
+// Whether gemv_bf16 takes w: groups that hold whole vectors of a unit (Bf16Groups) or,
+// without zero points, 16 or 32 weights (each sum lane's two weights in one group). Zero
+// points: v - z is not exact in bf16, so a group's sum is s (sum x v - z sum x) (see
+// rows_bf16_t).
 inline bool bf16_gemv(const Packed& w) {
   const int64_t G = w.group_size;
-  return w.zeros.kind == Store::None && (G % vector_span(w.bits) == 0 || G == 16 || G == 32);
+  return G % vector_span(w.bits) == 0 || (w.zeros.kind == Store::None && (G == 16 || G == 32));
 }
 
 #pragma GCC push_options
@@ -76,6 +77,21 @@ inline void order_x_bf16(const Packed& w, const uint16_t* x, int64_t u0, int64_t
   uint16_t order[kUnit];
   for (int j = 0; j < kUnit; ++j) order[j] = static_cast<uint16_t>(lane_k(w.bits, j, alternate_lanes(w)));
   order_units(x, order, u0, u1, out);
+}
+
+// xsum[m, g] = the sum of x[m, k] over group g (G weights; the last one of a row may be
+// shorter) in fp32, 16 at a time; x bf16 [M, K], K a multiple of 64.
+inline void sum_groups_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t G, float* xsum) {
+  const int64_t groups = (K + G - 1) / G;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t k = g * G; k < std::min((g + 1) * G, K); k += 16) {
+        const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + m * K + k));
+        sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(words), 16)));
+      }
+      xsum[m * groups + g] = _mm512_reduce_add_ps(sum);
+    }
 }
 
 // The lookups of one format: bf16 word tables (4-bit: the 16 patterns twice, 6-bit: 64), or
@@ -278,9 +294,14 @@ void row_bf16(const Packed& w, const Bf16Words<BITS>& t, const __m512i (&lanes)[
   }
 }
 
-// Rows n0 .. n1 of y [M, N] (fp32) for x [M, K] in lane order.
+// Rows n0 .. n1 of y [M, N] (fp32) for x [M, K] in lane order. With zero points (whole rows
+// of K, one block), the kernel sums s x v over each group as without them and each row
+// then takes off sum_g s_g z_g X_g, X_g the sum of x over group g (xsum [M, groups], fp32,
+// once per call): the products x v stay exact, and the result is within the fp32
+// summation bound of the exact product counted on |x| (|v| + |z|) s, not on |x| |v - z| s.
 template <int BITS, bool MIRRORED, Bf16Groups GROUPS>
-void rows_bf16_t(const Packed& w, const uint16_t* x, int64_t M, int64_t n0, int64_t n1, float* y) {
+void rows_bf16_t(const Packed& w, const uint16_t* x, const float* xsum, int64_t M, int64_t n0, int64_t n1,
+                 float* y) {
   const Bf16Words<BITS> t(w);
   RowScales rs(w, Isa::Avx512);
   const __m512i lanes[2] = {lane_groups<BITS>(std::min<int64_t>(w.group_size, kUnit), 0),
@@ -298,19 +319,34 @@ void rows_bf16_t(const Packed& w, const uint16_t* x, int64_t M, int64_t n0, int6
     if (m + 4 <= M) tile(std::integral_constant<int, 4>{});
     if (m + 2 <= M) tile(std::integral_constant<int, 2>{});
     if (m < M) tile(std::integral_constant<int, 1>{});
+    if (xsum) {
+      const float* zrow = rs.zeros(n);
+      for (m = 0; m < M; ++m) {  // 16 groups a step (a scalar chain of adds cost a fifth of G = 32's row)
+        const float* xm = xsum + m * w.groups;
+        __m512 terms = _mm512_setzero_ps();
+        int64_t g = 0;
+        for (; g + 16 <= w.groups; g += 16)
+          terms = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_loadu_ps(srow + g), _mm512_loadu_ps(zrow + g)),
+                                  _mm512_loadu_ps(xm + g), terms);
+        const __mmask16 rest = static_cast<__mmask16>((1u << (w.groups - g)) - 1);
+        terms = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(rest, srow + g), _mm512_maskz_loadu_ps(rest, zrow + g)),
+                                _mm512_maskz_loadu_ps(rest, xm + g), terms);
+        y[m * w.N + n] -= _mm512_reduce_add_ps(terms);
+      }
+    }
   }
 }
 
 // Calls rows_bf16_t for w's combination.
-void rows_bf16(const Packed& w, const uint16_t* x, int64_t M, int64_t n0, int64_t n1, float* y) {
+void rows_bf16(const Packed& w, const uint16_t* x, const float* xsum, int64_t M, int64_t n0, int64_t n1, float* y) {
   using G = Bf16Groups;
   const auto run = [&](auto bits, auto mirrored) {
     constexpr int B = decltype(bits)::value;
     constexpr bool MI = decltype(mirrored)::value;
-    if (w.groups == 1) return rows_bf16_t<B, MI, G::Channel>(w, x, M, n0, n1, y);
-    if (w.group_size % vector_span(B) == 0) return rows_bf16_t<B, MI, G::Vectors>(w, x, M, n0, n1, y);
-    if (B == 4 && alternate_lanes(w)) return rows_bf16_t<B, MI, G::Alternate>(w, x, M, n0, n1, y);
-    rows_bf16_t<B, MI, G::Lanes>(w, x, M, n0, n1, y);
+    if (w.groups == 1) return rows_bf16_t<B, MI, G::Channel>(w, x, xsum, M, n0, n1, y);
+    if (w.group_size % vector_span(B) == 0) return rows_bf16_t<B, MI, G::Vectors>(w, x, xsum, M, n0, n1, y);
+    if (B == 4 && alternate_lanes(w)) return rows_bf16_t<B, MI, G::Alternate>(w, x, xsum, M, n0, n1, y);
+    rows_bf16_t<B, MI, G::Lanes>(w, x, xsum, M, n0, n1, y);
   };
   using std::integral_constant;
   if (w.bits == 4) return run(integral_constant<int, 4>{}, std::false_type{});

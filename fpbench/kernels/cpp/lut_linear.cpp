@@ -255,9 +255,13 @@ constexpr int64_t kBf16BlockXBytes = 16 * 1024;
 // Avx512Bf16, bf16_gemv(w)): a thread's rows one block of K at a time, as gemv.
 void gemv_bf16(Packed w, const uint16_t* x, int64_t M, float* y) {
   const int64_t units = w.K / kUnit, ahead = kBf16PrefetchBytes / unit_bytes(w.bits);
-  const int64_t block = M == 1 ? units : std::min(units, std::max<int64_t>(4, kBf16BlockXBytes / (2 * kUnit * M)));
+  const bool zp = w.zeros.kind != Store::None;  // whole rows: rows_bf16_t takes off the zero points' term once
+  const int64_t block = M == 1 || zp ? units
+                                     : std::min(units, std::max<int64_t>(4, kBf16BlockXBytes / (2 * kUnit * M)));
   std::vector<uint16_t> ordered(M * w.K);
   order_x_bf16(w, x, 0, M * units, ordered.data());
+  std::vector<float> xsum(zp ? M * w.groups : 0);  // [M, groups]: the sum of x over each group
+  if (zp) sum_groups_bf16(x, M, w.K, w.group_size, xsum.data());
   parallel_rows(w.N, w.K, [&](int64_t n0, int64_t n1) {
     const KeepDenormals keep;
     for (int64_t u = 0; u < units; u += block) {
@@ -265,7 +269,7 @@ void gemv_bf16(Packed w, const uint16_t* x, int64_t M, float* y) {
       wb.u_begin = u, wb.u_end = std::min(u + block, units);
       const int64_t span = wb.u_end - u;
       wb.ahead_rows = ahead / span, wb.ahead_units = ahead % span;
-      rows_bf16(wb, ordered.data(), M, n0, n1, y);
+      rows_bf16(wb, ordered.data(), zp ? xsum.data() : nullptr, M, n0, n1, y);
     }
   });
 }
