@@ -445,10 +445,13 @@ def kernel_latency_section(bench_dir: Path) -> list[str]:
         for column in ("vs_bf16", "gbps", "roofline_fraction", "stream_fraction"):
             if column not in frame:
                 frame[column] = None
-        frame["cell"] = [f"{_number(r.median_ms, '.3f')} · {_number(r.vs_bf16, '.2f', '×')} · "
-                         f"{_number(r.gbps, '.1f')} · {_number(r.roofline_fraction, '.0%')}"
-                         + ("" if _number(r.stream_fraction, ".0%") == "–" else f" ({r.stream_fraction:.0%})")
-                         for r in frame.itertuples()]
+        def cell(r) -> str:
+            in_turns = _number(r.stream_fraction, ".0%")  # older records have no read in their turns
+            return (f"{_number(r.median_ms, '.3f')} · {_number(r.vs_bf16, '.2f', '×')} · "
+                    f"{_number(r.gbps, '.1f')} · {_number(r.roofline_fraction, '.0%')}"
+                    + ("" if in_turns == "–" else f" ({in_turns})"))
+
+        frame["cell"] = [cell(r) for r in frame.itertuples()]
         for (n, k), shape in frame.groupby(["N", "K"], sort=False):
             wide = shape.pivot_table(index="kernel", columns="M", values="cell", aggfunc="last")
             wide = wide.reindex(index=list(dict.fromkeys(shape["kernel"]))).fillna("–")

@@ -324,13 +324,11 @@ void rows_bf16_t(const Packed& w, const uint16_t* x, const float* xsum, int64_t 
       for (m = 0; m < M; ++m) {  // 16 groups a step (a scalar chain of adds cost a fifth of G = 32's row)
         const float* xm = xsum + m * w.groups;
         __m512 terms = _mm512_setzero_ps();
-        int64_t g = 0;
-        for (; g + 16 <= w.groups; g += 16)
-          terms = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_loadu_ps(srow + g), _mm512_loadu_ps(zrow + g)),
-                                  _mm512_loadu_ps(xm + g), terms);
-        const __mmask16 rest = static_cast<__mmask16>((1u << (w.groups - g)) - 1);
-        terms = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(rest, srow + g), _mm512_maskz_loadu_ps(rest, zrow + g)),
-                                _mm512_maskz_loadu_ps(rest, xm + g), terms);
+        for (int64_t g = 0; g < w.groups; g += 16) {
+          const __mmask16 in = static_cast<__mmask16>((1u << std::min<int64_t>(16, w.groups - g)) - 1);
+          const __m512 sz = _mm512_mul_ps(_mm512_maskz_loadu_ps(in, srow + g), _mm512_maskz_loadu_ps(in, zrow + g));
+          terms = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(in, xm + g), terms);
+        }
         y[m * w.N + n] -= _mm512_reduce_add_ps(terms);
       }
     }
