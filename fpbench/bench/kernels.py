@@ -281,10 +281,11 @@ def interleaved_times(prepared: list[Prepared], xs: list[torch.Tensor], repeats:
     machine falls on every kernel alike, so their ratios hold (timed one kernel after the
     other, the same kernel's ratio to torch's moved by up to 28% between two runs). The
     records keep each kernel's median and its minimum (its least disturbed call). Each round
-    takes the kernels in another order (seeded): in a fixed one the first of fpbench's
-    kernels after torch's ran up to 1.6x slower than in second place on 4096x4096 (AMD EPYC,
-    M = 1), whichever kernel it was; shuffled, such a neighbour falls on every kernel's
-    calls now and then, and the medians pass over it."""
+    takes the kernels in another order (seeded), so that no kernel always follows the same
+    one. (On 4096x4096 at M = 1 on the AMD EPYC, the first of fpbench's kernels listed ran
+    up to 1.6x slower than its twin of the same code, FP4 and INT4 per channel either way
+    round, with a fixed order and in some runs with a shuffled one as well: a cause not
+    found, and a reason to compare such cells across runs.)"""
     for i in range(warmup):
         for p, x in zip(prepared, xs):
             p.call(x, p.weights[i % len(p.weights)])
