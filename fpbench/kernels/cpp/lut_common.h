@@ -369,6 +369,15 @@ struct Packed {
   int64_t ahead_rows = 0, ahead_units = 0;  // the GEMVs' prefetch distance (see Ahead)
   // y[i] = sum for the first block of K, y[i] + sum for the others.
   void put(float* y, float sum) const { *y = u_begin == 0 ? sum : *y + sum; }
+  // This weight's block of units u .. u + n of each row (cut at the row's end), prefetching
+  // `ahead` units on in the order a GEMV reads them.
+  Packed block(int64_t u, int64_t n, int64_t ahead) const {
+    Packed b = *this;
+    b.u_begin = u, b.u_end = std::min(u + n, K / kUnit);
+    const int64_t span = b.u_end - u;
+    b.ahead_rows = ahead / span, b.ahead_units = ahead % span;
+    return b;
+  }
 };
 
 // A worker's fp32 copy of one row's scales and zero points (in place when stored as fp32),

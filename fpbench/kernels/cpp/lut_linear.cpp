@@ -214,10 +214,7 @@ void gemv(Packed w, Isa isa, const float* x, int64_t M, float* y) {
     const KeepDenormals keep;
 #if FPBENCH_X86
     for (int64_t u = 0; isa != Isa::Scalar && u < units; u += block) {
-      Packed wb = w;
-      wb.u_begin = u, wb.u_end = std::min(u + block, units);
-      const int64_t span = wb.u_end - u, ahead = kPrefetchBytes / unit_bytes(w.bits);
-      wb.ahead_rows = ahead / span, wb.ahead_units = ahead % span;
+      const Packed wb = w.block(u, block, kPrefetchBytes / unit_bytes(w.bits));
       if (vbmi) {
         rows_avx512_vbmi(wb, x, K, M, n0, n1, y, w.N);
       } else if (lookup) {
@@ -261,16 +258,11 @@ void gemv_bf16(Packed w, const uint16_t* x, int64_t M, float* y) {
   std::vector<uint16_t> ordered(M * w.K);
   order_x_bf16(w, x, 0, M * units, ordered.data());
   std::vector<float> xsum(zp ? M * w.groups : 0);  // [M, groups]: the sum of x over each group
-  if (zp) sum_groups_bf16(x, M, w.K, w.group_size, xsum.data());
+  if (zp) sum_groups_bf16(w, x, M, xsum.data());
   parallel_rows(w.N, w.K, [&](int64_t n0, int64_t n1) {
     const KeepDenormals keep;
-    for (int64_t u = 0; u < units; u += block) {
-      Packed wb = w;
-      wb.u_begin = u, wb.u_end = std::min(u + block, units);
-      const int64_t span = wb.u_end - u;
-      wb.ahead_rows = ahead / span, wb.ahead_units = ahead % span;
-      rows_bf16(wb, ordered.data(), zp ? xsum.data() : nullptr, M, n0, n1, y);
-    }
+    for (int64_t u = 0; u < units; u += block)
+      rows_bf16(w.block(u, block, ahead), ordered.data(), zp ? xsum.data() : nullptr, M, n0, n1, y);
   });
 }
 
