@@ -31,9 +31,9 @@ SCHEMES = ["fp4_e2m1/channel", "fp4_e2m1/g16", "fp4_e2m1/g32", "int4/g96", "int4
            "int4_asym/g128"]
 
 
-def _layer(name: str, isa: str = "avx512bf16", every_code: bool = False):
+def _layer(name: str, isa: str = "avx512bf16", every_code: bool = False, n: int = N):
     scheme = Scheme.parse(name + "/rtn")
-    weight = torch.randn(N, K, generator=torch.Generator().manual_seed(1)) * 0.05
+    weight = torch.randn(n, K, generator=torch.Generator().manual_seed(1)) * 0.05
     qweight = quantize_weight(weight, scheme.format, scheme.granularity, scheme.clip, scheme.scale_format)
     if every_code:  # every finite code of the element format, in every row and position
         element = LutLinear(qweight).format
@@ -42,8 +42,8 @@ def _layer(name: str, isa: str = "avx512bf16", every_code: bool = False):
         if qweight.codes.dtype == torch.int8:  # symmetric integers: -(2^(b-1)) is no code
             usable[1 << (code_bits(element) - 1)] = False
         finite = torch.nonzero(usable).flatten()
-        index = (torch.arange(N * K) * 7 + torch.arange(N * K) // K) % len(finite)
-        codes = finite[index].reshape(N, K)
+        index = (torch.arange(n * K) * 7 + torch.arange(n * K) // K) % len(finite)
+        codes = finite[index].reshape(n, K)
         if qweight.codes.dtype == torch.int8:  # symmetric integers: two's complement of the index
             half = 1 << (code_bits(element) - 1)
             codes = (codes + half) % (2 * half) - half
@@ -67,6 +67,28 @@ def test_bf16_x_within_the_summation_bound(name, m):
     assert torch.equal(layer.dequantized_weight().view(torch.int32), qweight.dequantize().view(torch.int32))
     x = torch.randn(m, K, generator=torch.Generator().manual_seed(m)).bfloat16()
     error = (_product(layer, x).double() - x.double() @ weight.T).abs()
+    bound = (K + 3) * 2.0**-24 * (x.double().abs() @ weight.abs().T) + 1e-30
+    assert bool((error <= bound).all()), float((error / bound).max())
+
+
+@pytest.mark.parametrize("name", ["fp6_e3m2/channel", "int4/g128", "int8/g32", "fp4_e2m1/g16", "mxfp6_e3m2/g32",
+                                  "nvfp4/g16", "fp8_e4m3/g16"])
+@pytest.mark.parametrize("m", [600, 2061])
+def test_many_rows_within_the_summation_bound(name, m):
+    # Many rows of x take narrower blocks of K (600 rows: 832 or 768 columns, then the
+    # rest; 2061: 256) and go through the panels in groups (11 panels of 48 rows, the last
+    # masked: more than one group a thread at 2061 rows on 2 threads), with a last, narrower
+    # tile of x.
+    qweight, layer = _layer(name, n=11 * 48 - 5)
+    weight = qweight.dequantize().double()
+    x = torch.randn(m, K, generator=torch.Generator().manual_seed(m)).bfloat16()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y = _product(layer, x)
+    finally:
+        torch.set_num_threads(threads)
+    error = (y.double() - x.double() @ weight.T).abs()
     bound = (K + 3) * 2.0**-24 * (x.double().abs() @ weight.abs().T) + 1e-30
     assert bool((error <= bound).all()), float((error / bound).max())
 

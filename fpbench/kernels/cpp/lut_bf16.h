@@ -6,7 +6,7 @@
 // (make_packed checks it), so with the *unscaled* values in bf16 each product x * value
 // is exact in fp32 (8 x 8 significant bits), and vdpbf16ps adds two of them at a time
 // into fp32 sums. The scale is applied to each group's sum (per channel: to each block of
-// kDotDepth columns), one fp32 FMA per group and output, where the fp32 GEMM multiplies
+// K, dot_depth), one fp32 FMA per group and output, where the fp32 GEMM multiplies
 // every weight by its scale first. So the weights are those of the dequantization, the
 // products exact, and the outputs differ from a float64 product with the dequantized
 // weights by the fp32 summation and the scale's rounding per group sum (a relative
@@ -18,26 +18,28 @@
 // into the sum: such layers run as per-channel ones. torch's bf16 GEMM rounds the
 // weights themselves to bf16; this one keeps them exact.
 //
-// torch's bf16 GEMM on an AMD EPYC with AVX-512 BF16 ran ~845 GFLOP/s at M = 512 on
-// 4096x4096 (2 threads); the fp32 GEMM (blocked, fp32 FMAs) reaches at most half of
-// that. A standalone test of this loop (weights pre-decoded, 8 rows of x x 48 weight rows
-// a tile) reached 831 GFLOP/s at M = 64 and 894 at M = 512.
+// On an AMD EPYC with AVX-512 BF16 (Zen 5, 2 threads), vdpbf16ps on registers alone peaks
+// at ~1020 GFLOP/s; torch's bf16 GEMM ran 850-920 at M = 512 on 4096x4096 with the weights
+// in cache, this one's tile loop ~95% of that peak while it runs (perf), the rest of the
+// call being the decode, pairing x and the threads' wait. The fp32 GEMM (blocked, fp32
+// FMAs) reaches at most half of torch's bf16 rate.
 //
 // Layout: a panel is kDotRows weight rows x one block of K, stored as [k / 2][kDotRows]
 // 32-bit words, each a bf16 pair (k, k') of one row: one zmm load gives 16 rows' pair,
 // and one broadcast of x's pair (x[k], x[k']) multiplies it. Each call decodes its
-// panels (dot_panel): 16 rows' codes of a unit transposed, then looked up straight to
-// bf16 bytes (4-, 6- and 8-bit codes alike), times the folded scale factors where there
-// are any. x is paired once per call in the same order (pair_x). Zero points are not
-// taken (their unscaled values v - z are not exact in bf16): such layers keep the fp32
-// GEMM.
+// panels (dot_panel): the codes of 16 rows at a time transposed (4- and 6-bit: their
+// packed bytes), then looked up straight to bf16 bytes, times the folded scale factors
+// where there are any. x is paired once per call in the same order, tile by tile
+// (pair_x, XTiles). Zero points are not taken (their unscaled values v - z are not exact
+// in bf16): such layers keep the fp32 GEMM.
 //
-// Against torch's bf16 GEMM on an AMD EPYC with AVX-512 BF16 (2 threads, the kernels
-// taking turns call by call: `fpbench bench --kernels torch_bf16,FORMAT/GRAN@bf16`),
-// median ratios 0.95-1.10 on 4096x4096 and 0.90-1.04 on 4096x14336 at M = 64 and 512
-// for FP4/INT4/FP6/INT8/FP8 per channel, INT4 g128, NVFP4 and MXFP4/6/8 (MXFP6 on
-// 4096x14336 the low outlier: 0.78 at M = 64, 0.85 at M = 512). The decode takes ~0.4 ms a call on 4096x4096
-// (FP6, INT4 g128), against ~3.3 ms for the whole call at M = 64.
+// Against torch's bf16 GEMM there (the kernels taking turns call by call: `fpbench bench
+// --kernels torch_bf16,FORMAT/GRAN@bf16`, cold weights), median time ratios over FP4, FP6,
+// INT4, INT8, FP8 per channel, INT4 g128, NVFP4 and MXFP4/6/8 in two runs: M = 64
+// 0.96-1.14 (4096x4096) and 0.93-1.10 (4096x14336); M = 512 0.91-1.06 and 0.86-0.98 (INT4
+// g128 the lowest). The runs' spread is about that of the ratios. Against the GEMM before
+// the packed-byte decode, its prefetch, XTiles and the panel groups, in turn in separate
+// processes: 1.05-1.13x at M = 64, 1.02-1.06x at M = 512.
 #pragma once
 
 #include "lut_avx512.h"
@@ -48,8 +50,12 @@ namespace {
 
 #if FPBENCH_X86
 
-constexpr int64_t kDotRows = 48;    // weight rows a panel: three zmm of outputs
-constexpr int64_t kDotDepth = 1024;  // columns a block (a multiple of 64 and of G; 512 and 2048: no clear difference)
+constexpr int64_t kDotRows = 48;           // weight rows a panel: three zmm of outputs
+constexpr int64_t kDotDepth = 1024;        // columns a block at most (dot_depth)
+constexpr int64_t kDotMinDepth = 256;      // ... and at least, where K has them
+constexpr int64_t kDotXBytes = 1 << 20;    // a block of x, M rows (dot_depth)
+constexpr int64_t kDotSumsBytes = 1 << 20;  // a group of panels' running sums (gemm_bf16_t) ...
+constexpr int64_t kDotGroup = 4;           // ... unless fewer than this many panels would fit
 
 // Whether the bf16 GEMM takes w (bf16 x from kBf16GemmMinRows rows, ISA Avx512Bf16).
 inline bool bf16_dot(const Packed& w) { return w.zeros.kind == Store::None; }
@@ -79,11 +85,90 @@ inline void order_units(const uint16_t* x, const uint16_t (&order)[kUnit], int64
   }
 }
 
-// Units u0 .. u1 of x as pairs (pair_k, in slot order), 32 32-bit words a unit.
-inline void pair_x(const uint16_t* x, int64_t u0, int64_t u1, uint32_t* out) {
+// Columns a block of the GEMM: whole groups, a multiple of lcm(G, 64) columns, and at most
+// kDotDepth, or fewer where M rows of x would exceed kDotXBytes (a block of x stays in
+// cache while a group of panels takes it: gemm_bf16_t).
+inline int64_t dot_depth(const Packed& w, int64_t M) {
+  const bool grouped = w.groups > 1 && w.scale_factors.kind == Store::None;
+  const int64_t step = grouped ? std::lcm(w.group_size, kUnit) : kUnit;
+  const int64_t depth = std::clamp<int64_t>(kDotXBytes / (2 * M), kDotMinDepth, kDotDepth);
+  return std::min(w.K, step * std::max<int64_t>(1, depth / step));
+}
+
+// Where x's pairs lie for the GEMM's tiles of kTileRows rows: block by block of `depth`
+// columns (each block all M rows, M x pairs words), within a block tile by tile, and within
+// a tile pair by pair, the tile's rows side by side ([pair][row]). So a tile's broadcasts
+// of one pair read one run of words, and a block of x is one contiguous run for all tiles
+// (rows K apart map a block's columns of every row onto a few cache sets). The last rows
+// (M mod kTileRows) are a narrower tile.
+constexpr int64_t kTileRows = 8;
+struct XTiles {
+  int64_t M, K, depth;
+  int64_t full() const { return M / kTileRows * kTileRows; }  // rows in full tiles
+  // The word of row m's pair p of block kb (K's first column of the block), and the stride
+  // between the pairs of m's tile.
+  int64_t width(int64_t m) const { return m < full() ? kTileRows : M - full(); }
+  const uint32_t* at(const uint32_t* x, int64_t kb, int64_t m) const {
+    const int64_t pairs = (std::min(K, kb + depth) - kb) / 2, m0 = std::min(m / kTileRows * kTileRows, full());
+    return x + kb / 2 * M + m0 * pairs + (m - m0);
+  }
+};
+
+// Dwords: out[2q] / out[2q + 1] hold element 2q / 2q + 1 (q < 8) of the 8 vectors r, as
+// [element 2q of r = 0..7, element 2q + 1 of r = 0..7]: an 8 x 16 transpose.
+inline void transpose8x16(const __m512i (&r)[8], __m512i (&out)[8]) {
+  __m512i t[8], s[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  // s[4h + k], lane L: element 4L + k of vectors 4h .. 4h + 3.
+  for (int h = 0; h < 2; ++h) {
+    s[4 * h] = _mm512_unpacklo_epi64(t[4 * h], t[4 * h + 2]);
+    s[4 * h + 1] = _mm512_unpackhi_epi64(t[4 * h], t[4 * h + 2]);
+    s[4 * h + 2] = _mm512_unpacklo_epi64(t[4 * h + 1], t[4 * h + 3]);
+    s[4 * h + 3] = _mm512_unpackhi_epi64(t[4 * h + 1], t[4 * h + 3]);
+  }
+  for (int k = 0; k < 4; k += 2) {
+    const __m512i p0 = _mm512_shuffle_i32x4(s[k], s[4 + k], _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512i p1 = _mm512_shuffle_i32x4(s[k + 1], s[5 + k], _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512i q0 = _mm512_shuffle_i32x4(s[k], s[4 + k], _MM_SHUFFLE(3, 2, 3, 2));
+    const __m512i q1 = _mm512_shuffle_i32x4(s[k + 1], s[5 + k], _MM_SHUFFLE(3, 2, 3, 2));
+    // Elements 4L + k, 4L + k + 1 for L = 0 .. 3.
+    out[k / 2] = _mm512_shuffle_i32x4(p0, p1, _MM_SHUFFLE(2, 0, 2, 0));
+    out[2 + k / 2] = _mm512_shuffle_i32x4(p0, p1, _MM_SHUFFLE(3, 1, 3, 1));
+    out[4 + k / 2] = _mm512_shuffle_i32x4(q0, q1, _MM_SHUFFLE(2, 0, 2, 0));
+    out[6 + k / 2] = _mm512_shuffle_i32x4(q0, q1, _MM_SHUFFLE(3, 1, 3, 1));
+  }
+}
+
+// Items i0 .. i1 of x [M, K] as pairs (pair_k, in slot order) in the XTiles layout: an
+// item is a unit of a full tile's 8 rows (tile by tile), then a unit of one of the last
+// rows.
+inline void pair_x(const uint16_t* x, const XTiles& t, int64_t i0, int64_t i1, uint32_t* out) {
   uint16_t order[kUnit];
   for (int e = 0; e < 32; ++e) order[2 * slot(e)] = pair_k(e, 0), order[2 * slot(e) + 1] = pair_k(e, 1);
-  order_units(x, order, u0, u1, reinterpret_cast<uint16_t*>(out));
+  const int64_t units = t.K / kUnit, tiled = t.full() / kTileRows * units;
+  alignas(64) uint32_t rows[kTileRows][32];
+  for (int64_t i = i0; i < i1; ++i) {
+    const bool whole = i < tiled;
+    const int64_t u = (whole ? i : i - tiled) % units;
+    const int64_t m = whole ? i / units * kTileRows : t.full() + (i - tiled) / units;
+    const int64_t kb = u * kUnit / t.depth * t.depth, w = t.width(m);
+    uint32_t* dst = const_cast<uint32_t*>(t.at(out, kb, m)) + (u * kUnit - kb) / 2 * w;
+    for (int r = 0; r < (whole ? kTileRows : 1); ++r)
+      order_units(x + (m + r) * t.K + u * kUnit, order, 0, 1, reinterpret_cast<uint16_t*>(rows[r]));
+    if (!whole) {
+      for (int j = 0; j < 32; ++j) dst[j * w] = rows[0][j];
+      continue;
+    }
+    for (int h = 0; h < 2; ++h) {  // pairs 16h .. 16h + 15 of the 8 rows
+      __m512i r[8], o[8];
+      for (int k = 0; k < 8; ++k) r[k] = _mm512_load_si512(rows[k] + 16 * h);
+      transpose8x16(r, o);
+      for (int q = 0; q < 8; ++q) _mm512_storeu_si512(dst + (16 * h + 2 * q) * kTileRows, o[q]);
+    }
+  }
 }
 
 // The bf16 patterns of code bytes as their low and high bytes, looked up in the value
@@ -112,14 +197,6 @@ struct Bf16Bytes {
   }
 };
 
-// A unit's 64 code bytes in position order: 4- and 6-bit codes as codes_avx512 gives
-// them; 8-bit codes (stored in k order) permuted into the same order.
-template <int BITS>
-inline __m512i position_codes(const uint8_t* a, const uint8_t* b, int64_t u, const __m512i& order) {
-  if constexpr (BITS == 8) return _mm512_permutexvar_epi8(order, _mm512_loadu_si512(a + u * kUnit));
-  return codes_avx512<BITS>(a, b, u);
-}
-
 // Bf16 pairs of 16 rows (one row a dword) times per-row fp32 factors f, both words: exact
 // where set_scale_factors found every value times every factor exact in bf16.
 inline __m512i times_factors(__m512i pairs, __m512 f) {
@@ -129,20 +206,34 @@ inline __m512i times_factors(__m512i pairs, __m512 f) {
   return _mm512_ternarylogic_epi32(high, hi, _mm512_srli_epi32(lo, 16), 0xEA);  // (A & B) | C
 }
 
-// The panel words of unit u of 16 weight rows (row pointers a[r], b[r]): the codes are
-// transposed, then looked up as bf16. A row's 64 codes are 32 words, the pairs of code
-// positions (2x, 2x + 1). Two unpacks give, per 128-bit lane, rows 4q .. 4q + 3 of two
-// columns x; a 4 x 4 transpose of 128-bit blocks puts rows 4c .. 4c + 3 in lane c; the
-// lookup's low and high bytes unpacked give each column's 16 rows as 16 pairs, in row
-// order. Against looking up row by row and transposing the bf16 words, 16 x 16: half the
-// decode's time (FP6 and INT4 g128, 4096x4096), a quarter of the shuffles and no staging
-// buffer. factors (or null): per row, the scale factors of the unit's quarters of 16
+// Columns x and x + 1 of a unit of 16 rows into the panel: codes holds, in lane q, the
+// codes of rows 4q .. 4q + 3 at positions 2x, 2x + 1 (8 bytes, row by row), then at 2x + 2,
+// 2x + 3; the lookup's low and high bytes unpacked give each column's 16 rows as 16 pairs,
+// in row order. factors (or null): per row, the scale factors of the unit's quarters of 16
 // weights (pair e lies in quarter 2 (c / 2) + h: k = 0-15, 16-31, 32-47, 48-63).
 template <int BITS>
-inline void panel_unit16(const Bf16Bytes<BITS>& t, const uint8_t* const (&a)[16], const uint8_t* const (&b)[16],
-                         int64_t u, const __m512i& order, const __m512* factors, uint32_t* out) {
+inline void panel_columns(const Bf16Bytes<BITS>& t, __m512i codes, int x, const __m512* factors, uint32_t* out) {
+  const __m512i l = Bf16Bytes<BITS>::look(t.lo, codes), g = Bf16Bytes<BITS>::look(t.hi, codes);
+  __m512i pairs[2] = {_mm512_unpacklo_epi8(l, g), _mm512_unpackhi_epi8(l, g)};
+  const int c = x / 8, h = x / 4 % 2, e = 16 * h + 4 * c + x % 4;  // x = 8c + 4h + (e % 4)
+  if (factors)
+    for (auto& p : pairs) p = times_factors(p, factors[2 * (c / 2) + h]);
+  _mm512_storeu_si512(out + slot(e) * kDotRows, pairs[0]);
+  _mm512_storeu_si512(out + slot(e + 1) * kDotRows, pairs[1]);
+}
+
+// The panel words of unit u of 16 weight rows of 8-bit codes (row pointers a[r]; stored
+// in k order, permuted into position order): the codes are transposed, then looked up as
+// bf16. A row's 64 codes are 32 words, the pairs of code positions (2x, 2x + 1). Two
+// unpacks give, per 128-bit lane, rows 4q .. 4q + 3 of two columns x; a 4 x 4 transpose of
+// 128-bit blocks puts rows 4c .. 4c + 3 in lane c. Against looking up row by row and
+// transposing the bf16 words, 16 x 16: half the decode's time (FP6 and INT4 g128,
+// 4096x4096, when 4- and 6-bit codes went this way), a quarter of the shuffles and no
+// staging buffer.
+inline void panel_unit16(const Bf16Bytes<8>& t, const uint8_t* const (&a)[16], int64_t u, const __m512i& order,
+                         const __m512* factors, uint32_t* out) {
   __m512i r[16], d[16];
-  for (int i = 0; i < 16; ++i) r[i] = position_codes<BITS>(a[i], b[i], u, order);
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_permutexvar_epi8(order, _mm512_loadu_si512(a[i] + u * kUnit));
   // d[4q + 2s + h], lane c dword t: rows 4q + 2s, 4q + 2s + 1 of column 8c + 4h + t.
   for (int i = 0; i < 8; ++i) {
     d[2 * i] = _mm512_unpacklo_epi16(r[2 * i], r[2 * i + 1]);
@@ -164,16 +255,78 @@ inline void panel_unit16(const Bf16Bytes<BITS>& t, const uint8_t* const (&a)[16]
                               _mm512_shuffle_i32x4(t0, t2, _MM_SHUFFLE(3, 1, 3, 1)),
                               _mm512_shuffle_i32x4(t1, t3, _MM_SHUFFLE(2, 0, 2, 0)),
                               _mm512_shuffle_i32x4(t1, t3, _MM_SHUFFLE(3, 1, 3, 1))};
-    const int h = hg / 2;
-    for (int c = 0; c < 4; ++c) {
-      const __m512i l = Bf16Bytes<BITS>::look(t.lo, block[c]), g = Bf16Bytes<BITS>::look(t.hi, block[c]);
-      __m512i pairs[2] = {_mm512_unpacklo_epi8(l, g), _mm512_unpackhi_epi8(l, g)};
-      if (factors)
-        for (auto& p : pairs) p = times_factors(p, factors[2 * (c / 2) + h]);
-      // Columns x = 8c + 2hg and x + 1: pairs e = 16h + 4c + 2g (+ 1).
-      const int e = 16 * h + 4 * c + 2 * (hg % 2);
-      _mm512_storeu_si512(out + slot(e) * kDotRows, pairs[0]);
-      _mm512_storeu_si512(out + slot(e + 1) * kDotRows, pairs[1]);
+    for (int c = 0; c < 4; ++c) panel_columns<8>(t, block[c], 8 * c + 2 * hg, factors, out);
+  }
+}
+
+// As panel_unit16, for 4- and 6-bit codes: the packed bytes are transposed instead of the
+// codes (half as many bytes), then split into the codes of 16 rows at once. Packed byte j
+// (j < 32) of a row holds positions j (low nibble) and j + 32 (high nibble); a 6-bit code
+// at position p takes its low two bits from bits 2 (p / 16) and 2 (p / 16) + 1 of byte
+// p % 16 of the 2-bit plane. t[k] (dword r: row r's packed bytes 4k .. 4k + 3) gives
+// positions 4k .. 4k + 3 (low nibbles), that is columns 2k and 2k + 1, and 32 + 4k .. 35 + 4k
+// (high nibbles), columns 16 + 2k and 17 + 2k. Its bytes are ordered in each lane (rows
+// 4q .. 4q + 3) as panel_columns takes them. Against transposing the codes (panel_unit16's
+// way), in turn in one process at M = 64 on 4096x4096 (prefetched alike): 1.05-1.12x the
+// GEMM's speed for FP6 E3M2 and FP4 per channel, INT4 g128, NVFP4 and MXFP6.
+template <int BITS>
+inline void panel_unit16_nibbles(const Bf16Bytes<BITS>& tb, const uint8_t* const (&a)[16],
+                                const uint8_t* const (&b)[16], int64_t u, const __m512* factors, uint32_t* out) {
+  const __m512i reorder = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15));
+  // Z[i] = rows i, 4 + i (i < 4) and 8 + i, 12 + i (i >= 4), 32 bytes each.
+  __m512i z[8], t[8];
+  for (int i = 0; i < 8; ++i) {
+    const int r = i < 4 ? i : 4 + i;
+    z[i] = _mm512_inserti64x4(
+        _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[r] + u * 32))),
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[r + 4] + u * 32)), 1);
+  }
+  for (int i = 0; i < 4; ++i) {
+    const __m512i lo = _mm512_unpacklo_epi32(z[2 * i], z[2 * i + 1]), hi = _mm512_unpackhi_epi32(z[2 * i], z[2 * i + 1]);
+    z[2 * i] = lo, z[2 * i + 1] = hi;
+  }
+  // bk[s][k], lane L: dword k (L even) or 4 + k (L odd) of rows 8s .. 8s + 3 (L < 2) or 8s + 4 .. (L >= 2).
+  __m512i bk[2][4];
+  for (int s = 0; s < 2; ++s) {
+    bk[s][0] = _mm512_unpacklo_epi64(z[4 * s], z[4 * s + 2]);
+    bk[s][1] = _mm512_unpackhi_epi64(z[4 * s], z[4 * s + 2]);
+    bk[s][2] = _mm512_unpacklo_epi64(z[4 * s + 1], z[4 * s + 3]);
+    bk[s][3] = _mm512_unpackhi_epi64(z[4 * s + 1], z[4 * s + 3]);
+  }
+  for (int k = 0; k < 4; ++k) {
+    t[k] = _mm512_shuffle_epi8(_mm512_shuffle_i32x4(bk[0][k], bk[1][k], _MM_SHUFFLE(2, 0, 2, 0)), reorder);
+    t[4 + k] = _mm512_shuffle_epi8(_mm512_shuffle_i32x4(bk[0][k], bk[1][k], _MM_SHUFFLE(3, 1, 3, 1)), reorder);
+  }
+  // 6-bit: f[d], dword r: row r's 2-bit plane bytes 4d .. 4d + 3, ordered as t.
+  __m512i f[4];
+  if constexpr (BITS == 6) {
+    __m512i y[4];
+    for (int i = 0; i < 4; ++i) {
+      y[i] = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b[i] + u * 16)));
+      for (int l = 1; l < 4; ++l)
+        y[i] = _mm512_inserti32x4(y[i], _mm_loadu_si128(reinterpret_cast<const __m128i*>(b[4 * l + i] + u * 16)), l);
+    }
+    const __m512i v0 = _mm512_unpacklo_epi32(y[0], y[1]), v1 = _mm512_unpackhi_epi32(y[0], y[1]);
+    const __m512i v2 = _mm512_unpacklo_epi32(y[2], y[3]), v3 = _mm512_unpackhi_epi32(y[2], y[3]);
+    f[0] = _mm512_shuffle_epi8(_mm512_unpacklo_epi64(v0, v2), reorder);
+    f[1] = _mm512_shuffle_epi8(_mm512_unpackhi_epi64(v0, v2), reorder);
+    f[2] = _mm512_shuffle_epi8(_mm512_unpacklo_epi64(v1, v3), reorder);
+    f[3] = _mm512_shuffle_epi8(_mm512_unpackhi_epi64(v1, v3), reorder);
+  }
+  const auto emit = [&](__m512i codes, int x) { panel_columns<BITS>(tb, codes, x, factors, out); };
+  const __m512i low4 = _mm512_set1_epi8(15);
+  for (int k = 0; k < 8; ++k) {
+    if constexpr (BITS == 4) {
+      emit(_mm512_and_si512(t[k], low4), 2 * k);
+      emit(_mm512_and_si512(_mm512_srli_epi16(t[k], 4), low4), 16 + 2 * k);
+    } else {
+      // Nibble bits to code bits 2-5 (mask 0x3C), the 2-bit field (bits 2 (p / 16)) to 0-1.
+      const __m512i nib = _mm512_set1_epi8(0x3C), two = _mm512_set1_epi8(3);
+      const int shift = 2 * (k / 4);
+      const __m512i flo = _mm512_and_si512(_mm512_srli_epi16(f[k % 4], shift), two);
+      const __m512i fhi = _mm512_and_si512(_mm512_srli_epi16(f[k % 4], shift + 4), two);
+      emit(_mm512_ternarylogic_epi32(_mm512_slli_epi16(t[k], 2), nib, flo, 0xEA), 2 * k);
+      emit(_mm512_ternarylogic_epi32(_mm512_srli_epi16(t[k], 2), nib, fhi, 0xEA), 16 + 2 * k);
     }
   }
 }
@@ -188,33 +341,58 @@ void dot_panel(const Packed& w, const float* fac, int64_t g0, int64_t n0, int64_
   alignas(64) uint8_t positions[kUnit];
   for (int p = 0; p < kUnit; ++p) positions[p] = static_cast<uint8_t>(position_to_k(p));
   const __m512i order = _mm512_load_si512(positions);
+  // Row pointers of the 48 rows. The codes of 16 rows are 16 streams (32 with a 2-bit
+  // plane) that the hardware prefetchers did not keep up with (the decode's loads took most
+  // of its samples): each is fetched kAheadUnits units ahead, in the order the units are
+  // decoded (row group by row group); 1.03-1.10x the GEMM's speed at M = 64 (4096x4096, in
+  // turn in one process, FP4 to FP8).
+  const uint8_t* a_all[kDotRows];
+  const uint8_t* b_all[kDotRows];
+  for (int64_t r = 0; r < kDotRows; ++r) {
+    const int64_t n = n0 + std::min(r, rows - 1);
+    a_all[r] = w.plane_a + n * w.lda;
+    b_all[r] = w.plane_b ? w.plane_b + n * w.ldb : nullptr;
+  }
+  constexpr int64_t kAheadUnits = 8, kBytesA = BITS == 8 ? kUnit : kUnit / 2, kBytesB = kUnit / 4;
+  const int64_t units = u1 - u0;
   for (int64_t j = 0; j < kDotRows / 16; ++j) {
     const uint8_t* a[16];
     const uint8_t* b[16];
-    for (int i = 0; i < 16; ++i) {
-      const int64_t n = n0 + std::min<int64_t>(16 * j + i, rows - 1);
-      a[i] = w.plane_a + n * w.lda;
-      b[i] = w.plane_b ? w.plane_b + n * w.ldb : nullptr;
-    }
+    for (int i = 0; i < 16; ++i) a[i] = a_all[16 * j + i], b[i] = b_all[16 * j + i];
     for (int64_t u = u0; u < u1; ++u) {
+      const int64_t ahead = j * units + (u - u0) + kAheadUnits, jt = ahead / units, ut = u0 + ahead % units;
+      if (jt < kDotRows / 16) {
+        if (ut * kBytesA % 64 == 0)
+          for (int i = 0; i < 16; ++i) _mm_prefetch(reinterpret_cast<const char*>(a_all[16 * jt + i] + ut * kBytesA), _MM_HINT_T0);
+        if (BITS == 6 && ut * kBytesB % 64 == 0)
+          for (int i = 0; i < 16; ++i) _mm_prefetch(reinterpret_cast<const char*>(b_all[16 * jt + i] + ut * kBytesB), _MM_HINT_T0);
+      }
       __m512 factors[4];
       if (fac)
         for (int q = 0; q < 4; ++q)
           factors[q] = _mm512_loadu_ps(fac + (w.group_of[u * kUnit / 8 + 2 * q] - g0) * kDotRows + 16 * j);
-      panel_unit16<BITS>(bytes, a, b, u, order, fac ? factors : nullptr, panel + (u - u0) * 32 * kDotRows + 16 * j);
+      uint32_t* dst = panel + (u - u0) * 32 * kDotRows + 16 * j;
+      if constexpr (BITS == 8)
+        panel_unit16(bytes, a, u, order, fac ? factors : nullptr, dst);
+      else
+        panel_unit16_nibbles<BITS>(bytes, a, b, u, fac ? factors : nullptr, dst);
     }
   }
 }
 
-// y[m, 0..48) (masked) += sum over the block of x[m, k] * panel[k] for MB rows of x (x as
-// bf16 pairs, ldx words apart), each group's sum (group_pairs words; per channel one
-// group a block) times its scales sc[g][0..48) added to y at once (first: the block is
-// K's first, so its first group's products are stored, y not read): 8 rows' sums in 24
-// registers. (Running totals in another 12 registers, 4 rows a tile, ran 0.73-0.93x as
-// fast with groups of 16 and 32 and 0.63-0.69x with 128: 4096x4096, M = 512, separate runs.)
+// sums[m][0..48) += sum over the block of x[m, k] * panel[k] for MB rows of x (x as bf16
+// pairs, the tile's rows side by side, ldx words a pair: XTiles), each group's sum
+// (group_pairs words; per channel one group a block) times its scales sc[g][0..48) added
+// at once (first: the block is K's first, so its first group's products are stored, sums
+// not read): 8 rows' sums in 24 registers. In K's last block (out_y given) the last
+// group's totals go to y (rows ldy apart, mask[j]: the panel's live rows) instead: a
+// separate pass from sums to y afterwards ran 0.93-0.99x as fast (M = 512) and 0.91-0.96x
+// (M = 64), in turn in one process. (Running totals in another 12 registers, 4 rows a
+// tile, ran 0.73-0.93x as fast with groups of 16 and 32 and 0.63-0.69x with 128:
+// 4096x4096, M = 512, separate runs.)
 template <int MB>
 void dot_tile(const uint32_t* panel, int64_t pairs, int64_t group_pairs, const float* sc, const uint32_t* x,
-              int64_t ldx, float* y, int64_t ldy, const __mmask16 (&mask)[3], bool first) {
+              int64_t ldx, float* sums, bool first, float* out_y, int64_t ldy, const __mmask16 (&mask)[3]) {
   __m512 acc[MB][3];
   for (int64_t p0 = 0, g = 0; p0 < pairs; p0 += group_pairs, ++g) {
     for (int m = 0; m < MB; ++m)
@@ -223,17 +401,20 @@ void dot_tile(const uint32_t* panel, int64_t pairs, int64_t group_pairs, const f
       __m512bh wv[3];
       for (int j = 0; j < 3; ++j) wv[j] = (__m512bh)_mm512_loadu_si512(panel + p * kDotRows + 16 * j);
       for (int m = 0; m < MB; ++m) {
-        const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[m * ldx + p]));
+        const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[p * ldx + m]));
         for (int j = 0; j < 3; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], wv[j], xv);
       }
     }
     for (int j = 0; j < 3; ++j) {
       const __m512 s = _mm512_loadu_ps(sc + g * kDotRows + 16 * j);
       for (int m = 0; m < MB; ++m) {
-        float* out = y + m * ldy + 16 * j;
+        float* out = sums + m * kDotRows + 16 * j;
         const __m512 sum = first && g == 0 ? _mm512_mul_ps(acc[m][j], s)
-                                           : _mm512_fmadd_ps(acc[m][j], s, _mm512_maskz_loadu_ps(mask[j], out));
-        _mm512_mask_storeu_ps(out, mask[j], sum);
+                                           : _mm512_fmadd_ps(acc[m][j], s, _mm512_loadu_ps(out));
+        if (out_y && p0 + group_pairs >= pairs)
+          _mm512_mask_storeu_ps(out_y + m * ldy + 16 * j, mask[j], sum);
+        else
+          _mm512_storeu_ps(out, sum);
       }
     }
   }
@@ -246,41 +427,47 @@ void gemm_bf16_t(const Packed& w, const uint32_t* x, int64_t M, int64_t p0, int6
   const bool folded = w.scale_factors.kind != Store::None, grouped = w.groups > 1 && !folded;
   Packed wb = w;  // a block's scales, or its factors
   if (folded) wb.scales = w.scale_factors;
-  // A block holds whole groups: a multiple of lcm(G, 64) columns.
-  const int64_t step = grouped ? std::lcm(G, kUnit) : kUnit;
-  const int64_t depth = std::min(K, step * std::max<int64_t>(1, kDotDepth / step));
-  const int64_t group_pairs = grouped ? G / 2 : depth / 2;
+  const int64_t depth = dot_depth(w, M), group_pairs = grouped ? G / 2 : depth / 2;
+  const XTiles xt{M, K, depth};
   std::vector<uint32_t> panel(kDotRows * depth / 2);
   std::vector<float> sc(kDotRows * (depth / G + 2)), fac(folded ? sc.size() : 0);
-  for (int64_t p = p0; p < p1; ++p) {
-    const int64_t n0 = p * kDotRows, rows = std::min(kDotRows, N - n0);
-    __mmask16 mask[3];
-    for (int j = 0; j < 3; ++j) {
-      const int64_t live = std::clamp<int64_t>(rows - 16 * j, 0, 16);
-      mask[j] = static_cast<__mmask16>((1u << live) - 1);
-    }
+  // Panels go in groups, block of K by block: each block of x (M x depth) serves the whole
+  // group while in cache, where panel by panel all of x was read again for each panel (x of
+  // 16 MB, M = 2048 on 4096x4096: 0.77-0.90x as fast as with x row by row, separate runs).
+  // The group's running sums stay in tot, [panel][M][kDotRows], not in y: rows of y are N
+  // apart, and 8 rows' stores and reloads at that stride (a multiple of 4 KiB) contend for
+  // the same cache sets (INT4 g128 at M = 512: 1.03-1.06x with tot).
+  const int64_t group = std::max<int64_t>(1, std::min(p1 - p0, std::max(kDotGroup, kDotSumsBytes / (M * kDotRows * 4))));
+  std::vector<float> tot(group * M * kDotRows);
+  for (int64_t pg = p0; pg < p1; pg += group) {
+    const int64_t pe = std::min(p1, pg + group);
     for (int64_t kb = 0; kb < K; kb += depth) {
       const int64_t kb_end = std::min(K, kb + depth), pairs = (kb_end - kb) / 2;
       wb.u_begin = kb / kUnit, wb.u_end = kb_end / kUnit;
       RowScales rs(wb, Isa::Avx512);
-      // Scales (or factors) as [group][row], the rows past the matrix repeating its last.
-      float* table = folded ? fac.data() : sc.data();
-      for (int64_t r = 0; r < kDotRows; ++r) {
-        const float* srow = rs.scales(n0 + std::min(r, rows - 1));
-        for (int64_t g = rs.g0; g < rs.g1; ++g) table[(g - rs.g0) * kDotRows + r] = srow[g];
+      for (int64_t p = pg; p < pe; ++p) {
+        const int64_t n0 = p * kDotRows, rows = std::min(kDotRows, N - n0);
+        __mmask16 mask[3];
+        for (int j = 0; j < 3; ++j) mask[j] = static_cast<__mmask16>((1u << std::clamp<int64_t>(rows - 16 * j, 0, 16)) - 1);
+        // Scales (or factors) as [group][row], the rows past the matrix repeating its last.
+        float* table = folded ? fac.data() : sc.data();
+        for (int64_t r = 0; r < kDotRows; ++r) {
+          const float* srow = rs.scales(n0 + std::min(r, rows - 1));
+          for (int64_t g = rs.g0; g < rs.g1; ++g) table[(g - rs.g0) * kDotRows + r] = srow[g];
+        }
+        if (folded) std::fill_n(sc.begin(), kDotRows, w.scale_multiplier);
+        dot_panel<BITS>(w, folded ? fac.data() : nullptr, rs.g0, n0, rows, wb.u_begin, wb.u_end, panel.data());
+        float* sums = tot.data() + (p - pg) * M * kDotRows;
+        int64_t m = 0;
+        const auto tile = [&](auto mb) {
+          dot_tile<decltype(mb)::value>(panel.data(), pairs, group_pairs, sc.data(), xt.at(x, kb, m), xt.width(m),
+                                        sums + m * kDotRows, kb == 0, kb_end == K ? y + m * N + n0 : nullptr, N, mask);
+          m += decltype(mb)::value;
+        };
+        while (m + 8 <= M) tile(std::integral_constant<int, 8>{});
+        if (m + 4 <= M) tile(std::integral_constant<int, 4>{});
+        while (m < M) tile(std::integral_constant<int, 1>{});
       }
-      if (folded) std::fill_n(sc.begin(), kDotRows, w.scale_multiplier);
-      dot_panel<BITS>(w, folded ? fac.data() : nullptr, rs.g0, n0, rows, wb.u_begin, wb.u_end, panel.data());
-      const uint32_t* xb = x + kb / 2;
-      int64_t m = 0;
-      const auto tile = [&](auto mb) {
-        dot_tile<decltype(mb)::value>(panel.data(), pairs, group_pairs, sc.data(), xb + m * (K / 2), K / 2,
-                                      y + m * N + n0, N, mask, kb == 0);
-        m += decltype(mb)::value;
-      };
-      while (m + 8 <= M) tile(std::integral_constant<int, 8>{});
-      if (m + 4 <= M) tile(std::integral_constant<int, 4>{});
-      while (m < M) tile(std::integral_constant<int, 1>{});
     }
   }
 }

@@ -288,8 +288,10 @@ at::Tensor product(Packed w, Isa isa, const at::Tensor& x_in) {
     if (w.dec == Dec::Fp16Nibble) w.dec = Dec::Table;
     const at::Tensor x = x_in.contiguous();
     std::vector<uint32_t> pairs(M * K / 2);
-    at::parallel_for(0, M * K / kUnit, 256, [&](int64_t u0, int64_t u1) {
-      pair_x(reinterpret_cast<const uint16_t*>(x.data_ptr()), u0, u1, pairs.data());
+    const XTiles tiles{M, K, dot_depth(w, M)};
+    const int64_t items = (tiles.full() / kTileRows + M - tiles.full()) * (K / kUnit);  // see pair_x
+    at::parallel_for(0, items, 64, [&](int64_t i0, int64_t i1) {
+      pair_x(reinterpret_cast<const uint16_t*>(x.data_ptr()), tiles, i0, i1, pairs.data());
     });
     const uint32_t* xp = pairs.data();
     at::Tensor y = torch::empty({M, w.N}, torch::kFloat32);
