@@ -438,7 +438,7 @@ void gemm_bf16_t(const Packed& w, const uint32_t* x, int64_t M, int64_t p0, int6
   // apart, and 8 rows' stores and reloads at that stride (a multiple of 4 KiB) contend for
   // the same cache sets (INT4 g128 at M = 512: 1.03-1.06x with tot).
   const int64_t group = std::max<int64_t>(1, std::min(p1 - p0, std::max(kDotGroup, kDotSumsBytes / (M * kDotRows * 4))));
-  std::vector<float> tot(group * M * kDotRows);
+  const std::unique_ptr<float[]> tot(new float[group * M * kDotRows]);  // written before it is read: not zeroed
   for (int64_t pg = p0; pg < p1; pg += group) {
     const int64_t pe = std::min(p1, pg + group);
     for (int64_t kb = 0; kb < K; kb += depth) {
@@ -457,7 +457,7 @@ void gemm_bf16_t(const Packed& w, const uint32_t* x, int64_t M, int64_t p0, int6
         }
         if (folded) std::fill_n(sc.begin(), kDotRows, w.scale_multiplier);
         dot_panel<BITS>(w, folded ? fac.data() : nullptr, rs.g0, n0, rows, wb.u_begin, wb.u_end, panel.data());
-        float* sums = tot.data() + (p - pg) * M * kDotRows;
+        float* sums = tot.get() + (p - pg) * M * kDotRows;
         int64_t m = 0;
         const auto tile = [&](auto mb) {
           dot_tile<decltype(mb)::value>(panel.data(), pairs, group_pairs, sc.data(), xt.at(x, kb, m), xt.width(m),

@@ -287,13 +287,13 @@ at::Tensor product(Packed w, Isa isa, const at::Tensor& x_in) {
   if (isa == Isa::Avx512Bf16 && M >= kBf16GemmMinRows && x_in.scalar_type() == torch::kBFloat16 && bf16_dot(w)) {
     if (w.dec == Dec::Fp16Nibble) w.dec = Dec::Table;
     const at::Tensor x = x_in.contiguous();
-    std::vector<uint32_t> pairs(M * K / 2);
+    const std::unique_ptr<uint32_t[]> pairs(new uint32_t[M * K / 2]);  // pair_x writes every word: not zeroed
     const XTiles tiles{M, K, dot_depth(w, M)};
     const int64_t items = (tiles.full() / kTileRows + M - tiles.full()) * (K / kUnit);  // see pair_x
     at::parallel_for(0, items, 64, [&](int64_t i0, int64_t i1) {
-      pair_x(reinterpret_cast<const uint16_t*>(x.data_ptr()), tiles, i0, i1, pairs.data());
+      pair_x(reinterpret_cast<const uint16_t*>(x.data_ptr()), tiles, i0, i1, pairs.get());
     });
-    const uint32_t* xp = pairs.data();
+    const uint32_t* xp = pairs.get();
     at::Tensor y = torch::empty({M, w.N}, torch::kFloat32);
     float* yp = y.data_ptr<float>();
     at::parallel_for(0, (w.N + kDotRows - 1) / kDotRows, 1, [&](int64_t p0, int64_t p1) {
