@@ -105,10 +105,11 @@ constexpr int64_t kTileRows = 8;
 struct XTiles {
   int64_t M, K, depth;
   int64_t full() const { return M / kTileRows * kTileRows; }  // rows in full tiles
-  // The word of row m's pair p of block kb (K's first column of the block), and the stride
-  // between the pairs of m's tile.
+  // Words from one pair of row m's tile to the next; at(): row m's first pair of the block
+  // that starts at column kb.
   int64_t width(int64_t m) const { return m < full() ? kTileRows : M - full(); }
-  const uint32_t* at(const uint32_t* x, int64_t kb, int64_t m) const {
+  template <class Word>
+  Word* at(Word* x, int64_t kb, int64_t m) const {
     const int64_t pairs = (std::min(K, kb + depth) - kb) / 2, m0 = std::min(m / kTileRows * kTileRows, full());
     return x + kb / 2 * M + m0 * pairs + (m - m0);
   }
@@ -155,7 +156,7 @@ inline void pair_x(const uint16_t* x, const XTiles& t, int64_t i0, int64_t i1, u
     const int64_t u = (whole ? i : i - tiled) % units;
     const int64_t m = whole ? i / units * kTileRows : t.full() + (i - tiled) / units;
     const int64_t kb = u * kUnit / t.depth * t.depth, w = t.width(m);
-    uint32_t* dst = const_cast<uint32_t*>(t.at(out, kb, m)) + (u * kUnit - kb) / 2 * w;
+    uint32_t* dst = t.at(out, kb, m) + (u * kUnit - kb) / 2 * w;
     for (int r = 0; r < (whole ? kTileRows : 1); ++r)
       order_units(x + (m + r) * t.K + u * kUnit, order, 0, 1, reinterpret_cast<uint16_t*>(rows[r]));
     if (!whole) {
