@@ -39,7 +39,7 @@
 // 0.96-1.14 (4096x4096) and 0.93-1.10 (4096x14336); M = 512 0.91-1.06 and 0.86-0.98 (INT4
 // g128 the lowest). The runs' spread is about that of the ratios. Against the GEMM before
 // the packed-byte decode, its prefetch, XTiles and the panel groups, in turn in separate
-// processes: 1.05-1.13x at M = 64, 1.02-1.06x at M = 512.
+// processes: 1.06-1.13x at M = 64, 1.02-1.07x at M = 512.
 #pragma once
 
 #include "lut_avx512.h"
@@ -387,7 +387,7 @@ void dot_panel(const Packed& w, const float* fac, int64_t g0, int64_t n0, int64_
 // at once (first: the block is K's first, so its first group's products are stored, sums
 // not read): 8 rows' sums in 24 registers. In K's last block (out_y given) the last
 // group's totals go to y (rows ldy apart, mask[j]: the panel's live rows) instead: a
-// separate pass from sums to y afterwards ran 0.93-0.99x as fast (M = 512) and 0.91-0.96x
+// separate pass from sums to y afterwards ran 0.92-1.00x as fast (M = 512) and 0.90-0.96x
 // (M = 64), in turn in one process. (Running totals in another 12 registers, 4 rows a
 // tile, ran 0.73-0.93x as fast with groups of 16 and 32 and 0.63-0.69x with 128:
 // 4096x4096, M = 512, separate runs.)
