@@ -88,9 +88,11 @@ inline void order_units(const uint16_t* x, const uint16_t (&order)[kUnit], int64
 // Columns a block of the GEMM: whole groups, a multiple of lcm(G, 64) columns, and at most
 // kDotDepth, or fewer where M rows of x would exceed kDotXBytes (a block of x stays in
 // cache while a group of panels takes it: gemm_bf16_t).
+// Whether the GEMM scales group by group (folded scale factors make a layer per channel).
+inline bool dot_grouped(const Packed& w) { return w.groups > 1 && w.scale_factors.kind == Store::None; }
+
 inline int64_t dot_depth(const Packed& w, int64_t M) {
-  const bool grouped = w.groups > 1 && w.scale_factors.kind == Store::None;
-  const int64_t step = grouped ? std::lcm(w.group_size, kUnit) : kUnit;
+  const int64_t step = dot_grouped(w) ? std::lcm(w.group_size, kUnit) : kUnit;
   const int64_t depth = std::clamp<int64_t>(kDotXBytes / (2 * M), kDotMinDepth, kDotDepth);
   return std::min(w.K, step * std::max<int64_t>(1, depth / step));
 }
@@ -105,6 +107,9 @@ constexpr int64_t kTileRows = 8;
 struct XTiles {
   int64_t M, K, depth;
   int64_t full() const { return M / kTileRows * kTileRows; }  // rows in full tiles
+  // pair_x's items: a unit of a full tile's rows, or of one of the last rows.
+  int64_t tiled_items() const { return full() / kTileRows * (K / kUnit); }
+  int64_t items() const { return tiled_items() + (M - full()) * (K / kUnit); }
   // Words from one pair of row m's tile to the next; at(): row m's first pair of the block
   // that starts at column kb.
   int64_t width(int64_t m) const { return m < full() ? kTileRows : M - full(); }
@@ -149,7 +154,7 @@ inline void transpose8x16(const __m512i (&r)[8], __m512i (&out)[8]) {
 inline void pair_x(const uint16_t* x, const XTiles& t, int64_t i0, int64_t i1, uint32_t* out) {
   uint16_t order[kUnit];
   for (int e = 0; e < 32; ++e) order[2 * slot(e)] = pair_k(e, 0), order[2 * slot(e) + 1] = pair_k(e, 1);
-  const int64_t units = t.K / kUnit, tiled = t.full() / kTileRows * units;
+  const int64_t units = t.K / kUnit, tiled = t.tiled_items();
   alignas(64) uint32_t rows[kTileRows][32];
   for (int64_t i = i0; i < i1; ++i) {
     const bool whole = i < tiled;
@@ -425,7 +430,7 @@ void dot_tile(const uint32_t* panel, int64_t pairs, int64_t group_pairs, const f
 template <int BITS>
 void gemm_bf16_t(const Packed& w, const uint32_t* x, int64_t M, int64_t p0, int64_t p1, float* y) {
   const int64_t K = w.K, G = w.group_size, N = w.N;
-  const bool folded = w.scale_factors.kind != Store::None, grouped = w.groups > 1 && !folded;
+  const bool folded = w.scale_factors.kind != Store::None, grouped = dot_grouped(w);
   Packed wb = w;  // a block's scales, or its factors
   if (folded) wb.scales = w.scale_factors;
   const int64_t depth = dot_depth(w, M), group_pairs = grouped ? G / 2 : depth / 2;

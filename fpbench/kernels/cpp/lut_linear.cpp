@@ -289,8 +289,7 @@ at::Tensor product(Packed w, Isa isa, const at::Tensor& x_in) {
     const at::Tensor x = x_in.contiguous();
     const std::unique_ptr<uint32_t[]> pairs(new uint32_t[M * K / 2]);  // pair_x writes every word: not zeroed
     const XTiles tiles{M, K, dot_depth(w, M)};
-    const int64_t items = (tiles.full() / kTileRows + M - tiles.full()) * (K / kUnit);  // see pair_x
-    at::parallel_for(0, items, 64, [&](int64_t i0, int64_t i1) {
+    at::parallel_for(0, tiles.items(), 64, [&](int64_t i0, int64_t i1) {
       pair_x(reinterpret_cast<const uint16_t*>(x.data_ptr()), tiles, i0, i1, pairs.get());
     });
     const uint32_t* xp = pairs.get();
