@@ -411,18 +411,26 @@ void dot_tile(const uint32_t* panel, int64_t pairs, int64_t group_pairs, const f
         for (int j = 0; j < 3; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], wv[j], xv);
       }
     }
-    for (int j = 0; j < 3; ++j) {
-      const __m512 s = _mm512_loadu_ps(sc + g * kDotRows + 16 * j);
-      for (int m = 0; m < MB; ++m) {
-        float* out = sums + m * kDotRows + 16 * j;
-        const __m512 sum = first && g == 0 ? _mm512_mul_ps(acc[m][j], s)
-                                           : _mm512_fmadd_ps(acc[m][j], s, _mm512_loadu_ps(out));
-        if (out_y && p0 + group_pairs >= pairs)
-          _mm512_mask_storeu_ps(out_y + m * ldy + 16 * j, mask[j], sum);
-        else
-          _mm512_storeu_ps(out, sum);
-      }
-    }
+    // The group's sums times its scales, added to the running sums. The branches hoisted and
+    // the loops unrolled keep the 24 sums in registers (with the branches inside they went
+    // through the stack at every group's end): INT4 and FP8 g128 on 4096x4096, separate
+    // processes in turn, 1.05-1.09x at M = 512 and 1.02-1.08x at M = 64.
+    const __m512 s[3] = {_mm512_loadu_ps(sc + g * kDotRows), _mm512_loadu_ps(sc + g * kDotRows + 16),
+                         _mm512_loadu_ps(sc + g * kDotRows + 32)};
+    const bool init = first && g == 0, to_y = out_y && p0 + group_pairs >= pairs;
+    const auto flush = [&](auto store) {
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m)
+#pragma GCC unroll 3
+        for (int j = 0; j < 3; ++j) {
+          float* out = sums + m * kDotRows + 16 * j;
+          store(m, j, init ? _mm512_mul_ps(acc[m][j], s[j]) : _mm512_fmadd_ps(acc[m][j], s[j], _mm512_loadu_ps(out)));
+        }
+    };
+    if (to_y)
+      flush([&](int m, int j, __m512 sum) { _mm512_mask_storeu_ps(out_y + m * ldy + 16 * j, mask[j], sum); });
+    else
+      flush([&](int m, int j, __m512 sum) { _mm512_storeu_ps(sums + m * kDotRows + 16 * j, sum); });
   }
 }
 
