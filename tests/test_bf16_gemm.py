@@ -31,9 +31,9 @@ SCHEMES = ["fp4_e2m1/channel", "fp4_e2m1/g16", "fp4_e2m1/g32", "int4/g96", "int4
            "int4_asym/g128"]
 
 
-def _layer(name: str, isa: str = "avx512bf16", every_code: bool = False, n: int = N):
+def _layer(name: str, isa: str = "avx512bf16", every_code: bool = False, n: int = N, k: int = K):
     scheme = Scheme.parse(name + "/rtn")
-    weight = torch.randn(n, K, generator=torch.Generator().manual_seed(1)) * 0.05
+    weight = torch.randn(n, k, generator=torch.Generator().manual_seed(1)) * 0.05
     qweight = quantize_weight(weight, scheme.format, scheme.granularity, scheme.clip, scheme.scale_format)
     if every_code:  # every finite code of the element format, in every row and position
         element = LutLinear(qweight).format
@@ -68,6 +68,20 @@ def test_bf16_x_within_the_summation_bound(name, m):
     x = torch.randn(m, K, generator=torch.Generator().manual_seed(m)).bfloat16()
     error = (_product(layer, x).double() - x.double() @ weight.T).abs()
     bound = (K + 3) * 2.0**-24 * (x.double().abs() @ weight.abs().T) + 1e-30
+    assert bool((error <= bound).all()), float((error / bound).max())
+
+
+@pytest.mark.parametrize("name", ["int4/g384", "fp6_e3m2/g384", "fp4_e2m1/g256", "int8/g384"])
+@pytest.mark.parametrize("m", [1, 2, 9])
+def test_groups_of_several_units_within_the_summation_bound(name, m):
+    # Groups of 6 units of 64 weights (the GEMV's pairs of units in one group, the group
+    # found through group_of, not by a shift) and of 4, over K = 1536 (24 units).
+    k = 1536
+    qweight, layer = _layer(name, k=k)
+    weight = qweight.dequantize().double()
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).bfloat16()
+    error = (_product(layer, x).double() - x.double() @ weight.T).abs()
+    bound = (k + 3) * 2.0**-24 * (x.double().abs() @ weight.abs().T) + 1e-30
     assert bool((error <= bound).all()), float((error / bound).max())
 
 
