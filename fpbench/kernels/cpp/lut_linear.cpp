@@ -295,9 +295,11 @@ at::Tensor product(Packed w, Isa isa, const at::Tensor& x_in) {
     const uint32_t* xp = pairs.get();
     at::Tensor y = torch::empty({M, w.N}, torch::kFloat32);
     float* yp = y.data_ptr<float>();
-    at::parallel_for(0, (w.N + kDotRows - 1) / kDotRows, 1, [&](int64_t p0, int64_t p1) {
+    const int64_t panels = (w.N + kDotRows - 1) / kDotRows;
+    PanelQueue queue{panels, std::min<int64_t>(at::get_num_threads(), panels)};
+    at::parallel_for(0, queue.threads, 1, [&](int64_t, int64_t) {
       const KeepDenormals keep;
-      with_format(w, [&](auto b, auto, auto) { gemm_bf16_t<decltype(b)::value>(w, xp, M, p0, p1, yp); });
+      with_format(w, [&](auto b, auto, auto) { gemm_bf16_t<decltype(b)::value>(w, xp, M, queue, yp); });
     });
     return y;
   }
