@@ -199,3 +199,22 @@ def test_forward_rounds_once_to_bf16():
     y = layer(x)
     assert y.dtype == torch.bfloat16 and y.shape == (2, 20, N)
     assert torch.equal(y, _product(layer, x.reshape(-1, K)).reshape(2, 20, N).bfloat16())
+
+
+@pytest.mark.parametrize("name", ["int4/g128", "fp6_e3m2/channel", "mxfp8_e4m3/g32"])
+def test_forward_adds_the_bias_and_rounds_as_torch(name):
+    # The GEMM writes bf16 itself: the bias added to the fp32 sums, then rounded to nearest
+    # even, as torch rounds the fp32 product plus the bias; subnormal sums stay subnormal
+    # (rows of x all zero give the bias itself, some of it subnormal).
+    qweight, _ = _layer(name)
+    bias = torch.randn(N, generator=torch.Generator().manual_seed(5))
+    bias[::7] *= 2.0**-130
+    bias[3] = -0.0
+    layer = LutLinear(qweight, bias, isa="avx512bf16")
+    x = torch.randn(3, 16, K, generator=torch.Generator().manual_seed(6)).bfloat16()
+    x[1, ::3] = 0
+    y = layer(x)
+    expected = (_product(layer, x.reshape(-1, K)) + bias).bfloat16().reshape(3, 16, N)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y.view(torch.int16), expected.view(torch.int16))
+    assert bool((y[1, 0].float().abs() < 2.0**-126).any() & (y[1, 0] != 0).any())

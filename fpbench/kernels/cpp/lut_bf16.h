@@ -393,6 +393,17 @@ void dot_panel(const Packed& w, const float* fac, int64_t g0, int64_t n0, int64_
   }
 }
 
+// Outputs to y: fp32, or bf16 words rounded to nearest even as torch rounds fp32 (NaN to
+// 0x7FC0; subnormals kept, where vcvtneps2bf16 would flush them).
+inline void store_y(float* y, __mmask16 mask, __m512 v) { _mm512_mask_storeu_ps(y, mask, v); }
+inline void store_y(uint16_t* y, __mmask16 mask, __m512 v) {
+  const __m512i bits = _mm512_castps_si512(v), one = _mm512_set1_epi32(1);
+  const __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(bits, 16), one), _mm512_set1_epi32(0x7FFF));
+  __m512i words = _mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16);
+  words = _mm512_mask_mov_epi32(words, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  _mm256_mask_storeu_epi16(y, mask, _mm512_cvtepi32_epi16(words));
+}
+
 // sums[m][0..48) += sum over the block of x[m, k] * panel[k] for MB rows of x (x as bf16
 // pairs, the tile's rows side by side, ldx words a pair: XTiles), each group's sum
 // (group_pairs words; per channel one group a block) times its scales sc[g][0..48) added
@@ -403,9 +414,10 @@ void dot_panel(const Packed& w, const float* fac, int64_t g0, int64_t n0, int64_
 // (M = 64), in turn in one process. (Running totals in another 12 registers, 4 rows a
 // tile, ran 0.73-0.93x as fast with groups of 16 and 32 and 0.63-0.69x with 128:
 // 4096x4096, M = 512, separate runs.)
-template <int MB>
+template <int MB, class Out>
 void dot_tile(const uint32_t* panel, int64_t pairs, int64_t group_pairs, const float* sc, const uint32_t* x,
-              int64_t ldx, float* sums, bool first, float* out_y, int64_t ldy, const __mmask16 (&mask)[3]) {
+              int64_t ldx, float* sums, bool first, const __m512 (&bias)[3], Out* out_y, int64_t ldy,
+              const __mmask16 (&mask)[3]) {
   __m512 acc[MB][3];
   for (int64_t p0 = 0, g = 0; p0 < pairs; p0 += group_pairs, ++g) {
     for (int m = 0; m < MB; ++m)
@@ -435,7 +447,7 @@ void dot_tile(const uint32_t* panel, int64_t pairs, int64_t group_pairs, const f
         }
     };
     if (to_y)
-      flush([&](int m, int j, __m512 sum) { _mm512_mask_storeu_ps(out_y + m * ldy + 16 * j, mask[j], sum); });
+      flush([&](int m, int j, __m512 sum) { store_y(out_y + m * ldy + 16 * j, mask[j], _mm512_add_ps(sum, bias[j])); });
     else
       flush([&](int m, int j, __m512 sum) { _mm512_storeu_ps(sums + m * kDotRows + 16 * j, sum); });
   }
@@ -458,10 +470,10 @@ struct PanelQueue {
   }
 };
 
-// Panels of kDotRows weight rows of y [M, N] = x w^T, x bf16 [M, K] as pairs, as the
-// queue hands them out.
-template <int BITS>
-void gemm_bf16_t(const Packed& w, const uint32_t* x, int64_t M, PanelQueue& queue, float* y) {
+// Panels of kDotRows weight rows of y [M, N] = x w^T (+ bias, fp32 [N], or null), x bf16
+// [M, K] as pairs, as the queue hands them out; y fp32 or bf16 (store_y).
+template <int BITS, class Out>
+void gemm_bf16_t(const Packed& w, const uint32_t* x, int64_t M, PanelQueue& queue, const float* bias, Out* y) {
   const int64_t K = w.K, G = w.group_size, N = w.N;
   const bool folded = w.scale_factors.kind != Store::None, grouped = dot_grouped(w);
   Packed wb = w;  // a block's scales, or its factors
@@ -486,7 +498,12 @@ void gemm_bf16_t(const Packed& w, const uint32_t* x, int64_t M, PanelQueue& queu
       for (int64_t p = pg; p < pe; ++p) {
         const int64_t n0 = p * kDotRows, rows = std::min(kDotRows, N - n0);
         __mmask16 mask[3];
-        for (int j = 0; j < 3; ++j) mask[j] = static_cast<__mmask16>((1u << std::clamp<int64_t>(rows - 16 * j, 0, 16)) - 1);
+        __m512 row_bias[3];
+        for (int j = 0; j < 3; ++j) {
+          mask[j] = static_cast<__mmask16>((1u << std::clamp<int64_t>(rows - 16 * j, 0, 16)) - 1);
+          // -0: adding it leaves every sum as it is, -0 included.
+          row_bias[j] = bias ? _mm512_maskz_loadu_ps(mask[j], bias + n0 + 16 * j) : _mm512_set1_ps(-0.0f);
+        }
         // Scales (or factors) as [group][row], the rows past the matrix repeating its last.
         float* table = folded ? fac.data() : sc.data();
         for (int64_t r = 0; r < kDotRows; ++r) {
@@ -499,7 +516,8 @@ void gemm_bf16_t(const Packed& w, const uint32_t* x, int64_t M, PanelQueue& queu
         int64_t m = 0;
         const auto tile = [&](auto mb) {
           dot_tile<decltype(mb)::value>(panel.data(), pairs, group_pairs, sc.data(), xt.at(x, kb, m), xt.width(m),
-                                        sums + m * kDotRows, kb == 0, kb_end == K ? y + m * N + n0 : nullptr, N, mask);
+                                        sums + m * kDotRows, kb == 0, row_bias, kb_end == K ? y + m * N + n0 : nullptr,
+                                        N, mask);
           m += decltype(mb)::value;
         };
         while (m + 8 <= M) tile(std::integral_constant<int, 8>{});
