@@ -35,11 +35,9 @@
 //
 // Against torch's bf16 GEMM there (the kernels taking turns call by call: `fpbench bench
 // --kernels torch_bf16,FORMAT/GRAN@bf16`, cold weights), median time ratios over FP4, FP6,
-// INT4, INT8, FP8 per channel, INT4 g128, NVFP4 and MXFP4/6/8 in two runs: M = 64
-// 0.96-1.14 (4096x4096) and 0.93-1.10 (4096x14336); M = 512 0.91-1.06 and 0.86-0.98 (INT4
-// g128 the lowest). The runs' spread is about that of the ratios. Against the GEMM before
-// the packed-byte decode, its prefetch, XTiles and the panel groups, in turn in separate
-// processes: 1.06-1.13x at M = 64, 1.02-1.07x at M = 512.
+// INT4, INT8 per channel and g128, FP8, NVFP4 and MXFP4/6/8 in two runs: M = 64 0.97-1.19
+// (4096x4096) and 0.95-1.24 (4096x14336); M = 512 1.02-1.11 and 0.91-1.01. The runs'
+// spread is about that of the ratios.
 #pragma once
 
 #include "lut_avx512.h"
