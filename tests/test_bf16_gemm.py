@@ -59,6 +59,14 @@ def _product(layer: LutLinear, x: torch.Tensor) -> torch.Tensor:
     return kernels.load().lut_linear(x, *layer._args())  # fp32, no rounding to x's dtype
 
 
+def _assert_within_the_summation_bound(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor):
+    """y (the kernel's fp32 product of bf16 x with the dequantized weight, float64) within
+    the fp32 summation bound of the float64 product."""
+    error = (y.double() - x.double() @ weight.T).abs()
+    bound = (x.shape[1] + 3) * 2.0**-24 * (x.double().abs() @ weight.abs().T) + 1e-30
+    assert bool((error <= bound).all()), float((error / bound).max())
+
+
 @pytest.mark.parametrize("name", SCHEMES)
 @pytest.mark.parametrize("m", [1, 3, 5, 8, 9, 15, 16, 21, 37])
 def test_bf16_x_within_the_summation_bound(name, m):
@@ -66,9 +74,7 @@ def test_bf16_x_within_the_summation_bound(name, m):
     weight = qweight.dequantize().double()
     assert torch.equal(layer.dequantized_weight().view(torch.int32), qweight.dequantize().view(torch.int32))
     x = torch.randn(m, K, generator=torch.Generator().manual_seed(m)).bfloat16()
-    error = (_product(layer, x).double() - x.double() @ weight.T).abs()
-    bound = (K + 3) * 2.0**-24 * (x.double().abs() @ weight.abs().T) + 1e-30
-    assert bool((error <= bound).all()), float((error / bound).max())
+    _assert_within_the_summation_bound(_product(layer, x), x, weight)
 
 
 @pytest.mark.parametrize("name", ["int4/g384", "fp6_e3m2/g384", "fp4_e2m1/g256", "int8/g384"])
@@ -78,11 +84,8 @@ def test_groups_of_several_units_within_the_summation_bound(name, m):
     # found through group_of, not by a shift) and of 4, over K = 1536 (24 units).
     k = 1536
     qweight, layer = _layer(name, k=k)
-    weight = qweight.dequantize().double()
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).bfloat16()
-    error = (_product(layer, x).double() - x.double() @ weight.T).abs()
-    bound = (k + 3) * 2.0**-24 * (x.double().abs() @ weight.abs().T) + 1e-30
-    assert bool((error <= bound).all()), float((error / bound).max())
+    _assert_within_the_summation_bound(_product(layer, x), x, qweight.dequantize().double())
 
 
 @pytest.mark.parametrize("name", ["fp6_e3m2/channel", "int4/g128", "int8/g32", "fp4_e2m1/g16", "mxfp6_e3m2/g32",
@@ -102,9 +105,7 @@ def test_many_rows_within_the_summation_bound(name, m):
         y = _product(layer, x)
     finally:
         torch.set_num_threads(threads)
-    error = (y.double() - x.double() @ weight.T).abs()
-    bound = (K + 3) * 2.0**-24 * (x.double().abs() @ weight.abs().T) + 1e-30
-    assert bool((error <= bound).all()), float((error / bound).max())
+    _assert_within_the_summation_bound(y, x, weight)
 
 
 @pytest.mark.parametrize("name", [s for s in SCHEMES if s != "nvfp4/g16"])

@@ -480,14 +480,15 @@ int64_t fpbench::KernelLinear::out_features() const { return impl_->w.N; }
 at::Tensor fpbench::KernelLinear::forward(const at::Tensor& x) const {
   const Packed& w = impl_->w;
   const at::Tensor rows = x.reshape({-1, w.K});
-  // The scalar kernels have no blocked GEMM: from kScalarGemmMinRows rows the layer
-  // dequantizes once and calls torch's fp32 GEMM.
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = w.N;
 #if FPBENCH_X86
+  // bf16 x on the bf16 GEMM: bf16 y with the bias straight from the GEMM.
   if (takes_bf16_gemm(w, impl_->isa, rows.size(0), x.scalar_type()))
     return gemm_bf16(w, rows, true, impl_->bias ? impl_->bias->data_ptr<float>() : nullptr).view(shape);
 #endif
+  // The scalar kernels have no blocked GEMM: from kScalarGemmMinRows rows the layer
+  // dequantizes once and calls torch's fp32 GEMM.
   at::Tensor y = rows.size(0) >= kScalarGemmMinRows && impl_->isa == Isa::Scalar
                      ? at::matmul(rows.to(torch::kFloat32), dequantize().t())
                      : product(rows);
