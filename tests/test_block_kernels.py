@@ -85,13 +85,13 @@ def _scale_table(scale_format: str, tensor_scale: float | None) -> torch.Tensor:
     return table if tensor_scale is None else table * torch.tensor(tensor_scale, dtype=torch.float32)
 
 
-def _every_scale_code(module, isa, element: str, group: int, table: torch.Tensor, x_rows=None):
+def _every_scale_code(module, isa, element: str, group: int, table: torch.Tensor, x_rows=None, k: int = 320):
     """A layer of random element codes whose 8-bit scale codes cycle through every code of
     the table (when x_rows is given, those whose weights are all finite: an inf weight
     times a 0 of x is NaN); the kernel's result and the simulator's weights,
     decode(code) * table[scale code] in fp32."""
     bits = code_bits(element)
-    n, k = 13, 320  # 20 groups of 16 a row: SIMD runs of 8 scale codes and a tail
+    n = 13  # k = 320: 20 groups of 16 a row, SIMD runs of 8 scale codes and a tail
     gen = torch.Generator().manual_seed(2)
     codes = torch.randint(0, 1 << bits, (n, k), generator=gen, dtype=torch.uint8)
     values = value_table(element)
@@ -133,6 +133,20 @@ def test_every_scale_code_decodes_as_its_table(isa, scale_format, tensor_scale, 
         got, expected = _every_scale_code(module, isa, element, group, table, rows)
         columns = rows.argmax(dim=1)
         assert torch.equal(got.T, expected[:, columns]), rows.shape
+
+
+@pytest.mark.skipif("avx512bf16" not in kernels.runnable_isas(), reason="this CPU has no AVX-512 BF16")
+@pytest.mark.parametrize("tensor_scale", [None, 0.37, 2.0**-130])
+def test_every_scale_code_in_runs_of_64_through_the_bf16_gemv(tensor_scale):
+    # The bf16 GEMV decodes E4M3 scale codes 64 at a time where a row has that many
+    # (bf16 words looked up, times the multiplier): 80 groups of 16 a row, one run of 64
+    # and a tail; one-hot bf16 rows of x give each weight, every code's value exactly.
+    module = kernels.load()
+    table = _scale_table("fp8_e4m3", tensor_scale)
+    eye = torch.eye(1280).bfloat16()
+    for rows in (eye[:4], eye[1020:1021], eye[1276:1280]):
+        got, expected = _every_scale_code(module, "avx512bf16", "fp4_e2m1", 16, table, rows, k=1280)
+        assert torch.equal(got.T, expected[:, rows.float().argmax(dim=1)])  # as floats: a zero weight gives +0
 
 
 def test_scale_tables_without_a_formula_are_gathered():

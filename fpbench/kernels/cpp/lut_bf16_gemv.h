@@ -316,7 +316,7 @@ template <int BITS, bool MIRRORED, Bf16Groups GROUPS>
 void rows_bf16_t(const Packed& w, const uint16_t* x, const float* xsum, int64_t M, int64_t n0, int64_t n1,
                  float* y) {
   const Bf16Words<BITS> t(w);
-  RowScales rs(w, Isa::Avx512);
+  RowScales rs(w, Isa::Avx512Bf16);  // VBMI: the 64-wide scale decode
   const __m512i lanes[2] = {lane_groups<BITS>(std::min<int64_t>(w.group_size, kUnit), 0),
                             lane_groups<BITS>(std::min<int64_t>(w.group_size, kUnit), 1)};
   for (int64_t n = n0; n < n1; ++n) {

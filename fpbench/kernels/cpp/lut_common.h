@@ -144,6 +144,11 @@ struct ByteDecode {
   int patches = 0;
   uint8_t patch_code[2] = {0, 0};
   float patch_value[2] = {0.f, 0.f};
+  // Minifloat: every code's value over the multiplier as a bf16 word, the magnitude's
+  // (bits 0-6) low and high bytes and bit 7 the sign (codes_to_floats_vbmi), where that
+  // gives all 256 values bit for bit (NaNs as NaNs).
+  bool words = false;
+  uint8_t word_lo[128] = {}, word_hi[128] = {};
 };
 
 inline float byte_value(const ByteDecode& d, uint32_t c) {
@@ -177,6 +182,25 @@ inline bool patch_misses(ByteDecode& d, const float* table) {
   return true;
 }
 
+// ByteDecode::words for a Minifloat decode, where they give the table.
+inline void set_words(ByteDecode& d, const float* table) {
+  uint16_t word[128];
+  for (int c = 0; c < 128; ++c) {  // the formula's fp16 value, or a patched code's value over the multiplier
+    const bool patched = std::find(d.patch_code, d.patch_code + d.patches, c) != d.patch_code + d.patches;
+    const float v = patched ? table[c] / d.multiplier : half_to_float(static_cast<uint16_t>(c << d.shift));
+    word[c] = std::isnan(v) ? 0x7FC0 : static_cast<uint16_t>(float_bits(v) >> 16);
+  }
+  for (uint32_t c = 0; c < 256; ++c) {
+    const uint32_t bits = static_cast<uint32_t>(word[c & 0x7F] | (c & 0x80) << 8) << 16;
+    float v;
+    std::memcpy(&v, &bits, 4);
+    v *= d.multiplier;
+    if (std::isnan(table[c]) ? !std::isnan(v) : float_bits(v) != float_bits(table[c])) return;
+  }
+  for (int c = 0; c < 128; ++c) d.word_lo[c] = static_cast<uint8_t>(word[c]), d.word_hi[c] = static_cast<uint8_t>(word[c] >> 8);
+  d.words = true;
+}
+
 inline ByteDecode find_byte_decode(const float* table) {
   ByteDecode d;
   d.kind = ByteDecode::Kind::Exponent;
@@ -188,7 +212,10 @@ inline ByteDecode find_byte_decode(const float* table) {
     // table's value over it, exactly.
     const float power = half_to_float(static_cast<uint16_t>(0x40 << d.shift));
     d.multiplier = static_cast<float>(static_cast<double>(table[0x40]) / power);
-    if (std::isfinite(d.multiplier) && d.multiplier != 0.f && patch_misses(d, table)) return d;
+    if (std::isfinite(d.multiplier) && d.multiplier != 0.f && patch_misses(d, table)) {
+      set_words(d, table);
+      return d;
+    }
   }
   return ByteDecode{};
 }
@@ -272,6 +299,39 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx2,f16c"))) void codes_to_flo
   }
   codes_to_floats_avx2<KIND>(src + i, n - i, table, d, dst + i);
 }
+
+// Minifloat codes with ByteDecode::words, 64 at a time: the bf16 words looked up (two
+// vpermi2b, the sign from code bit 7), widened and times the multiplier; returns how many
+// codes it decoded (a multiple of 64). The codes are first permuted so that the unpacked
+// words come out in order. Against codes_to_floats_avx512's 16 at a time, in turn call by
+// call in one process, NVFP4's bf16 GEMV at M = 1 (its E4M3 scales 256 a row of K = 4096)
+// ran 1.05-1.07x as fast with the weights in cache (2048x4096) and 1.00-1.02x cold.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx2,f16c"))) inline int64_t codes_to_floats_vbmi(
+    const uint8_t* src, int64_t n, const ByteDecode& d, float* dst) {
+  // Byte j from byte 8 b(j / 8) + j % 8, b = 0, 2, 1, 3, 4, 6, 5, 7: 8-byte blocks 1 <-> 2, 5 <-> 6.
+  const __m512i permute = _mm512_set_epi64(0x3F3E3D3C3B3A3938, 0x2F2E2D2C2B2A2928, 0x3736353433323130,
+                                           0x2726252423222120, 0x1F1E1D1C1B1A1918, 0x0F0E0D0C0B0A0908,
+                                           0x1716151413121110, 0x0706050403020100);
+  const __m512i lo0 = _mm512_loadu_si512(d.word_lo), lo1 = _mm512_loadu_si512(d.word_lo + 64);
+  const __m512i hi0 = _mm512_loadu_si512(d.word_hi), hi1 = _mm512_loadu_si512(d.word_hi + 64);
+  const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
+  const __m512 multiplier = _mm512_set1_ps(d.multiplier);
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    const __m512i c = _mm512_permutexvar_epi8(permute, _mm512_loadu_si512(src + i));
+    const __m512i lo = _mm512_permutex2var_epi8(lo0, c, lo1);
+    const __m512i hi = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(hi0, c, hi1), c, sign, 0x78);  // A ^ (B & C)
+    // Words of codes 0-15 and 32-47 (first), 16-31 and 48-63 (second), in order.
+    const __m512i first = _mm512_unpacklo_epi8(lo, hi), second = _mm512_unpackhi_epi8(lo, hi);
+    const __m256i quarters[4] = {_mm512_castsi512_si256(first), _mm512_castsi512_si256(second),
+                                 _mm512_extracti64x4_epi64(first, 1), _mm512_extracti64x4_epi64(second, 1)};
+    for (int q = 0; q < 4; ++q) {
+      const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(quarters[q]), 16));
+      _mm512_storeu_ps(dst + i + 16 * q, _mm512_mul_ps(v, multiplier));
+    }
+  }
+  return i;
+}
 #endif
 
 // isa: the caller's; the SIMD ones imply AVX2 and F16C, the scalar ISA stays portable.
@@ -291,9 +351,11 @@ inline void codes_to_floats(const uint8_t* src, int64_t n, const float* table, c
       case K::Exponent:
         return avx512 ? codes_to_floats_avx512<K::Exponent>(src, n, table, d, dst)
                       : codes_to_floats_avx2<K::Exponent>(src, n, table, d, dst);
-      case K::Minifloat:
-        return avx512 ? codes_to_floats_avx512<K::Minifloat>(src, n, table, d, dst)
-                      : codes_to_floats_avx2<K::Minifloat>(src, n, table, d, dst);
+      case K::Minifloat: {
+        const int64_t done = isa >= Isa::Avx512Vbmi && d.words ? codes_to_floats_vbmi(src, n, d, dst) : 0;
+        return avx512 ? codes_to_floats_avx512<K::Minifloat>(src + done, n - done, table, d, dst + done)
+                      : codes_to_floats_avx2<K::Minifloat>(src + done, n - done, table, d, dst + done);
+      }
       default: return codes_to_floats_avx2<K::Gather>(src, n, table, d, dst);
     }
 #endif
