@@ -140,9 +140,11 @@ def test_every_scale_code_decodes_as_its_table(isa, scale_format, tensor_scale, 
 def test_every_scale_code_in_runs_of_64_through_the_bf16_gemv(tensor_scale):
     # The bf16 GEMV decodes E4M3 scale codes 64 at a time where a row has that many
     # (bf16 words looked up, times the multiplier): 80 groups of 16 a row, one run of 64
-    # and a tail; one-hot bf16 rows of x give each weight, every code's value exactly.
+    # and a tail (the tables all take the formula, so the words are tried); one-hot bf16
+    # rows of x give each weight, every code's value exactly.
     module = kernels.load()
     table = _scale_table("fp8_e4m3", tensor_scale)
+    assert module.scale_decode(table) == "minifloat"
     eye = torch.eye(1280).bfloat16()
     for rows in (eye[:4], eye[1020:1021], eye[1276:1280]):
         got, expected = _every_scale_code(module, "avx512bf16", "fp4_e2m1", 16, table, rows, k=1280)
