@@ -88,6 +88,18 @@ def test_groups_of_several_units_within_the_summation_bound(name, m):
     _assert_within_the_summation_bound(_product(layer, x), x, qweight.dequantize().double())
 
 
+@pytest.mark.parametrize("name", ["fp4_e2m1/channel", "int4/g128", "int4/g384", "fp4_e2m1/g32", "nvfp4/g16",
+                                  "mxfp4_e2m1/g32", "int4_asym/g128", "int8/channel", "fp6_e3m2/g128"])
+def test_one_row_of_long_k_within_the_summation_bound(name):
+    # K = 8384 (131 units): at M = 1 the 4-bit GEMV takes blocks of 128 units (16 KiB of x),
+    # the second starting inside a group of 6 units (g384); with zero points, 8- and 6-bit
+    # codes, whole rows.
+    k = 8384
+    qweight, layer = _layer(name, n=7, k=k)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(3)).bfloat16()
+    _assert_within_the_summation_bound(_product(layer, x), x, qweight.dequantize().double())
+
+
 @pytest.mark.parametrize("name", ["fp6_e3m2/channel", "int4/g128", "int8/g32", "fp4_e2m1/g16", "mxfp6_e3m2/g32",
                                   "nvfp4/g16", "fp8_e4m3/g16"])
 @pytest.mark.parametrize("m", [600, 2061])

@@ -240,12 +240,14 @@ void gemv(Packed w, Isa isa, const float* x, int64_t M, float* y) {
 // 0.97-1.07x, and 0.97-1.04x on 4096x4096.
 constexpr int64_t kBf16PrefetchBytes = 8192;
 
-// Columns of x a block of the bf16 GEMV from 2 rows of x: the block (M x 2 bytes a
-// column) stays in L1 beside the streaming codes. Whole rows of K at M = 1 (up to 28 KiB
-// of x for K = 14336). On 4096x4096 (AMD EPYC with AVX-512 BF16, in turn call by call in
-// one process) blocks ran 1.08-1.21x as fast as whole rows at M = 8 (FP6, INT4 g128, INT8
-// per channel) and INT8 1.28x at M = 4; at M = 12 and 15, with blocks of 8-10 units,
-// 0.80-0.96x: there the bf16 GEMM takes over (kBf16GemmMinRows).
+// Columns of x a block of the bf16 GEMV from 2 rows of x, and at M = 1 for 4-bit codes: the
+// block (M x 2 bytes a column) stays in L1 beside the streaming codes. On 4096x4096 (AMD
+// EPYC with AVX-512 BF16, Zen 5, in turn call by call in one process) blocks ran 1.08-1.21x
+// as fast as whole rows at M = 8 (FP6, INT4 g128, INT8 per channel) and INT8 1.28x at M = 4;
+// at M = 12 and 15, with blocks of 8-10 units, 0.80-0.96x: there the bf16 GEMM takes over
+// (kBf16GemmMinRows). At M = 1 on 4096x14336 (28 KiB of x a row; Zen 4, 32 KiB of L1, the
+// same way) the 4-bit GEMVs, which read 4 bytes of x a byte of codes, ran 1.63-1.70x as
+// fast per channel and 1.10x with g128 in blocks; the 8-bit ones 0.96-1.00x, FP6 0.84x.
 constexpr int64_t kBf16BlockXBytes = 16 * 1024;
 
 // y [M, N] = x [M, K] w^T in fp32 for bf16 x and fewer than kBf16GemmMinRows rows (ISA
@@ -253,8 +255,9 @@ constexpr int64_t kBf16BlockXBytes = 16 * 1024;
 void gemv_bf16(Packed w, const uint16_t* x, int64_t M, float* y) {
   const int64_t units = w.K / kUnit, ahead = kBf16PrefetchBytes / unit_bytes(w.bits);
   const bool zp = w.zeros.kind != Store::None;  // whole rows: rows_bf16_t takes off the zero points' term once
-  const int64_t block = M == 1 || zp ? units
-                                     : std::min(units, std::max<int64_t>(4, kBf16BlockXBytes / (2 * kUnit * M)));
+  const int64_t block = (M == 1 && w.bits != 4) || zp
+                            ? units
+                            : std::min(units, std::max<int64_t>(4, kBf16BlockXBytes / (2 * kUnit * M)));
   std::vector<uint16_t> ordered(M * w.K);
   order_x_bf16(w, x, 0, M * units, ordered.data());
   std::vector<float> xsum(zp ? M * w.groups : 0);  // [M, groups]: the sum of x over each group
