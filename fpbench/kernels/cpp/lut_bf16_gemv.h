@@ -307,20 +307,28 @@ void row_bf16(const Packed& w, const Bf16Words<BITS>& t, const __m512i (&lanes)[
   }
 }
 
-// Rows n0 .. n1 of y [M, N] (fp32) for x [M, K] in lane order. With zero points (whole rows
-// of K, one block), the kernel sums s x v over each group as without them and each row
-// then takes off sum_g s_g z_g X_g, X_g the sum of x over group g (xsum [M, groups], fp32,
-// once per call): the products x v stay exact, and the result is within the fp32
-// summation bound of the exact product counted on |x| (|v| + |z|) s, not on |x| |v - z| s.
+// Rows n0 .. n1 of y [M, N] (fp32) for x [M, K] in lane order. With zero points the kernel
+// sums s x v over each group as without them and each row then takes off sum_g s_g z_g X_g
+// (at the row's last block of K, over all its groups), X_g the sum of x over group g (xsum
+// [M, groups], fp32, once per call): the products x v stay exact, and the result is within
+// the fp32 summation bound of the exact product counted on |x| (|v| + |z|) s, not on |x|
+// |v - z| s.
 template <int BITS, bool MIRRORED, Bf16Groups GROUPS>
 void rows_bf16_t(const Packed& w, const uint16_t* x, const float* xsum, int64_t M, int64_t n0, int64_t n1,
                  float* y) {
   const Bf16Words<BITS> t(w);
   RowScales rs(w, Isa::Avx512Bf16);  // VBMI: the 64-wide scale decode
+  // The zero points' term: at the last block, with the scales and zero points of the whole row.
+  const int64_t units = w.K / kUnit;
+  const bool zero_term = xsum && w.u_end == units;
+  Packed whole = w;
+  whole.u_begin = 0, whole.u_end = units;
+  std::optional<RowScales> row_rs;
+  if (zero_term && w.u_begin != 0) row_rs.emplace(whole, Isa::Avx512Bf16);
   const __m512i lanes[2] = {lane_groups<BITS>(std::min<int64_t>(w.group_size, kUnit), 0),
                             lane_groups<BITS>(std::min<int64_t>(w.group_size, kUnit), 1)};
   for (int64_t n = n0; n < n1; ++n) {
-    const float* srow = rs.scales(n);
+    const float* srow = rs.scales(n);  // the block's groups
     // Tiles of 8, 4, 2 and 1 rows of x: each decodes the weight row once.
     int64_t m = 0;
     const auto tile = [&](auto mr) {
@@ -332,8 +340,9 @@ void rows_bf16_t(const Packed& w, const uint16_t* x, const float* xsum, int64_t 
     if (m + 4 <= M) tile(std::integral_constant<int, 4>{});
     if (m + 2 <= M) tile(std::integral_constant<int, 2>{});
     if (m < M) tile(std::integral_constant<int, 1>{});
-    if (xsum) {
-      const float* zrow = rs.zeros(n);
+    if (zero_term) {
+      if (row_rs) srow = row_rs->scales(n);
+      const float* zrow = row_rs ? row_rs->zeros(n) : rs.zeros(n);
       for (m = 0; m < M; ++m) {  // 16 groups a step (a scalar chain of adds cost a fifth of G = 32's row)
         const float* xm = xsum + m * w.groups;
         __m512 terms = _mm512_setzero_ps();

@@ -254,10 +254,9 @@ constexpr int64_t kBf16BlockXBytes = 16 * 1024;
 // Avx512Bf16, bf16_gemv(w)): a thread's rows one block of K at a time, as gemv.
 void gemv_bf16(Packed w, const uint16_t* x, int64_t M, float* y) {
   const int64_t units = w.K / kUnit, ahead = kBf16PrefetchBytes / unit_bytes(w.bits);
-  const bool zp = w.zeros.kind != Store::None;  // whole rows: rows_bf16_t takes off the zero points' term once
-  const int64_t block = (M == 1 && w.bits != 4) || zp
-                            ? units
-                            : std::min(units, std::max<int64_t>(4, kBf16BlockXBytes / (2 * kUnit * M)));
+  const bool zp = w.zeros.kind != Store::None;
+  const int64_t block = M == 1 && w.bits != 4 ? units
+                                              : std::min(units, std::max<int64_t>(4, kBf16BlockXBytes / (2 * kUnit * M)));
   std::vector<uint16_t> ordered(M * w.K);
   order_x_bf16(w, x, 0, M * units, ordered.data());
   std::vector<float> xsum(zp ? M * w.groups : 0);  // [M, groups]: the sum of x over each group
