@@ -92,8 +92,8 @@ def test_groups_of_several_units_within_the_summation_bound(name, m):
                                   "mxfp4_e2m1/g32", "int4_asym/g128", "int8/channel", "fp6_e3m2/g128"])
 def test_one_row_of_long_k_within_the_summation_bound(name):
     # K = 8384 (131 units): at M = 1 the 4-bit GEMV takes blocks of 128 units (16 KiB of x),
-    # the second starting inside a group of 6 units (g384); with zero points, 8- and 6-bit
-    # codes, whole rows.
+    # the second starting inside a group of 6 units (g384); with zero points their term at
+    # the last block, over all the row's groups; 8- and 6-bit codes in whole rows.
     k = 8384
     qweight, layer = _layer(name, n=7, k=k)
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(3)).bfloat16()

@@ -319,10 +319,9 @@ void rows_bf16_t(const Packed& w, const uint16_t* x, const float* xsum, int64_t 
   const Bf16Words<BITS> t(w);
   RowScales rs(w, Isa::Avx512Bf16);  // VBMI: the 64-wide scale decode
   // The zero points' term: at the last block, with the scales and zero points of the whole row.
-  const int64_t units = w.K / kUnit;
-  const bool zero_term = xsum && w.u_end == units;
+  const bool zero_term = xsum && w.u_end == w.K / kUnit;
   Packed whole = w;
-  whole.u_begin = 0, whole.u_end = units;
+  whole.u_begin = 0;
   std::optional<RowScales> row_rs;
   if (zero_term && w.u_begin != 0) row_rs.emplace(whole, Isa::Avx512Bf16);
   const __m512i lanes[2] = {lane_groups<BITS>(std::min<int64_t>(w.group_size, kUnit), 0),
