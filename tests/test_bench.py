@@ -121,6 +121,22 @@ def test_kernel_names_expand_and_unknown_ones_are_clear():
         bench.prepare("fpbench_fp5", 64, 256, torch.Generator())
 
 
+def test_shapes_need_whole_units_and_torch_int4_whole_groups(tmp_path, small_bench):
+    assert bench.parse_shapes("576x576,1536x576") == [(576, 576), (1536, 576)]
+    for bad in ("576x600", "0x576", "576x0", "576"):
+        with pytest.raises(FpbenchError, match="shape"):
+            bench.parse_shapes(bad)
+    with pytest.raises(FpbenchError, match="torch_int4_bf16 needs K a multiple of 128"):
+        bench.run_bench([(64, 576)], [1], ["torch_int4_bf16", "int4/g128"], repeats=3, progress=False)
+    # The default list leaves torch's INT4 kernel out on such K; fpbench's g128 kernels take
+    # the shorter last group (576 = 4 x 128 + 64).
+    assert bench.check_shapes([(64, 576)], bench.parse_kernels(None), asked=False) == [
+        name for name in bench.KERNELS if name != "torch_int4_bf16"]
+    records = bench.run_bench([(64, 576)], [1], ["int4/g128", "fp6_e3m2/channel"], repeats=3, progress=False)
+    assert {r["kernel"] for r in records} == {"torch_fp32", "torch_bf16", "int4/g128", "fp6_e3m2/channel"}
+    assert {r["K"] for r in records} == {576}
+
+
 def test_bf16_suffix_gives_bf16_activations():
     assert bench.parse_kernels(["nvfp4@bf16", "int4/g128@bf16"]) == ["nvfp4/g16@bf16", "int4/g128@bf16"]
     # The default: the torch kernels and fpbench's with bf16 x, as on the latency path.

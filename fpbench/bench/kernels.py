@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 from fpbench.errors import FpbenchError
 from fpbench.kernels import build as kernels
 from fpbench.kernels.linear import LutLinear, check_kernel_scheme, packed_bytes
+from fpbench.kernels.packing import UNIT
 from fpbench.kernels.torch_int8 import int8_weight_only_mm
 from fpbench.quant.formats import get_format
 from fpbench.quant.scheme import Granularity, Scheme
@@ -115,11 +116,24 @@ def parse_shapes(text: str | None) -> list[tuple[int, int]]:
             n, k = (int(v) for v in item.lower().split("x"))
         except ValueError:
             raise FpbenchError(f"shape {item!r} is not NxK (e.g. 4096x4096,14336x4096)") from None
-        if k % TORCH_INT4_GROUP:
-            raise FpbenchError(f"shape {item}: K must be a multiple of {TORCH_INT4_GROUP} (torch's INT4 kernel "
-                               "and the g128 kernels need whole groups)")
+        if n < 1 or k % UNIT or k < UNIT:
+            raise FpbenchError(f"shape {item}: N must be >= 1 and K a multiple of {UNIT} (fpbench's kernels pack "
+                               f"{UNIT} weights a unit)")
         shapes.append((n, k))
     return shapes
+
+
+def check_shapes(shapes: list[tuple[int, int]], kernel_names: list[str], asked: bool) -> list[str]:
+    """The kernels to time on these shapes: torch's INT4 kernel takes K in whole groups of 128
+    (fpbench's g128 kernels take a shorter last group, as a model's K = 576 layer has), so
+    it is an error to ask for it on other K, and it is left out of the default list there."""
+    ragged = [f"{n}x{k}" for n, k in shapes if k % TORCH_INT4_GROUP]
+    if "torch_int4_bf16" not in kernel_names or not ragged:
+        return kernel_names
+    if asked:
+        raise FpbenchError(f"shape {', '.join(ragged)}: torch_int4_bf16 needs K a multiple of {TORCH_INT4_GROUP}; "
+                           "leave it out of --kernels or choose such shapes")
+    return [name for name in kernel_names if name != "torch_int4_bf16"]
 
 
 def parse_batches(text: str | None) -> list[int]:
@@ -313,7 +327,7 @@ def run_bench(shapes=None, batches=None, kernel_names=None, repeats: int = 21, o
     """Measure every kernel x shape x batch; returns (and appends to out_dir) the records."""
     shapes = list(shapes or DEFAULT_SHAPES)
     batches = list(batches or DEFAULT_BATCHES)
-    kernel_names = parse_kernels(kernel_names)
+    kernel_names = check_shapes(shapes, parse_kernels(kernel_names), asked=bool(kernel_names))
     for reference in ("torch_fp32", "torch_bf16"):  # the headline ratios need them
         if reference not in kernel_names:
             kernel_names.insert(0, reference)
