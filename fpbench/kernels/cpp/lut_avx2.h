@@ -21,7 +21,7 @@ namespace {
 // KiB ahead pushed out x, which the 4-bit GEMVs read four times as often as their codes:
 // into L2, INT4 per channel ran 1.55x as fast on 4096x4096 and 4-bit g128 and MX layers
 // 1.31-1.60x on 4096x14336 (the bf16 GEMV; 8-bit g128 and MXFP8 1.40-1.58x, FP6 g128
-// 1.16x); the fp32 GEMVs (AVX2, AVX-512 VBMI) 1.15-1.62x; in cache within 0.97-1.02x.
+// 1.16x; in cache 0.97-1.02x); the fp32 GEMVs (AVX2, AVX-512 VBMI) 1.15-1.62x.
 constexpr int64_t kPrefetchBytes = 4096;
 
 // Bytes of the first plane per 64-weight unit.
