@@ -121,7 +121,7 @@ def test_kernel_names_expand_and_unknown_ones_are_clear():
         bench.prepare("fpbench_fp5", 64, 256, torch.Generator())
 
 
-def test_shapes_need_whole_units_and_torch_int4_whole_groups(tmp_path, small_bench):
+def test_shapes_need_whole_units_and_torch_int4_whole_groups(small_bench):
     assert bench.parse_shapes("576x576,1536x576") == [(576, 576), (1536, 576)]
     for bad in ("576x600", "0x576", "576x0", "576"):
         with pytest.raises(FpbenchError, match="shape"):
