@@ -44,7 +44,10 @@ def test_records_for_every_kernel(tmp_path, small_bench):
         assert {"vs_bf16", "vs_fp32", "gbps", "roofline_fraction", "bandwidth_by_method"} <= set(record)
         # against the streaming read timed in the same cell's turns
         assert record["stream_gbps"] > 0
-        assert record["stream_fraction"] == pytest.approx(record["gbps"] / record["stream_gbps"], rel=0.01)
+        # GB/s from the bytes and the median (the recorded gbps has 2 decimals, too few for a
+        # slow kernel); the fraction is recorded to 3 decimals (the scalar ISA's 0.023: 5e-4 off)
+        gbps = record["bytes_read"] / (record["median_ms"] * 1e6)
+        assert record["stream_fraction"] == pytest.approx(gbps / record["stream_gbps"], rel=0.01, abs=5e-4)
     cells = {(r["M"], r["stream_gbps"]) for r in records}
     assert len(cells) == 2  # one read a cell, the same for its kernels
     lines = (tmp_path / "bench.jsonl").read_text().splitlines()
