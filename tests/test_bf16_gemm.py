@@ -4,9 +4,10 @@
 Products of bf16 x with the exact unscaled values (or values times few-bit scale factors)
 are exact, so each output is within the fp32 summation bound of a float64 product with the
 dequantized weights (plus one rounding of the scale per group sum); one-hot rows of x give
-each weight alone, bit for bit. With zero points (v - z is not exact in bf16) the GEMV sums
-s x v per group and takes off s z (the group's sum of x): within the bound counted on
-|x| (|v| + |z|) s; the GEMM keeps the fp32 kernels."""
+each weight alone, bit for bit. With zero points (v - z is not exact in bf16) both sum x v
+per group: the GEMV takes off s z X (X the group's sum of x) after the groups, the GEMM
+takes each group's sum to (S - z X) s (one-hot rows still bit for bit); both within the
+bound counted on |x| (|v| + |z|) s."""
 
 import pytest
 import torch
@@ -101,7 +102,7 @@ def test_one_row_of_long_k_within_the_summation_bound(name):
 
 
 @pytest.mark.parametrize("name", ["fp6_e3m2/channel", "int4/g128", "int8/g32", "fp4_e2m1/g16", "mxfp6_e3m2/g32",
-                                  "nvfp4/g16", "fp8_e4m3/g16"])
+                                  "nvfp4/g16", "fp8_e4m3/g16", "int4_asym/channel", "int4_asym/g32"])
 @pytest.mark.parametrize("m", [600, 2061])
 def test_many_rows_within_the_summation_bound(name, m):
     # Many rows of x take narrower blocks of K (600 rows: 832 or 768 columns, then the
@@ -147,10 +148,12 @@ def test_nvfp4_one_hot_rows_within_one_rounding():
     assert bool((error <= 2 * 2.0**-24 * weight[:, :64].abs()).all())
 
 
-@pytest.mark.parametrize("name", ["int4_asym/g32", "int4_asym/g128", "int4_asym/channel"])
+@pytest.mark.parametrize("name", ["int4_asym/g32", "int4_asym/g128", "int4_asym/channel", "int4_asym/g16"])
 def test_zero_points_within_the_bound_on_values_and_zero_points(name):
-    # Codes next to their zero points: the weights (v - z) s nearly cancel, the GEMV's sums
-    # s x v and s z X do not; the error is within the bound counted on |x| (|v| + |z|) s.
+    # Codes next to their zero points: the weights (v - z) s nearly cancel, the kernels' sums
+    # x v and z X do not; the error is within the bound counted on |x| (|v| + |z|) s. 1-8
+    # rows of x: the GEMV (not for g16: the fp32 one); 9 and 600: the GEMM (600 rows: blocks
+    # of 832 columns, so per channel two runs of K a row).
     qweight, _ = _layer(name)
     shape = tuple(qweight.codes.shape)
     zero = expand_to_weight(qweight.zero_points, qweight.granularity, shape)
@@ -159,7 +162,7 @@ def test_zero_points_within_the_bound_on_values_and_zero_points(name):
     weight = qweight.dequantize().double()
     scale = expand_to_weight(qweight.effective_scales, qweight.granularity, shape).double()
     terms = (get_format(qweight.format).decode(qweight.codes).double().abs() + zero.double().abs()) * scale.abs()
-    for m in (1, 3, 8):
+    for m in (1, 3, 8, _gemm_from(), 600):
         x = torch.randn(m, K, generator=torch.Generator().manual_seed(m)).bfloat16()
         error = (_product(layer, x).double() - x.double() @ weight.T).abs()
         assert bool((error <= (K + 3) * 2.0**-24 * (x.double().abs() @ terms.T) + 1e-30).all())
@@ -186,15 +189,14 @@ def test_e8m0_extremes_keep_the_group_scales(name):
                                               ("fp8_e4m3/g32", True, True), ("int8/g64", True, True),
                                               ("int8/g32", True, True), ("int4/g96", True, True),
                                               ("int4/g48", False, True), ("int8/g96", False, True),
-                                              ("int4_asym/g32", True, False), ("int4_asym/channel", True, False),
-                                              ("int4_asym/g16", False, False)])
+                                              ("int4_asym/g32", True, True), ("int4_asym/channel", True, True),
+                                              ("int4_asym/g16", False, True)])
 def test_the_bf16_kernels_are_taken_for_bf16_x(name, gemv, gemm):
     # The fp32 kernels give the same bits on every AVX-512 ISA; the bf16 ones sum in another
     # order: the GEMV below _gemm_from() rows (groups of 16, 32, or whole vectors of a unit: a
     # multiple of 32 weights for 4- and 6-bit codes, of 64 for 8-bit ones), the GEMM from
-    # there. Zero points (their v - z is not exact in bf16): the GEMV with groups of whole
-    # vectors, the zero points' term taken off each row; the fp32 kernels otherwise, and
-    # for fp32 x.
+    # there (zero points too). Zero points in the GEMV: groups of whole vectors, the zero
+    # points' term taken off each row; the fp32 kernels otherwise, and for fp32 x.
     _, dot = _layer(name)
     _, fp32 = _layer(name, isa="avx512vbmi")
     x = torch.randn(16, K, generator=torch.Generator().manual_seed(3)).bfloat16()

@@ -14,8 +14,8 @@ result is rounded once to the input dtype, after the bias; on a CPU with AVX-512
 with the unscaled values, the scale applied to each group's fp32 sum): the GEMV below
 ``bf16_gemm_min_rows()`` rows (``cpp/lut_bf16_gemv.h``; groups of 16, 32 or a multiple of 32
 weights, of 64 for 8-bit codes; with zero points per channel or a multiple of 32 / 64, each
-row's zero-point term taken off its sum), the GEMM from there (``cpp/lut_bf16.h``), except
-for layers with zero points.
+row's zero-point term taken off its sum), the GEMM from there (``cpp/lut_bf16.h``; with zero
+points each group's sum S of x * value becomes (S - zero * sum of x) * scale).
 
 Supported shapes: K (in_features) a multiple of 64; G a multiple of 16 (16 covers the
 NVFP4-style blocks, 32 the MX blocks: any scale passed as fp32 values works unchanged),

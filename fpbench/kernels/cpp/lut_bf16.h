@@ -30,8 +30,11 @@
 // panels (dot_panel): the codes of 16 rows at a time transposed (4- and 6-bit: their
 // packed bytes), then looked up straight to bf16 bytes, times the folded scale factors
 // where there are any. x is paired once per call in the same order, tile by tile
-// (pair_x, XTiles). Zero points are not taken (their unscaled values v - z are not exact
-// in bf16): such layers keep the fp32 GEMM.
+// (pair_x, XTiles). Zero points: v - z is not exact in bf16, so the panels hold v and
+// each group's sum S of x v becomes (S - z X) s at the group's end, X the group's sum of
+// x (sum_runs_bf16, once per call): with a one-hot row X = 1 and (v - z) s is rounded as
+// the dequantization rounds it, bit for bit; otherwise the result is within the fp32
+// summation bound counted on |x| (|v| + |z|) s.
 //
 // Against torch's bf16 GEMM there (the kernels taking turns call by call: `fpbench bench
 // --kernels torch_bf16,FORMAT/GRAN@bf16`, cold weights), median time ratios over FP4, FP6,
@@ -58,8 +61,11 @@ constexpr int64_t kDotXBytes = 1 << 20;    // a block of x, M rows (dot_depth)
 constexpr int64_t kDotSumsBytes = 1 << 20;  // a group of panels' running sums (gemm_bf16_t) ...
 constexpr int64_t kDotGroup = 4;           // ... unless fewer than this many panels would fit
 
-// Whether the bf16 GEMM takes w (bf16 x from kBf16GemmMinRows rows, ISA Avx512Bf16).
-inline bool bf16_dot(const Packed& w) { return w.zeros.kind == Store::None; }
+// Whether the bf16 GEMM takes w (bf16 x from kBf16GemmMinRows rows, ISA Avx512Bf16):
+// zero points only with scales applied group by group (not folded into the panels).
+inline bool bf16_dot(const Packed& w) {
+  return w.zeros.kind == Store::None || w.scale_factors.kind == Store::None;
+}
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512bf16,avx2,fma,f16c")
@@ -84,6 +90,21 @@ inline void order_units(const uint16_t* x, const uint16_t (&order)[kUnit], int64
     _mm512_storeu_si512(out + u * kUnit, _mm512_permutex2var_epi16(a, first, b));
     _mm512_storeu_si512(out + u * kUnit + 32, _mm512_permutex2var_epi16(a, second, b));
   }
+}
+
+// sums[m * runs + r] = the sum of x[m, k] over run r of `length` columns (the last one
+// of a row may be shorter) in fp32, 16 at a time; x bf16 [M, K], rows m0 .. m1.
+inline void sum_runs_bf16(const uint16_t* x, int64_t K, int64_t length, int64_t m0, int64_t m1, float* sums) {
+  const int64_t runs = (K + length - 1) / length;
+  for (int64_t m = m0; m < m1; ++m)
+    for (int64_t r = 0; r < runs; ++r) {
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t k = r * length; k < std::min((r + 1) * length, K); k += 16) {
+        const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + m * K + k));
+        sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(words), 16)));
+      }
+      sums[m * runs + r] = _mm512_reduce_add_ps(sum);
+    }
 }
 
 // Columns a block of the GEMM: whole groups, a multiple of lcm(G, 64) columns, and at most
@@ -411,11 +432,12 @@ inline void store_y(uint16_t* y, __mmask16 mask, __m512 v) {
 // separate pass from sums to y afterwards ran 0.92-1.00x as fast (M = 512) and 0.90-0.96x
 // (M = 64), in turn in one process. (Running totals in another 12 registers, 4 rows a
 // tile, ran 0.73-0.93x as fast with groups of 16 and 32 and 0.63-0.69x with 128:
-// 4096x4096, M = 512, separate runs.)
-template <int MB, class Out>
-void dot_tile(const uint32_t* panel, int64_t pairs, int64_t group_pairs, const float* sc, const uint32_t* x,
-              int64_t ldx, float* sums, bool first, const __m512 (&bias)[3], Out* out_y, int64_t ldy,
-              const __mmask16 (&mask)[3]) {
+// 4096x4096, M = 512, separate runs.) ZP: each group's sums S become S - z X first, z its
+// zero points zt[g][0..48), X the group's sum of row m of x, xs[m * ldxs + g].
+template <int MB, bool ZP, class Out>
+void dot_tile(const uint32_t* panel, int64_t pairs, int64_t group_pairs, const float* sc, const float* zt,
+              const float* xs, int64_t ldxs, const uint32_t* x, int64_t ldx, float* sums, bool first,
+              const __m512 (&bias)[3], Out* out_y, int64_t ldy, const __mmask16 (&mask)[3]) {
   __m512 acc[MB][3];
   for (int64_t p0 = 0, g = 0; p0 < pairs; p0 += group_pairs, ++g) {
     for (int m = 0; m < MB; ++m)
@@ -434,15 +456,22 @@ void dot_tile(const uint32_t* panel, int64_t pairs, int64_t group_pairs, const f
     // processes in turn, 1.05-1.09x at M = 512 and 1.02-1.08x at M = 64.
     const __m512 s[3] = {_mm512_loadu_ps(sc + g * kDotRows), _mm512_loadu_ps(sc + g * kDotRows + 16),
                          _mm512_loadu_ps(sc + g * kDotRows + 32)};
+    __m512 z[3];
+    if constexpr (ZP)
+      for (int j = 0; j < 3; ++j) z[j] = _mm512_loadu_ps(zt + g * kDotRows + 16 * j);
     const bool init = first && g == 0, to_y = out_y && p0 + group_pairs >= pairs;
     const auto flush = [&](auto store) {
 #pragma GCC unroll 8
-      for (int m = 0; m < MB; ++m)
+      for (int m = 0; m < MB; ++m) {
+        __m512 xg;
+        if constexpr (ZP) xg = _mm512_set1_ps(xs[m * ldxs + g]);
 #pragma GCC unroll 3
         for (int j = 0; j < 3; ++j) {
           float* out = sums + m * kDotRows + 16 * j;
-          store(m, j, init ? _mm512_mul_ps(acc[m][j], s[j]) : _mm512_fmadd_ps(acc[m][j], s[j], _mm512_loadu_ps(out)));
+          const __m512 a = ZP ? _mm512_fnmadd_ps(xg, z[j], acc[m][j]) : acc[m][j];  // S - X z
+          store(m, j, init ? _mm512_mul_ps(a, s[j]) : _mm512_fmadd_ps(a, s[j], _mm512_loadu_ps(out)));
         }
+      }
     };
     if (to_y)
       flush([&](int m, int j, __m512 sum) { store_y(out_y + m * ldy + 16 * j, mask[j], _mm512_add_ps(sum, bias[j])); });
@@ -468,18 +497,26 @@ struct PanelQueue {
   }
 };
 
+// The runs of K over which the GEMM sums x v before the scales apply: its groups, or per
+// channel its blocks of K (dot_depth).
+inline int64_t dot_run(const Packed& w, int64_t M) { return dot_grouped(w) ? w.group_size : dot_depth(w, M); }
+
 // Panels of kDotRows weight rows of y [M, N] = x w^T (+ bias, fp32 [N], or null), x bf16
-// [M, K] as pairs, as the queue hands them out; y fp32 or bf16 (store_y).
+// [M, K] as pairs, as the queue hands them out; y fp32 or bf16 (store_y). With zero points
+// xsum holds the sums of x over each run of K (dot_run), [M][runs].
 template <int BITS, class Out>
-void gemm_bf16_t(const Packed& w, const uint32_t* x, int64_t M, PanelQueue& queue, const float* bias, Out* y) {
+void gemm_bf16_t(const Packed& w, const uint32_t* x, const float* xsum, int64_t M, PanelQueue& queue,
+                 const float* bias, Out* y) {
   const int64_t K = w.K, G = w.group_size, N = w.N;
   const bool folded = w.scale_factors.kind != Store::None, grouped = dot_grouped(w);
+  const bool zp = w.zeros.kind != Store::None;
   Packed wb = w;  // a block's scales, or its factors
   if (folded) wb.scales = w.scale_factors;
   const int64_t depth = dot_depth(w, M), group_pairs = grouped ? G / 2 : depth / 2;
   const XTiles xt{M, K, depth};
   std::vector<uint32_t> panel(kDotRows * depth / 2);
-  std::vector<float> sc(kDotRows * (depth / G + 2)), fac(folded ? sc.size() : 0);
+  std::vector<float> sc(kDotRows * (depth / G + 2)), fac(folded ? sc.size() : 0), zt(zp ? sc.size() : 0);
+  const int64_t run = dot_run(w, M), runs = (K + run - 1) / run;
   // Panels go in groups, block of K by block: each block of x (M x depth) serves the whole
   // group while in cache, where panel by panel all of x was read again for each panel (x of
   // 16 MB, M = 2048 on 4096x4096: 0.77-0.90x as fast as with x row by row, separate runs).
@@ -507,20 +544,27 @@ void gemm_bf16_t(const Packed& w, const uint32_t* x, int64_t M, PanelQueue& queu
         for (int64_t r = 0; r < kDotRows; ++r) {
           const float* srow = rs.scales(n0 + std::min(r, rows - 1));
           for (int64_t g = rs.g0; g < rs.g1; ++g) table[(g - rs.g0) * kDotRows + r] = srow[g];
+          if (!zp) continue;
+          const float* zrow = rs.zeros(n0 + std::min(r, rows - 1));
+          for (int64_t g = rs.g0; g < rs.g1; ++g) zt[(g - rs.g0) * kDotRows + r] = zrow[g];
         }
         if (folded) std::fill_n(sc.begin(), kDotRows, w.scale_multiplier);
         dot_panel<BITS>(w, folded ? fac.data() : nullptr, rs.g0, n0, rows, wb.u_begin, wb.u_end, panel.data());
         float* sums = tot.get() + (p - pg) * M * kDotRows;
         int64_t m = 0;
-        const auto tile = [&](auto mb) {
-          dot_tile<decltype(mb)::value>(panel.data(), pairs, group_pairs, sc.data(), xt.at(x, kb, m), xt.width(m),
-                                        sums + m * kDotRows, kb == 0, row_bias, kb_end == K ? y + m * N + n0 : nullptr,
-                                        N, mask);
+        const auto tile = [&](auto mb, auto zero_points) {
+          dot_tile<decltype(mb)::value, decltype(zero_points)::value>(
+              panel.data(), pairs, group_pairs, sc.data(), zt.data(), zp ? xsum + m * runs + kb / run : nullptr, runs,
+              xt.at(x, kb, m), xt.width(m), sums + m * kDotRows, kb == 0, row_bias,
+              kb_end == K ? y + m * N + n0 : nullptr, N, mask);
           m += decltype(mb)::value;
         };
-        while (m + 8 <= M) tile(std::integral_constant<int, 8>{});
-        if (m + 4 <= M) tile(std::integral_constant<int, 4>{});
-        while (m < M) tile(std::integral_constant<int, 1>{});
+        const auto tiles = [&](auto zero_points) {
+          while (m + 8 <= M) tile(std::integral_constant<int, 8>{}, zero_points);
+          if (m + 4 <= M) tile(std::integral_constant<int, 4>{}, zero_points);
+          while (m < M) tile(std::integral_constant<int, 1>{}, zero_points);
+        };
+        zp ? tiles(std::true_type{}) : tiles(std::false_type{});
       }
     }
   }

@@ -79,20 +79,6 @@ inline void order_x_bf16(const Packed& w, const uint16_t* x, int64_t u0, int64_t
   order_units(x, order, u0, u1, out);
 }
 
-// xsum[m, g] = the sum of x[m, k] over w's group g (the last one of a row may be shorter)
-// in fp32, 16 at a time; x bf16 [M, K].
-inline void sum_groups_bf16(const Packed& w, const uint16_t* x, int64_t M, float* xsum) {
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < w.groups; ++g) {
-      __m512 sum = _mm512_setzero_ps();
-      for (int64_t k = g * w.group_size; k < std::min((g + 1) * w.group_size, w.K); k += 16) {
-        const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + m * w.K + k));
-        sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(words), 16)));
-      }
-      xsum[m * w.groups + g] = _mm512_reduce_add_ps(sum);
-    }
-}
-
 // The lookups of one format: bf16 word tables (4-bit: the 16 patterns twice, 6-bit: 64), or
 // the byte tables (8-bit).
 template <int BITS>

@@ -260,7 +260,7 @@ void gemv_bf16(Packed w, const uint16_t* x, int64_t M, float* y) {
   std::vector<uint16_t> ordered(M * w.K);
   order_x_bf16(w, x, 0, M * units, ordered.data());
   std::vector<float> xsum(zp ? M * w.groups : 0);  // [M, groups]: the sum of x over each group
-  if (zp) sum_groups_bf16(w, x, M, xsum.data());
+  if (zp) sum_runs_bf16(x, w.K, w.group_size, 0, M, xsum.data());
   parallel_rows(w.N, w.K, [&](int64_t n0, int64_t n1) {
     const KeepDenormals keep;
     for (int64_t u = 0; u < units; u += block)
@@ -291,13 +291,20 @@ at::Tensor gemm_bf16(Packed w, const at::Tensor& x_in, bool bf16_out, const floa
     pair_x(reinterpret_cast<const uint16_t*>(x.data_ptr()), tiles, i0, i1, pairs.get());
   });
   const uint32_t* xp = pairs.get();
+  // Zero points: the sums of x over the runs of K the GEMM scales (dot_run), [M][runs].
+  const int64_t length = dot_run(w, M);
+  std::vector<float> xsum(w.zeros.kind != Store::None ? M * ((K + length - 1) / length) : 0);
+  if (!xsum.empty())
+    at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+      sum_runs_bf16(reinterpret_cast<const uint16_t*>(x.data_ptr()), K, length, m0, m1, xsum.data());
+    });
   at::Tensor y = torch::empty({M, w.N}, bf16_out ? torch::kBFloat16 : torch::kFloat32);
   const int64_t panels = (w.N + kDotRows - 1) / kDotRows;
   PanelQueue queue{panels, std::min<int64_t>(at::get_num_threads(), panels)};
   const auto run = [&](auto* yp) {
     at::parallel_for(0, queue.threads, 1, [&](int64_t, int64_t) {
       const KeepDenormals keep;
-      with_format(w, [&](auto b, auto, auto) { gemm_bf16_t<decltype(b)::value>(w, xp, M, queue, bias, yp); });
+      with_format(w, [&](auto b, auto, auto) { gemm_bf16_t<decltype(b)::value>(w, xp, xsum.data(), M, queue, bias, yp); });
     });
   };
   if (bf16_out)
