@@ -120,6 +120,9 @@ def run(**values):
     from fpbench.records.store import ensure_writable
 
     ensure_writable(values["out"])  # before any model loads: a run is never computed to be lost
+    from fpbench.data.sources import check_tasks_data
+
+    check_tasks_data(sorted({t for c in configs for t in c.tasks}), values.get("data_dir"))
     records = []
     for config in configs:
         click.echo(f"run: {config.scheme.name} on {','.join(config.tasks)}", err=True)

@@ -40,6 +40,7 @@ from fpbench.records.store import SWEEPS_JSONL, ResultStore
 from fpbench.options import default_act_granularity, default_granularity, run_field_keys, run_options, sweep_keys
 from fpbench.runner import RunConfig, with_latency
 from fpbench.quant.scheme import Granularity, Scheme
+from fpbench.data.sources import check_tasks_data
 from fpbench.eval.base import get_task
 
 # Top-level keys of a sweep config, with what they hold (the documentation of the schema).
@@ -499,6 +500,8 @@ def run_sweep(config: SweepConfig, out_dir: str = "results", shard: tuple[int, i
     started = time.perf_counter()
     planned = plan(config, out_dir, shard, force, progress)
     pending = [p for p in planned if p.pending_tasks]
+    # The pending tasks' data before any model loads (else every run would fail after loading).
+    check_tasks_data(sorted({t for p in pending for t in p.pending_tasks}), config.data_dir)
     summary = SweepSummary(runs=len(planned), skipped=len(planned) - len(pending),
                            estimate_s=sum(p.estimate_s for p in pending))
     echo(f"sweep {config.name}: {estimate_text(planned)}")

@@ -151,6 +151,30 @@ def test_headline_command_as_typed(tmp_path, monkeypatch):
     assert {r["metric"] for r in records} >= {"pass@1"} and all(r["n"] == 2 for r in records)
 
 
+def test_missing_dataset_is_an_error_before_the_model_loads(tmp_path, monkeypatch):
+    # Offline without the file: one line naming the dataset and both fixes, exit 2, before
+    # the model loads (not after minutes of loading and quantizing); with the file in
+    # --data-dir the check passes and the run goes on to load the model.
+    import fpbench.runner
+
+    class Loaded(Exception):
+        pass
+
+    def refuse(*args, **kwargs):
+        raise Loaded("model loaded")
+
+    monkeypatch.delenv("FPBENCH_DATA_DIR", raising=False)
+    monkeypatch.setattr(fpbench.runner, "load_model", refuse)
+    args = ["run", "--format", "int4", "--task", "humaneval,wikitext2", "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and result.output.strip().count("\n") == 0
+    assert "dataset 'wikitext2' is not available" in result.output and "--data-dir" in result.output
+    (tmp_path / "data" / "wikitext2").mkdir(parents=True)
+    (tmp_path / "data" / "wikitext2" / "wiki.test.raw").write_text("some text\n")
+    result = CliRunner().invoke(main, [*args, "--data-dir", str(tmp_path / "data")])
+    assert isinstance(result.exception, Loaded)
+
+
 def test_unwritable_out_is_an_error_before_the_model_loads(tmp_path, monkeypatch):
     import fpbench.runner
 

@@ -252,6 +252,20 @@ def test_sweep_runs_resumes_and_forces(tmp_path, fake):
     assert [entry["ran"] for entry in log] == [4, 0, 4, 4]
 
 
+def test_pending_tasks_need_their_data_before_any_run(tmp_path, fake, monkeypatch, no_model_load):
+    # A pending task whose dataset is neither in the data folder nor reachable fails the
+    # sweep at once: otherwise each run would load its model and then fail.
+    import fpbench.data.task_defs
+
+    monkeypatch.delenv("FPBENCH_DATA_DIR", raising=False)
+    real = REPO / "fpbench" / "data" / "tasks" / "wikitext2.yaml"
+    (fpbench.data.task_defs.TASK_DIR / "wikitext2.yaml").write_text(real.read_text())
+    config = load_config(write_config(tmp_path / "c.yaml", tasks=["fake_a", "wikitext2"]))
+    with pytest.raises(FpbenchError, match="dataset 'wikitext2' is not available"):
+        run_sweep(config, str(tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out" / "results.jsonl").exists()
+
+
 def test_sweep_cli_failure_is_reported_and_others_run(tmp_path, fake, monkeypatch):
     real_run = runner.run
 

@@ -69,18 +69,37 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
+def check_available(source: Source, dataset: str, data_dir: str | os.PathLike | None = None) -> None:
+    """The error load_rows would raise without trying the hub: no local copy, and no hub
+    source or the hub offline (a run checks its tasks' data before it loads a model)."""
+    if local_file(source, data_dir) is not None:
+        return
+    if source.hub is None:
+        raise missing_data_error(dataset, source, data_dir, "no hub source is defined")
+    if hub_offline():
+        reason = OFFLINE_REASON if resolve_data_dir(data_dir) else OFFLINE_REASON + " and no data folder is set"
+        raise missing_data_error(dataset, source, data_dir, reason)
+
+
+def check_tasks_data(tasks: list[str], data_dir: str | os.PathLike | None = None) -> None:
+    """Each task's dataset readable (check_available), checked before a run loads its model:
+    a missing dataset fails at once, not after minutes of loading and quantizing."""
+    from fpbench.data.task_defs import get_task
+
+    for name in tasks:
+        task = get_task(name)
+        if task.source is not None:
+            check_available(task.source, task.name, data_dir)
+
+
 def load_rows(source: Source, dataset: str, data_dir: str | os.PathLike | None = None) -> Rows:
     """The items of a source: its local file when the data folder holds it, else the hub
     split (unless offline), else one error naming the dataset and how to supply it."""
     path = local_file(source, data_dir)
     if path is not None:
         return Rows(read_jsonl(path) if path.suffix == ".jsonl" else read_lines(path), local=True)
+    check_available(source, dataset, data_dir)
     hub = source.hub
-    if hub is None:
-        raise missing_data_error(dataset, source, data_dir, "no hub source is defined")
-    if hub_offline():
-        reason = OFFLINE_REASON if resolve_data_dir(data_dir) else OFFLINE_REASON + " and no data folder is set"
-        raise missing_data_error(dataset, source, data_dir, reason)
     try:
         import datasets  # seconds to import; only a hub load needs it
 
