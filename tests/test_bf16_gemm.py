@@ -101,6 +101,23 @@ def test_one_row_of_long_k_within_the_summation_bound(name):
     _assert_within_the_summation_bound(_product(layer, x), x, qweight.dequantize().double())
 
 
+@pytest.mark.parametrize("name", ["fp6_e3m2/channel", "int4_asym/channel", "int4/g128", "nvfp4/g16", "mxfp4_e2m1/g32"])
+@pytest.mark.parametrize("m", [1, 5])
+def test_many_weight_rows_through_the_gemv(name, m):
+    # 600 weight rows on 2 threads: 300 a thread, so a thread's rows cross the batches in
+    # which whole rows' scales are decoded (256 per-channel scales, 28 rows of g128's 9,
+    # 3 of NVFP4's 68 at K = 1088) and end in a part-filled batch of 16 row sums.
+    qweight, layer = _layer(name, n=600)
+    x = torch.randn(m, K, generator=torch.Generator().manual_seed(m)).bfloat16()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y = _product(layer, x)
+    finally:
+        torch.set_num_threads(threads)
+    _assert_within_the_summation_bound(y, x, qweight.dequantize().double())
+
+
 @pytest.mark.parametrize("name", ["fp6_e3m2/channel", "int4/g128", "int8/g32", "fp4_e2m1/g16", "mxfp6_e3m2/g32",
                                   "nvfp4/g16", "fp8_e4m3/g16", "int4_asym/channel", "int4_asym/g32"])
 @pytest.mark.parametrize("m", [600, 2061])
