@@ -60,6 +60,16 @@ def _product(layer: LutLinear, x: torch.Tensor) -> torch.Tensor:
     return kernels.load().lut_linear(x, *layer._args())  # fp32, no rounding to x's dtype
 
 
+def _product_on_two_threads(layer: LutLinear, x: torch.Tensor) -> torch.Tensor:
+    """_product with torch's threads set to 2 (each thread several weight rows or panels)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        return _product(layer, x)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _assert_within_the_summation_bound(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor):
     """y (the kernel's fp32 product of bf16 x with the dequantized weight, float64) within
     the fp32 summation bound of the float64 product."""
@@ -109,12 +119,7 @@ def test_many_weight_rows_through_the_gemv(name, m):
     # 3 of NVFP4's 68 at K = 1088) and end in a part-filled batch of 16 row sums.
     qweight, layer = _layer(name, n=600)
     x = torch.randn(m, K, generator=torch.Generator().manual_seed(m)).bfloat16()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        y = _product(layer, x)
-    finally:
-        torch.set_num_threads(threads)
+    y = _product_on_two_threads(layer, x)
     _assert_within_the_summation_bound(y, x, qweight.dequantize().double())
 
 
@@ -129,12 +134,7 @@ def test_many_rows_within_the_summation_bound(name, m):
     qweight, layer = _layer(name, n=11 * 48 - 5)
     weight = qweight.dequantize().double()
     x = torch.randn(m, K, generator=torch.Generator().manual_seed(m)).bfloat16()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        y = _product(layer, x)
-    finally:
-        torch.set_num_threads(threads)
+    y = _product_on_two_threads(layer, x)
     _assert_within_the_summation_bound(y, x, weight)
 
 
