@@ -157,13 +157,14 @@ def test_bf16_suffix_gives_bf16_activations():
 
 def test_kernels_take_turns_call_by_call():
     # Each round calls every kernel once (its next weight copy), in an order that changes
-    # between rounds; after the warm-up round.
-    order = []
-    prepared = [bench.Prepared([f"{name}0", f"{name}1"], 1, lambda x, w: order.append(w), torch.float32)
-                for name in "abc"]
-    times = bench.interleaved_times(prepared, [torch.zeros(1)] * 3, repeats=8, warmup=1)
-    assert order[:3] == ["a0", "b0", "c0"]
-    rounds = [order[i:i + 3] for i in range(3, len(order), 3)]
+    # between rounds; after a call on every copy (x's first row) and the warm-up round.
+    order, rows = [], []
+    prepared = [bench.Prepared([f"{name}0", f"{name}1"], 1, lambda x, w: order.append(w) or rows.append(len(x)),
+                               torch.float32) for name in "abc"]
+    times = bench.interleaved_times(prepared, [torch.zeros(5, 1)] * 3, repeats=8, warmup=1)
+    assert order[:9] == ["a0", "a1", "b0", "b1", "c0", "c1", "a0", "b0", "c0"]
+    assert rows == [1] * 6 + [5] * (3 + 8 * 3)
+    rounds = [order[i:i + 3] for i in range(9, len(order), 3)]
     assert len(rounds) == 8
     for i, calls in enumerate(rounds):
         assert sorted(calls) == [f"{name}{(1 + i) % 2}" for name in "abc"]

@@ -4,8 +4,8 @@ For each (N, K) weight shape and batch M, every kernel multiplies x [M, K] by a 
 [N, K]. Weights are cold: each kernel cycles through enough distinct copies of its
 weight that together they exceed ``COLD_BYTES`` (4x the last-level cache, at least 128
 MiB), so every call streams its weight from DRAM as in LLM decoding. Timing is the
-median of ``repeats`` calls after warm-up calls (and one call on every copy when a
-kernel's weights are fresh).
+median of ``repeats`` calls after one call on every copy of every kernel and warm-up
+calls, right before each cell's turns (``interleaved_times``).
 
 Roofline: the streaming-read ceiling is the best of several read loops over a
 ``BANDWIDTH_BUFFER_BYTES`` buffer by all threads (the compiled loop with each ISA's
@@ -296,10 +296,19 @@ def interleaved_times(prepared: list[Prepared], xs: list[torch.Tensor], repeats:
     other, the same kernel's ratio to torch's moved by up to 28% between two runs). The
     records keep each kernel's median and its minimum (its least disturbed call). Each round
     takes the kernels in another order (seeded), so that no kernel always follows the same
-    one. (On 4096x4096 at M = 1 on the AMD EPYC, the first of fpbench's kernels listed ran
-    up to 1.6x slower than its twin of the same code, FP4 and INT4 per channel either way
-    round, with a fixed order and in some runs with a shuffled one as well: a cause not
-    found, and a reason to compare such cells across runs.)"""
+    one.
+
+    Before the warm-up rounds, one call on every copy of every kernel (with x's first row):
+    on the AMD EPYC VM a weight left untouched for a while is slow on its next read (INT4
+    per channel on 4096x4096 after 40 s idle: 0.48 ms a copy on the first pass, 0.27 on the
+    next; 0.23 without the pause). Touched only when prepared, the copies of the first
+    kernels listed waited while the others were quantized, and the first of fpbench's
+    kernels ran up to 1.6x slower than its twin of the same code for its first pass of
+    timed calls (FP4 and INT4 per channel either way round)."""
+    for p, x in zip(prepared, xs):
+        row = x[:1] if isinstance(x, torch.Tensor) else x
+        for weight in p.weights:
+            p.call(row, weight)
     for i in range(warmup):
         for p, x in zip(prepared, xs):
             p.call(x, p.weights[i % len(p.weights)])
@@ -342,13 +351,7 @@ def run_bench(shapes=None, batches=None, kernel_names=None, repeats: int = 21, o
         prepared = {}
         streams = {count: prepare_stream(count, n, k) for count in STREAMS}
         for kernel in kernel_names:
-            prepared[kernel] = p = prepare(kernel, n, k, generator)
-            # One call on every copy first: on this VM the first pass over freshly
-            # allocated weights ran up to 10x slower (no page faults counted), which the
-            # few warm-up calls of the first cell did not cover.
-            warm_x = torch.zeros(1, k, dtype=p.activation_dtype)
-            for weight in p.weights:
-                p.call(warm_x, weight)
+            prepared[kernel] = prepare(kernel, n, k, generator)
         for m in batches:
             x = torch.randn(m, k, generator=generator)
             xs = [x.to(p.activation_dtype) for p in prepared.values()]
