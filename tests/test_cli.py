@@ -84,13 +84,14 @@ def test_default_model_end_to_end(data_dir, tmp_path):
 
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+DOCS = sorted((README.parent / "docs").glob("*.md"))
 
 
 def readme_commands() -> list[str]:
-    """Every `fpbench ...` command in the README's code blocks, continuation lines joined
-    and trailing comments dropped."""
+    """Every `fpbench ...` command in the code blocks of the README and docs/, continuation
+    lines joined and trailing comments dropped."""
     commands, in_block, pending = [], False, ""
-    for line in README.read_text().splitlines():
+    for line in "\n".join(path.read_text() for path in [README, *DOCS]).splitlines():
         if line.lstrip().startswith("```"):
             in_block, pending = not in_block, ""
             continue
