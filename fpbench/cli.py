@@ -177,7 +177,7 @@ def bench(shapes, batches, kernel_names, repeats, e2e, generation, problems, new
       fpbench bench --e2e --new-tokens 128
       fpbench bench --generation --problems 40
     """
-    from fpbench.bench.kernels import parse_batches, parse_shapes, run_bench, table
+    from fpbench.bench.kernels import parse_batches, parse_shapes, run_bench, summary, table
 
     if generation:
         from fpbench.bench.generation import generation_summary, run_generation_bench
@@ -202,6 +202,7 @@ def bench(shapes, batches, kernel_names, repeats, e2e, generation, problems, new
     click.echo(table(records))
     click.echo("Fastest call of each cell (least disturbed by other load):")
     click.echo(table(records, "min_ms"))
+    click.echo(summary(records))
     click.echo(f"records appended to {os.path.join(out_dir, 'bench.jsonl')}")
 
 

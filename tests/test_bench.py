@@ -116,6 +116,28 @@ def test_roofline_fraction_uses_bytes_read():
     assert bench.roofline_fraction(3 * 10**8, 10.0, 30.0) <= 1.0
 
 
+def test_summary_compares_4_bit_kernels_with_their_8_bit_peers():
+    # Per shape and batch: fpbench's kernels against torch bf16; at M = 1 also their share of
+    # the read and each 4-bit kernel's time over its 8-bit peer's (same family, granularity
+    # and activations), where both were timed.
+    assert bench._eight_bit_peer("int4_asym/g128@bf16") == "int8/g128@bf16"
+    assert bench._eight_bit_peer("mxfp4_e2m1/g32") == "mxfp8_e4m3/g32"
+    assert bench._eight_bit_peer("fp4_e2m1/channel@bf16") == "fp8_e4m3/channel@bf16"
+
+    def cell(kernel, m, ms, share, speed):
+        return {"kernel": kernel, "N": 64, "K": 128, "M": m, "median_ms": ms, "stream_fraction": share,
+                "vs_bf16": speed}
+
+    records = [cell("torch_bf16", 1, 4.0, 0.3, 1.0), cell("int4/channel@bf16", 1, 1.0, 0.9, 4.0),
+               cell("int8/channel@bf16", 1, 2.5, 0.8, 1.6), cell("fp4_e2m1/g128@bf16", 1, 1.2, 0.7, 3.3),
+               cell("fp8_e4m3/g128@bf16", 1, 2.0, 0.95, 2.0), cell("nvfp4/g16@bf16", 1, 1.5, 0.6, 2.7),
+               cell("int4/channel@bf16", 64, 9.0, 0.1, 0.95)]
+    first, second = bench.summary(records).splitlines()
+    assert first == ("64x128, M = 1: 5 kernels at 1.60-4.00x torch bf16, 0.60-0.95 of the read in their turns "
+                     "(lowest: nvfp4/g16@bf16 0.60, fp4_e2m1/g128@bf16 0.70); 4-bit / 8-bit time 0.40-0.60")
+    assert second == "64x128, M = 64: 1 kernel at 0.95-0.95x torch bf16"
+
+
 def test_kernel_names_expand_and_unknown_ones_are_clear():
     assert bench.parse_kernels(["fp8_e4m3", "torch_bf16"]) == ["fp8_e4m3/channel", "fp8_e4m3/g128", "torch_bf16"]
     with pytest.raises(FpbenchError, match="unknown kernel 'fp5_e2m2'"):

@@ -393,6 +393,42 @@ def run_bench(shapes=None, batches=None, kernel_names=None, repeats: int = 21, o
     return records
 
 
+def _eight_bit_peer(kernel: str) -> str:
+    """The 8-bit kernel a 4-bit one is compared with: same family and granularity
+    (``int4_asym/g128@bf16`` -> ``int8/g128@bf16``, ``mxfp4_e2m1/g32`` -> ``mxfp8_e4m3/g32``,
+    ``fp4_e2m1/channel`` -> ``fp8_e4m3/channel``)."""
+    name, at, activations = kernel.partition("@")
+    fmt, _, gran = name.partition("/")
+    peer = "int8" if fmt.startswith("int") else "mxfp8_e4m3" if fmt.startswith("mx") else "fp8_e4m3"
+    return f"{peer}/{gran}{at}{activations}"
+
+
+def summary(records: list[dict]) -> str:
+    """One line per shape and batch over fpbench's kernels: their speed against torch bf16
+    and, at M = 1 (bound by the weight's bytes), their share of the read timed in the same
+    turns (range and the lowest) and the 4-bit kernels' time over their 8-bit peers'
+    (``_eight_bit_peer``, where both were timed): at the memory limit about half."""
+    lines = []
+    for n, k, m in sorted({(r["N"], r["K"], r["M"]) for r in records}):
+        cells = {r["kernel"]: r for r in records if (r["N"], r["K"], r["M"]) == (n, k, m) and "/" in r["kernel"]}
+        if not cells:
+            continue
+        speed = [r["vs_bf16"] for r in cells.values()]
+        line = (f"{n}x{k}, M = {m}: {len(cells)} kernel{'s' if len(cells) > 1 else ''} at {min(speed):.2f}-"
+                f"{max(speed):.2f}x torch bf16")
+        if m == 1:
+            shares = sorted(cells.values(), key=lambda r: r["stream_fraction"])
+            lowest = ", ".join(f"{r['kernel']} {r['stream_fraction']:.2f}" for r in shares[:2])
+            line += (f", {shares[0]['stream_fraction']:.2f}-{shares[-1]['stream_fraction']:.2f} of the read in "
+                     f"their turns (lowest: {lowest})")
+            ratios = [cells[name]["median_ms"] / cells[_eight_bit_peer(name)]["median_ms"] for name in cells
+                      if get_format(name.split("/")[0]).bits == 4 and _eight_bit_peer(name) in cells]
+            if ratios:
+                line += f"; 4-bit / 8-bit time {min(ratios):.2f}-{max(ratios):.2f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def table(records: list[dict], stat: str = "median_ms") -> str:
     """Markdown: one row per kernel x shape x batch: ``stat`` ms, GB/s, roofline fraction,
     fraction of the read in the same turns (``vs_read``), x vs torch_bf16 and x vs torch_fp32
