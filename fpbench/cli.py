@@ -144,8 +144,9 @@ def run(**values):
                    "of fpbench's kernel (int4/g128, fp6_e3m2/channel; a bare format: channel and g128), "
                    "with fp32 x, or bf16 x with @bf16 (int4/g128@bf16: the bf16 dot-product GEMV and GEMM "
                    "where the CPU has AVX-512 BF16). Default: the torch kernels and int4, int4_asym, int8, "
-                   "fp4_e2m1, fp6_e2m3, fp6_e3m2, fp8_e4m3, fp8_e5m2 per channel and g128 with bf16 x, "
-                   "as a model's layers get it on the latency path.")
+                   "fp4_e2m1, fp6_e2m3, fp6_e3m2, fp8_e4m3, fp8_e5m2 per channel and g128, and "
+                   "mxfp4_e2m1, mxfp6_e3m2, mxfp8_e4m3, nvfp4 at their own blocks, with bf16 x, as a "
+                   "model's layers get it on the latency path.")
 @click.option("--repeats", type=click.IntRange(min=3), default=21, show_default=True,
               help="Timed calls per cell (the median is reported); the kernels of a shape and "
                    "batch take turns call by call.")

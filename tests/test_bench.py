@@ -167,6 +167,7 @@ def test_bf16_suffix_gives_bf16_activations():
     # The default: the torch kernels and fpbench's with bf16 x, as on the latency path.
     default = bench.parse_kernels(None)
     assert default[:4] == list(bench.TORCH_KERNELS) and "fp6_e3m2/channel@bf16" in default
+    assert {"mxfp4_e2m1/g32@bf16", "mxfp6_e3m2/g32@bf16", "mxfp8_e4m3/g32@bf16", "nvfp4/g16@bf16"} <= set(default)
     assert all(name.endswith("@bf16") for name in default[4:])
     for wrong in ("int4/g128@fp16", "torch_fp32@bf16"):
         with pytest.raises(FpbenchError, match="only activation suffix is @bf16"):

@@ -67,9 +67,11 @@ DEFAULT_BATCHES = (1, 8, 64, 512)
 TORCH_KERNELS = ("torch_fp32", "torch_bf16", "torch_int8_bf16", "torch_int4_bf16")
 DEFAULT_FORMATS = ("int4", "int4_asym", "int8", "fp4_e2m1", "fp6_e2m3", "fp6_e3m2", "fp8_e4m3", "fp8_e5m2")
 DEFAULT_GRANULARITIES = ("channel", "g128")
+DEFAULT_BLOCK_FORMATS = ("mxfp4_e2m1", "mxfp6_e3m2", "mxfp8_e4m3", "nvfp4")  # each at its own block
 # By default fpbench's kernels take bf16 x, as in a model on the latency path (its unquantized
 # rest runs in bf16: on AVX-512 BF16 the bf16 kernels, elsewhere x widened to fp32 exactly).
-KERNELS = TORCH_KERNELS + tuple(f"{f}/{g}@bf16" for f in DEFAULT_FORMATS for g in DEFAULT_GRANULARITIES)
+KERNELS = (TORCH_KERNELS + tuple(f"{f}/{g}@bf16" for f in DEFAULT_FORMATS for g in DEFAULT_GRANULARITIES)
+           + tuple(f"{f}/g{get_format(f).block_size}@bf16" for f in DEFAULT_BLOCK_FORMATS))
 TORCH_INT4_GROUP = 128
 BANDWIDTH_BUFFER_BYTES = 512 * 2**20
 STREAMS = (1, 8)  # streams a thread of the reads timed in each cell's turns (prepare_stream)
