@@ -7,7 +7,10 @@ dequantized weights (plus one rounding of the scale per group sum); one-hot rows
 each weight alone, bit for bit. With zero points (v - z is not exact in bf16) both sum x v
 per group: the GEMV takes off s z X (X the group's sum of x) after the groups, the GEMM
 takes each group's sum to (S - z X) s (one-hot rows still bit for bit); both within the
-bound counted on |x| (|v| + |z|) s."""
+bound counted on |x| (|v| + |z|) s. The GEMV decodes 4-bit integer codes per channel
+(INT4, INT4 asymmetric) without a lookup, as the value plus an offset (136 and 128), and
+takes off offset X (X the row's sum of x) before the scale: within the bound counted on |x|
+(|v| + |z| + offset) s, one-hot rows still bit for bit."""
 
 import pytest
 import torch
@@ -181,6 +184,31 @@ def test_zero_points_within_the_bound_on_values_and_zero_points(name):
     terms = (get_format(qweight.format).decode(qweight.codes).double().abs() + zero.double().abs()) * scale.abs()
     for m in (1, 3, 8, _gemm_from(), 600):
         x = torch.randn(m, K, generator=torch.Generator().manual_seed(m)).bfloat16()
+        error = (_product(layer, x).double() - x.double() @ weight.T).abs()
+        assert bool((error <= (K + 3) * 2.0**-24 * (x.double().abs() @ terms.T) + 1e-30).all())
+
+
+@pytest.mark.parametrize("name", ["int4/channel", "int4_asym/channel"])
+def test_integer_offset_within_the_bound_on_values_and_offset(name):
+    # Codes -1, 0, 1 (asymmetric: next to the zero point) and x >= 0: the GEMV's sums x (v +
+    # offset) nearly cancel against offset X; the error is within the bound counted on |x|
+    # (|v| + |z| + offset) s. 9 and 600 rows: the GEMM (no offset), within the same bound.
+    offset = 128 if "asym" in name else 136
+    qweight, _ = _layer(name)
+    shape = tuple(qweight.codes.shape)
+    near = torch.randint(-1, 2, shape, generator=torch.Generator().manual_seed(2)).float()
+    zero = torch.zeros(shape)
+    if qweight.zero_points is not None:
+        zero = expand_to_weight(qweight.zero_points, qweight.granularity, shape)
+        near = (near + zero.round()).clamp(0, 15)
+    qweight.codes.copy_(near.to(qweight.codes.dtype))
+    layer = LutLinear(qweight)
+    weight = qweight.dequantize().double()
+    scale = expand_to_weight(qweight.effective_scales, qweight.granularity, shape).double()
+    values = get_format(qweight.format).decode(qweight.codes).double().abs()
+    terms = (values + zero.double().abs() + offset) * scale.abs()
+    for m in (1, 3, 8, _gemm_from(), 600):
+        x = torch.randn(m, K, generator=torch.Generator().manual_seed(m)).abs().bfloat16()
         error = (_product(layer, x).double() - x.double() @ weight.T).abs()
         assert bool((error <= (K + 3) * 2.0**-24 * (x.double().abs() @ terms.T) + 1e-30).all())
 

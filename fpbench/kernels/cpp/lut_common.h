@@ -428,6 +428,12 @@ struct Packed {
   // those numbers (kind None where not so), and the multiplier (see lut_bf16.h).
   Stored scale_factors;
   float scale_multiplier = 1.f;
+  // 4-bit integer codes whose values are (n ^ flip) + c (INT4: flip 8, c = -8, n the two's
+  // complement nibble; INT4 asymmetric: flip 0, c = 0): the bf16 GEMV's words 0x4300 | (n ^
+  // flip) = value + int_offset, int_offset = 128 - c (0 where the values are not such;
+  // see lut_bf16_gemv.h), int_base = 0x4300 | flip.
+  int int_offset = 0;
+  uint16_t int_base = 0;
   // The SIMD GEMVs' block of K: units u_begin .. u_end of each row; a block after the first
   // adds its sums to y (see gemv).
   int64_t u_begin = 0, u_end = 0;

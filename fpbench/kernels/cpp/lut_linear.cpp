@@ -254,7 +254,8 @@ constexpr int64_t kBf16BlockXBytes = 16 * 1024;
 // Avx512Bf16, bf16_gemv(w)): a thread's rows one block of K at a time, as gemv.
 void gemv_bf16(Packed w, const uint16_t* x, int64_t M, float* y) {
   const int64_t units = w.K / kUnit, ahead = kBf16PrefetchBytes / unit_bytes(w.bits);
-  const bool zp = w.zeros.kind != Store::None;
+  // Zero points or int_decode's offset: rows_bf16_t's terms need each group's sum of x.
+  const bool zp = w.zeros.kind != Store::None || int_decode(w);
   const int64_t block = M == 1 && w.bits != 4 ? units
                                               : std::min(units, std::max<int64_t>(4, kBf16BlockXBytes / (2 * kUnit * M)));
   std::vector<uint16_t> ordered(M * w.K);

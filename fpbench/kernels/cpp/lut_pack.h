@@ -145,6 +145,22 @@ Stored stored(const at::Tensor& values, const std::optional<at::Tensor>& table, 
   return out;
 }
 
+// Packed::int_offset and int_base where the 16 values are (n ^ flip) + c for an integer c.
+// Symmetric INT4 has no code -8 (nibble 8): its table entry is 0 and is not checked.
+inline void set_int_words(Packed& w) {
+  if (w.bits != 4) return;
+  for (const int flip : {0, 8}) {
+    const float c = w.table[1 ^ flip] - 1.f;
+    bool fits = c == std::nearbyint(c) && std::abs(c) <= 16.f;
+    for (int n = 0; n < 16 && fits; ++n)
+      fits = w.table[n] == static_cast<float>(n ^ flip) + c || (flip == 8 && n == 8 && w.table[n] == 0.f);
+    if (fits) {
+      w.int_offset = 128 - static_cast<int>(c), w.int_base = static_cast<uint16_t>(0x4300 | flip);
+      return;
+    }
+  }
+}
+
 Packed make_packed(const at::Tensor& plane_a, const at::Tensor& plane_b, const at::Tensor& table,
                    const at::Tensor& scales, const at::Tensor& zeros, int64_t bits, int64_t K, int64_t G,
                    const std::vector<int64_t>& decode, const std::optional<at::Tensor>& scale_table,
@@ -203,6 +219,7 @@ Packed make_packed(const at::Tensor& plane_a, const at::Tensor& plane_b, const a
   if (w.dec == Dec::SignMagnitude && !sign_magnitude(owned)) w.dec = Dec::Table;  // e.g. a NaN code
   if (w.dec == Dec::Float || w.dec == Dec::FloatSpecial || w.dec == Dec::Fp16Nibble) set_float_decode(w, decode);
   w.mirrored = bits == 8 && mirrored(values, 128);
+  set_int_words(w);
   if (!zp) set_scale_factors(w, owned);
   w.u_end = K / kUnit;
   TORCH_CHECK(!zp || w.dec == Dec::Table || w.dec == Dec::SignedInt || w.dec == Dec::UnsignedInt,
