@@ -91,8 +91,9 @@ inline void order_x_bf16(const Packed& w, const uint16_t* x, int64_t u0, int64_t
 // one process (2 threads): INT4 per channel 1.08x on 4096x4096 and 1.05-1.13x on the default
 // model's 576x576, 1536x576 and 576x1536 in cache, 1.03-1.07x cold (4096x4096, 4096x14336);
 // INT4 asymmetric per channel 1.02-1.07x. (With groups the offset's term, sum_g s_g X_g a
-// row, cost more than the decode saved: INT4 g128 0.96x, INT4 asymmetric g32 0.95x on
-// 4096x4096 in cache; they keep the lookups.)
+// row, cost more than the decode saved, even with its lanes reduced 16 rows at a time: INT4
+// g128 0.94-0.99x, g32 0.89-0.90x, g16 0.91-0.94x, INT4 asymmetric g128 0.96-1.05x on
+// 4096x4096, 4096x14336 and the default model's layers; they keep the lookups.)
 inline bool int_decode(const Packed& w) { return w.bits == 4 && w.int_offset && w.groups == 1; }
 
 // The lookups of one format: bf16 word tables (4-bit: the 16 patterns twice, 6-bit: 64), or
