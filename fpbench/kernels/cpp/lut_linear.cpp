@@ -56,6 +56,8 @@
 
 #include <ATen/Parallel.h>
 
+#include <unistd.h>
+
 #include <atomic>
 #include <chrono>
 
@@ -248,7 +250,33 @@ constexpr int64_t kBf16PrefetchBytes = 8192;
 // (kBf16GemmMinRows). At M = 1 on 4096x14336 (28 KiB of x a row; Zen 4, 32 KiB of L1, the
 // same way) the 4-bit GEMVs, which read 4 bytes of x a byte of codes, ran 1.63-1.70x as
 // fast per channel and 1.10x with g128 in blocks; the 8-bit ones 0.96-1.00x, FP6 0.84x.
+// Later, with the 8-bit per-channel loop leaner, those took blocks where a row of x fills
+// more than 3/4 of L1 (bf16_whole_rows).
 constexpr int64_t kBf16BlockXBytes = 16 * 1024;
+
+// This CPU's L1 data cache (32 KiB where the system does not say).
+int64_t l1d_bytes() {
+  static const int64_t bytes = [] {
+#ifdef _SC_LEVEL1_DCACHE_SIZE
+    const long size = sysconf(_SC_LEVEL1_DCACHE_SIZE);
+    if (size > 0) return static_cast<int64_t>(size);
+#endif
+    return int64_t{32 * 1024};
+  }();
+  return bytes;
+}
+
+// Whether the bf16 GEMV at M = 1 takes whole rows: 6- and 8-bit codes, but 8-bit per channel
+// only while a row of x (2 K bytes) fits in 3/4 of L1 beside the streaming codes. At M = 1
+// on 4096x14336 (28 KiB of x, Zen 4 with 32 KiB of L1, blocks and whole rows in turn call by
+// call in one process): FP8 E4M3 and E5M2 per channel 1.31-1.35x as fast in blocks with the
+// weights in cache and 1.11x cold, INT8 per channel 1.02-1.04x; grouped 8-bit codes
+// 0.94-1.08x and FP6 0.91-1.02x, so they keep whole rows; on 4096x11008 (22 KiB of x) FP8
+// and INT8 per channel 0.95-1.00x in blocks.
+bool bf16_whole_rows(const Packed& w, int64_t M) {
+  if (M != 1 || w.bits == 4) return false;
+  return !(w.bits == 8 && w.groups == 1 && 4 * (2 * w.K) > 3 * l1d_bytes());
+}
 
 // y [M, N] = x [M, K] w^T in fp32 for bf16 x and fewer than kBf16GemmMinRows rows (ISA
 // Avx512Bf16, bf16_gemv(w)): a thread's rows one block of K at a time, as gemv.
@@ -256,7 +284,7 @@ void gemv_bf16(Packed w, const uint16_t* x, int64_t M, float* y) {
   const int64_t units = w.K / kUnit, ahead = kBf16PrefetchBytes / unit_bytes(w.bits);
   // Zero points or int_decode's offset: rows_bf16_t's terms need each group's sum of x.
   const bool zp = w.zeros.kind != Store::None || int_decode(w);
-  const int64_t block = M == 1 && w.bits != 4 ? units
+  const int64_t block = bf16_whole_rows(w, M) ? units
                                               : std::min(units, std::max<int64_t>(4, kBf16BlockXBytes / (2 * kUnit * M)));
   std::vector<uint16_t> ordered(M * w.K);
   order_x_bf16(w, x, 0, M * units, ordered.data());
