@@ -250,8 +250,8 @@ constexpr int64_t kBf16PrefetchBytes = 8192;
 // (kBf16GemmMinRows). At M = 1 on 4096x14336 (28 KiB of x a row; Zen 4, 32 KiB of L1, the
 // same way) the 4-bit GEMVs, which read 4 bytes of x a byte of codes, ran 1.63-1.70x as
 // fast per channel and 1.10x with g128 in blocks; the 8-bit ones 0.96-1.00x, FP6 0.84x.
-// Later, with the 8-bit per-channel loop leaner, those took blocks where a row of x fills
-// more than 3/4 of L1 (bf16_whole_rows).
+// Measured again on the current loop, 8-bit per channel gains from blocks where a row of x
+// fills more than 3/4 of L1 (bf16_whole_rows).
 constexpr int64_t kBf16BlockXBytes = 16 * 1024;
 
 // This CPU's L1 data cache (32 KiB where the system does not say).
