@@ -414,17 +414,19 @@ void rows_bf16_t(const Packed& w, const uint16_t* x, const float* xsum, int64_t 
     if (zero_term && zero_points) {
       if (row_rs) srow = row_rs->scales(n);
       const float* zrow = row_rs ? row_rs->zeros(n) : rs.zeros(n);
-      zfactor[count] = zrow[0];
-      // With groups, 16 a step (a scalar chain of adds cost a fifth of G = 32's row).
-      for (m = 0; m < M && GROUPS != Bf16Groups::Channel; ++m) {
-        const float* xm = xsum + m * w.groups;
-        __m512 sz_x = _mm512_setzero_ps();
-        for (int64_t g = 0; g < w.groups; g += 16) {
-          const __mmask16 in = static_cast<__mmask16>((1u << std::min<int64_t>(16, w.groups - g)) - 1);
-          const __m512 sz = _mm512_mul_ps(_mm512_maskz_loadu_ps(in, srow + g), _mm512_maskz_loadu_ps(in, zrow + g));
-          sz_x = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(in, xm + g), sz_x);
+      if constexpr (GROUPS == Bf16Groups::Channel) {
+        zfactor[count] = zrow[0];
+      } else {  // 16 groups a step (a scalar chain of adds cost a fifth of G = 32's row)
+        for (m = 0; m < M; ++m) {
+          const float* xm = xsum + m * w.groups;
+          __m512 sz_x = _mm512_setzero_ps();
+          for (int64_t g = 0; g < w.groups; g += 16) {
+            const __mmask16 in = static_cast<__mmask16>((1u << std::min<int64_t>(16, w.groups - g)) - 1);
+            const __m512 sz = _mm512_mul_ps(_mm512_maskz_loadu_ps(in, srow + g), _mm512_maskz_loadu_ps(in, zrow + g));
+            sz_x = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(in, xm + g), sz_x);
+          }
+          zero_sums[m][slot] = sz_x;
         }
-        zero_sums[m][slot] = sz_x;
       }
     }
     if (++count == 16 || n + 1 == n1) flush(n + 1 - count);

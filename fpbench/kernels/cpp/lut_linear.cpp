@@ -283,17 +283,17 @@ bool bf16_whole_rows(const Packed& w, int64_t M) {
 void gemv_bf16(Packed w, const uint16_t* x, int64_t M, float* y) {
   const int64_t units = w.K / kUnit, ahead = kBf16PrefetchBytes / unit_bytes(w.bits);
   // Zero points or int_decode's offset: rows_bf16_t's terms need each group's sum of x.
-  const bool zp = w.zeros.kind != Store::None || int_decode(w);
+  const bool group_sums = w.zeros.kind != Store::None || int_decode(w);
   const int64_t block = bf16_whole_rows(w, M) ? units
                                               : std::min(units, std::max<int64_t>(4, kBf16BlockXBytes / (2 * kUnit * M)));
   std::vector<uint16_t> ordered(M * w.K);
   order_x_bf16(w, x, 0, M * units, ordered.data());
-  std::vector<float> xsum(zp ? M * w.groups : 0);  // [M, groups]: the sum of x over each group
-  if (zp) sum_runs_bf16(x, w.K, w.group_size, 0, M, xsum.data());
+  std::vector<float> xsum(group_sums ? M * w.groups : 0);  // [M, groups]: the sum of x over each group
+  if (group_sums) sum_runs_bf16(x, w.K, w.group_size, 0, M, xsum.data());
   parallel_rows(w.N, w.K, [&](int64_t n0, int64_t n1) {
     const KeepDenormals keep;
     for (int64_t u = 0; u < units; u += block)
-      rows_bf16(w.block(u, block, ahead), ordered.data(), zp ? xsum.data() : nullptr, M, n0, n1, y);
+      rows_bf16(w.block(u, block, ahead), ordered.data(), group_sums ? xsum.data() : nullptr, M, n0, n1, y);
   });
 }
 
