@@ -168,6 +168,34 @@ def test_every_format_gets_its_arithmetic_decoder(module):
 
 
 @pytest.mark.parametrize("isa", ISAS_HERE)
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2", "fp8_e3m4"])
+def test_special_value_decode_only_in_layers_that_hold_a_special_code(module, isa, fmt):
+    # The blend that writes inf/NaN patterns is dropped for a layer of finite codes and
+    # kept where one inf or NaN code sits anywhere, here the last byte of the last row;
+    # either way every code decodes to its table value, in the dequantization and the GEMV.
+    table = value_table(fmt)
+    special = torch.nonzero(~table.isfinite()).flatten()
+    n, k = 3, 256
+    for code in (None, *special.tolist()):
+        codes = _every_code(fmt, n, k, finite=True)
+        if code is not None:
+            codes[-1, -1] = code
+        plane_a, _ = pack_codes(codes, 8)
+        layer = module.KernelLinear(plane_a, torch.empty(0, dtype=torch.uint8), table, torch.ones(n, 1),
+                                    torch.empty(0), 8, k, k, decode_params(fmt), isa, None, None, None)
+        assert layer.decoder() == ("float" if code is None else "float_special"), (fmt, code)
+        expected = table[codes.long()]
+        got = layer.dequantize()
+        assert torch.equal(got.isnan(), expected.isnan()), (fmt, code)
+        assert torch.equal(got.nan_to_num(), expected.nan_to_num()), (fmt, code)
+        x = torch.zeros(1, k)
+        x[0, -1] = 1.0  # y[0, row] = w[row, K - 1], and a non-finite code's row not finite
+        y = layer.forward(x)
+        assert torch.equal(y.isfinite(), expected[:, -1].isfinite()[None, :]), (fmt, code)
+        assert torch.equal(y[0, :-1], expected[:-1, -1]), (fmt, code)
+
+
+@pytest.mark.parametrize("isa", ISAS_HERE)
 def test_six_bit_table_that_is_not_sign_magnitude_keeps_the_full_lookup(module, isa):
     # FP6 E2M3's decode parameters promise sign-magnitude codes; a table that breaks it (a
     # negative code made positive; a NaN, whose pattern drops the sign) must still decode

@@ -33,6 +33,8 @@ class KernelLinear {
   // the layer's ISA has no bf16 GEMV).
   void forward_row(const c10::BFloat16* x, float* y, std::vector<float>& wide) const;
   int64_t out_features() const;
+  // The decoder this layer's codes take (lut_pack.h: pick_decoder, then the layer's codes).
+  std::string decoder() const;
 
   struct Impl;
 

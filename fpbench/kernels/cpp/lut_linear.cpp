@@ -515,6 +515,8 @@ void fpbench::KernelLinear::add_bias(float* y) const {
 
 int64_t fpbench::KernelLinear::out_features() const { return impl_->w.N; }
 
+std::string fpbench::KernelLinear::decoder() const { return decoder_name(impl_->w.dec); }
+
 at::Tensor fpbench::KernelLinear::forward(const at::Tensor& x) const {
   const Packed& w = impl_->w;
   const at::Tensor rows = x.reshape({-1, w.K});
@@ -575,7 +577,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("bits"), py::arg("K"), py::arg("G"), py::arg("decode"), py::arg("isa"), py::arg("scale_table"),
            py::arg("zero_table"), py::arg("bias"))
       .def("forward", &KernelLinear::forward, "x [..., K] -> [..., N] in x's dtype, bias added in fp32")
-      .def("dequantize", &KernelLinear::dequantize, "fp32 weights [N, K] as this layer's ISA decodes them");
+      .def("dequantize", &KernelLinear::dequantize, "fp32 weights [N, K] as this layer's ISA decodes them")
+      .def("decoder", &KernelLinear::decoder,
+           "the decoder of this layer's codes: decoder()'s, but float for float_special codes that hold no "
+           "inf or NaN");
   fpbench::bind_llama_step(m);
   m.def("stream_read_gbps", &stream_read_gbps, "best streaming-read bandwidth in GB/s with the given ISA's loads",
         py::arg("buffer"), py::arg("repeats"), py::arg("isa"), py::arg("streams") = 1);
