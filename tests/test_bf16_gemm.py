@@ -105,12 +105,14 @@ def test_groups_of_several_units_within_the_summation_bound(name, m):
 @pytest.mark.parametrize("name", ["fp4_e2m1/channel", "int4/g128", "int4/g384", "fp4_e2m1/g32", "nvfp4/g16",
                                   "mxfp4_e2m1/g32", "int4_asym/g128", "int8/channel", "fp6_e3m2/g128",
                                   "fp8_e4m3/channel"])
-@pytest.mark.parametrize("k", [8384, 14400])
+@pytest.mark.parametrize("k", [8384, 14400, 32832])
 def test_one_row_of_long_k_within_the_summation_bound(name, k):
-    # K = 8384 (131 units): at M = 1 the 4-bit GEMV takes blocks of 128 units (16 KiB of x),
-    # the second starting inside a group of 6 units (g384); with zero points their term at
-    # the last block, over all the row's groups; 8- and 6-bit codes in whole rows. K = 14400
-    # (28 KiB of x): 8-bit codes per channel in blocks too where L1 is 32 KiB.
+    # At M = 1 a row of x of more than 3/4 of L1 (K = 14400, 28 KiB, where L1 is 32 KiB;
+    # K = 32832, 64 KiB, on any L1 up to 85 KiB) goes in blocks of 128 units (16 KiB of x)
+    # for codes per channel and 4-bit codes in groups of 128 or more, the second block
+    # starting inside a group of 6 units (g384); with zero points their term at the last
+    # block, over all the row's groups. The rest, and every layer at K = 8384 (16 KiB of
+    # x), in whole rows.
     qweight, layer = _layer(name, n=7, k=k)
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(3)).bfloat16()
     _assert_within_the_summation_bound(_product(layer, x), x, qweight.dequantize().double())

@@ -250,8 +250,7 @@ constexpr int64_t kBf16PrefetchBytes = 8192;
 // (kBf16GemmMinRows). At M = 1 on 4096x14336 (28 KiB of x a row; Zen 4, 32 KiB of L1, the
 // same way) the 4-bit GEMVs, which read 4 bytes of x a byte of codes, ran 1.63-1.70x as
 // fast per channel and 1.10x with g128 in blocks; the 8-bit ones 0.96-1.00x, FP6 0.84x.
-// Measured again on the current loop, 8-bit per channel gains from blocks where a row of x
-// fills more than 3/4 of L1 (bf16_whole_rows).
+// Measured again on the current loops: which layers take blocks at M = 1, bf16_whole_rows.
 constexpr int64_t kBf16BlockXBytes = 16 * 1024;
 
 // This CPU's L1 data cache (32 KiB where the system does not say).
@@ -266,16 +265,22 @@ int64_t l1d_bytes() {
   return bytes;
 }
 
-// Whether the bf16 GEMV at M = 1 takes whole rows: 6- and 8-bit codes, but 8-bit per channel
-// only while a row of x (2 K bytes) fits in 3/4 of L1 beside the streaming codes. At M = 1
-// on 4096x14336 (28 KiB of x, Zen 4 with 32 KiB of L1, blocks and whole rows in turn call by
-// call in one process): FP8 E4M3 and E5M2 per channel 1.31-1.35x as fast in blocks with the
-// weights in cache and 1.11x cold, INT8 per channel 1.02-1.04x; grouped 8-bit codes
-// 0.94-1.08x and FP6 0.91-1.02x, so they keep whole rows; on 4096x11008 (22 KiB of x) FP8
-// and INT8 per channel 0.95-1.00x in blocks.
+// Whether the bf16 GEMV at M = 1 takes whole rows. The decoders that stream codes fastest
+// (per channel; 4-bit codes in groups of 128 or more, one FMA a pair of units) read x
+// fastest too, and take blocks of K where a row of x (2 K bytes) fills more than 3/4 of
+// L1; the others (6-bit codes; 8-bit and 4-bit ones in groups, 4-bit below 128) keep whole
+// rows. At M = 1, blocks and whole rows in turn call by call in one process (Zen 4, 32 KiB
+// of L1, 2 threads, cold): on 4096x14336 (28 KiB of x) FP8 E4M3 and E5M2 per channel ran
+// 1.31-1.35x as fast in blocks (1.11x cold), INT8 per channel 1.02-1.04x, INT4, INT4
+// asymmetric and FP4 per channel 1.04-1.43x; grouped 8-bit codes 0.94-1.08x and FP6 0.91-1.02x. Whole rows against
+// blocks for 4-bit codes: FP4 g16 1.21-1.25x and NVFP4 1.05-1.18x, MXFP4 1.06-1.14x, FP4 g32
+// 1.04-1.10x, INT4 g64 0.99-1.07x, INT4 asymmetric g32 0.99-1.02x on 4096x14336 and
+// 2048x28672; INT4 and FP4 per channel 0.48-0.73x and INT4 g128 0.63x there (2048x28672),
+// but 1.05x and 1.10x on 4096x11008 (22 KiB of x).
 bool bf16_whole_rows(const Packed& w, int64_t M) {
-  if (M != 1 || w.bits == 4) return false;
-  return !(w.bits == 8 && w.groups == 1 && 4 * (2 * w.K) > 3 * l1d_bytes());
+  if (M != 1) return false;
+  const bool fast = w.groups == 1 || (w.bits == 4 && w.group_size >= 2 * kUnit);
+  return w.bits == 6 || !fast || 4 * (2 * w.K) <= 3 * l1d_bytes();
 }
 
 // y [M, N] = x [M, K] w^T in fp32 for bf16 x and fewer than kBf16GemmMinRows rows (ISA
