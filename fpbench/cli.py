@@ -169,8 +169,10 @@ def bench(shapes, batches, kernel_names, repeats, e2e, generation, problems, new
     """Median latency of fpbench's kernels (any 4/6/8-bit format) vs torch fp32, bf16, int8 and int4
     weight-only linears, with GB/s and the fraction of the measured bandwidth roofline.
 
-    Weights are cold (cycled through copies larger than the cache). Builds the kernels on
-    first use. Timings on a shared machine are noisy: compare within one run.
+    Weights are cold (cycled through copies larger than the cache); at batch 1 each kernel
+    is also timed on a slice of its weight that stays in cache (the pace of its decode,
+    which bounds its share of the read where memory streams faster). Builds the kernels
+    on first use. Timings on a shared machine are noisy: compare within one run.
 
     \b
     Examples:

@@ -48,13 +48,53 @@ def test_records_for_every_kernel(tmp_path, small_bench):
         # slow kernel); the fraction is recorded to 3 decimals (the scalar ISA's 0.023: 5e-4 off)
         gbps = record["bytes_read"] / (record["median_ms"] * 1e6)
         assert record["stream_fraction"] == pytest.approx(gbps / record["stream_gbps"], rel=0.01, abs=5e-4)
+        # at M = 1 also the pace with a slice of the weight in cache
+        assert (record["cache_gbps"] > 0) if record["M"] == 1 else "cache_gbps" not in record
     cells = {(r["M"], r["stream_gbps"]) for r in records}
     assert len(cells) == 2  # one read a cell, the same for its kernels
     lines = (tmp_path / "bench.jsonl").read_text().splitlines()
     assert len(lines) == len(records) == 2 * len(expected)
     assert json.loads(lines[0])["N"] == 256
     assert "fp6_e3m2/channel" in bench.table(records) and "x_vs_fp32" in bench.table(records, "min_ms")
-    assert "vs_read" in bench.table(records)
+    assert "vs_read" in bench.table(records) and "cache GB/s" in bench.table(records)
+
+
+def test_the_cache_rate_times_one_copy_of_a_slice_that_fits(monkeypatch, small_bench):
+    # Every row, and the columns of a quarter of the last-level cache (8 MiB at most, 2 MiB
+    # where none is reported), whole units and groups, at least 1024 and at most K:
+    # 4096x14336 INT4 per channel (29.4 MB) keeps 4032 columns with a 32 MiB cache, 3840 in
+    # groups of 384, 1024 with 8 MiB.
+    int4 = 4096 * 14336 // 2 + 4096 * 2
+    assert bench.cache_slice_k(14336, int4, 32 * 2**20) == 4032
+    assert bench.cache_slice_k(14336, int4, 32 * 2**20, 384) == 3840
+    assert bench.cache_slice_k(14336, int4, 8 * 2**20) == bench.cache_slice_k(14336, int4, None) == 1024
+    assert bench.cache_slice_k(128, 64 * 128, 32 * 2**20) == 128
+    prepared, timed = [], []
+    real_prepare, real_resident = bench.prepare, bench.resident_seconds
+
+    def spy_prepare(kernel, n, k, generator, copies=None):
+        prepared.append((kernel, n, k, copies))
+        return real_prepare(kernel, n, k, generator, copies)
+
+    def spy_resident(p, x, repeats, warmup=2):
+        timed.append((len(p.weights), tuple(x.shape)))
+        return real_resident(p, x, repeats, warmup)
+
+    monkeypatch.setattr(bench, "prepare", spy_prepare)
+    monkeypatch.setattr(bench, "resident_seconds", spy_resident)
+    monkeypatch.setattr(bench, "LARGEST_CACHE", 2 * 2**20)  # 512 KiB slices
+    records = bench.run_bench([(256, 8192)], [1, 2], ["int4/g128", "int8/g128"], repeats=3, progress=False)
+    kernels = ["torch_bf16", "torch_fp32", "int4/g128", "int8/g128"]
+    # INT4 g128: 256 x 8192 / 2 bytes and 256 x 64 fp16 scales: 4032 -> 3968, whole groups.
+    assert prepared == [(name, 256, 8192, None) for name in kernels] + [
+        ("torch_bf16", 256, 1024, 1), ("torch_fp32", 256, 1024, 1), ("int4/g128", 256, 3968, 1),
+        ("int8/g128", 256, 1920, 1)]
+    assert timed == [(1, (1, 1024)), (1, (1, 1024)), (1, (1, 3968)), (1, (1, 1920))]  # M = 1 only, one copy
+    assert all(("cache_gbps" in r) == (r["M"] == 1) for r in records)
+    # A weight within the slice's bytes is timed whole, on its first copy.
+    prepared.clear(), timed.clear()
+    bench.run_bench([(64, 256)], [1], ["int4/channel"], repeats=3, progress=False)
+    assert [args[3] for args in prepared] == [None] * 3 and timed == [(1, (1, 256))] * 3
 
 
 def test_the_cells_read_is_timed_in_the_kernels_turns(monkeypatch, small_bench):
@@ -72,7 +112,7 @@ def test_the_cells_read_is_timed_in_the_kernels_turns(monkeypatch, small_bench):
     stream = -(-64 * 200 // 4096) * 4096
     assert calls == [[64 * 200 * 2, 64 * 200 * 4, stream, stream]]  # torch_bf16 joins as the reference
     reads = [bench.prepare_stream(s, 64, 200) for s in bench.STREAMS]
-    assert [len(p.weights) for p in reads] == [bench._copies(stream)] * 2
+    assert [len(p.weights) for p in reads] == [bench.cold_copies(stream)] * 2
     assert all(reads[0].call(None, buffer) > 0 for buffer in reads[0].weights)
     assert records[0]["stream_gbps"] > 0
 
@@ -124,9 +164,9 @@ def test_summary_compares_4_bit_kernels_with_their_8_bit_peers():
     assert bench._eight_bit_peer("mxfp4_e2m1/g32") == "mxfp8_e4m3/g32"
     assert bench._eight_bit_peer("fp4_e2m1/channel@bf16") == "fp8_e4m3/channel@bf16"
 
-    def cell(kernel, m, ms, share, speed):
+    def cell(kernel, m, ms, share, speed, cache=None):
         return {"kernel": kernel, "N": 64, "K": 128, "M": m, "median_ms": ms, "stream_fraction": share,
-                "vs_bf16": speed}
+                "vs_bf16": speed, "stream_gbps": 40.0, **({} if cache is None else {"cache_gbps": cache})}
 
     records = [cell("torch_bf16", 1, 4.0, 0.3, 1.0), cell("int4/channel@bf16", 1, 1.0, 0.9, 4.0),
                cell("int8/channel@bf16", 1, 2.5, 0.8, 1.6), cell("fp4_e2m1/g128@bf16", 1, 1.2, 0.7, 3.3),
@@ -136,6 +176,13 @@ def test_summary_compares_4_bit_kernels_with_their_8_bit_peers():
     assert first == ("64x128, M = 1: 5 kernels at 1.60-4.00x torch bf16, 0.60-0.95 of the read in their turns "
                      "(lowest: nvfp4/g16@bf16 0.60, fp4_e2m1/g128@bf16 0.70); 4-bit / 8-bit time 0.40-0.60")
     assert second == "64x128, M = 64: 1 kernel at 0.95-0.95x torch bf16"
+    # Kernels slower than the read even with the weight in cache: named, slowest first, three at most.
+    paced = [cell("torch_bf16", 1, 4.0, 0.3, 1.0, cache=12.0)] + [
+        cell(f"fp6_e3m2/g{g}@bf16", 1, 1.0, 0.5, 4.0, cache=c) for g, c in ((16, 31.0), (32, 25.5), (64, 39.9),
+                                                                          (128, 40.0), (256, 28.0), (512, 33.0))]
+    assert bench.summary(paced).endswith(
+        "; below the read (40.0 GB/s) even in cache, so paced by their decode: fp6_e3m2/g32@bf16 25.5, "
+        "fp6_e3m2/g256@bf16 28.0, fp6_e3m2/g16@bf16 31.0 GB/s and 2 more")
 
 
 def test_kernel_names_expand_and_unknown_ones_are_clear():

@@ -256,6 +256,7 @@ def test_kernel_latency_section_from_bench_logs(tmp_path):
     newer[2]["median_ms"] = 0.25  # fpbench_fp6 at M=1, rerun later: the later record is shown
     newer[2]["vs_bf16"] = 8.0
     newer[2]["stream_fraction"] = 0.9  # against the read in the same turns (older records have none)
+    newer[2]["cache_gbps"] = 41.25  # and with the weight in cache
     append_jsonl(tmp_path / "bench" / "bench.jsonl", newer, "kernel_bench")
     append_jsonl(tmp_path / "bench" / "e2e.jsonl", [
         {"model": "tiny", "variant": "bf16", "tokens_per_s": 10.0, "ms_per_token": 100.0, "speedup_vs_bf16": 1.0,
@@ -275,7 +276,7 @@ def test_kernel_latency_section_from_bench_logs(tmp_path):
                                                  if line.startswith(f"| {name} ")).split("|")[2:-1]]
     gbps = lambda ms: f"{64 * 128 * 2 / (ms * 1e-3) / 1e9:.1f}"
     assert row("torch_bf16") == [f"2.000 · 1.00× · {gbps(2.0)} · 50%", f"4.000 · 1.00× · {gbps(4.0)} · 25%"]
-    assert row("fpbench_fp6")[0] == "0.250 · 8.00× · " + gbps(0.5) + " · 50% (90%)"  # ms and × from the rerun
+    assert row("fpbench_fp6")[0] == "0.250 · 8.00× · " + gbps(0.5) + " · 50% (90%) [41.2]"  # ms and × from the rerun
     assert row("fpbench_fp6")[1] == f"1.000 · 4.00× · {gbps(1.0)} · 25%"
     # one row per decode loop (records from before loops were named count as transformers)
     assert "| tiny    | fp6_kernel | lean         | 25.00        | 40.00        | 2.50×       | 0.9        |" \

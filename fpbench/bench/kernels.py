@@ -20,7 +20,9 @@ ceiling". Each cell also times a plain streaming read of N x K bytes (one and ei
 streams a thread, the better kept) in the same turns as its kernels (``prepare_stream``):
 ``stream_gbps``, and ``stream_fraction`` = the kernel's GB/s over it, the share of what the
 memory system gave a read loop in those very turns (the best probe may come from a faster
-spell than the cell's).
+spell than the cell's). At M = 1 each kernel is also timed on a slice of its weight that
+stays in the last-level cache (``cache_gbps``): where memory streams faster than a kernel
+decodes, that pace, not the memory's, sets its share of the read.
 
 Kernels: ``torch_fp32`` and ``torch_bf16`` (F.linear), ``torch_int8_bf16``
 (``_weight_int8pack_mm``, per-channel), ``torch_int4_bf16``
@@ -96,7 +98,9 @@ def cold_bytes(cache_bytes: int | None) -> int:
     return max(128 * 2**20, 4 * (cache_bytes or 0))
 
 
-COLD_BYTES = cold_bytes(largest_cache_bytes())
+LARGEST_CACHE = largest_cache_bytes()
+COLD_BYTES = cold_bytes(LARGEST_CACHE)
+CACHE_SLICE_BYTES = 8 * 2**20  # at most: an in-cache slice of a weight (cache_slice_k)
 
 
 @dataclass
@@ -221,8 +225,34 @@ def roofline_fraction(bytes_read: int, bandwidth_gbps: float, median_ms: float) 
     return bytes_read / (bandwidth_gbps * 1e9) / (median_ms * 1e-3)
 
 
-def _copies(weight_bytes: int) -> int:
+def cold_copies(weight_bytes: int) -> int:
     return max(2, math.ceil(COLD_BYTES / weight_bytes))
+
+
+def cache_slice_k(k: int, weight_bytes: int, cache_bytes: int | None, multiple: int = UNIT) -> int:
+    """Columns of an N x K weight of ``weight_bytes`` that keep a slice of all N rows in the
+    last-level cache, for the in-cache rate: a quarter of that cache, 8 MiB at most (2 MiB
+    where Linux reports none), in whole multiples (of the unit and the group), at least
+    1024 columns and at most K. All N rows: the threads take the same rows, in chunks of
+    the same size, as on the whole weight (on slices of 256 rows, in cache, the bf16 GEMVs
+    ran at 0.5-0.84x their pace on 2048 rows: the chunks' and batches' setup counts)."""
+    target = CACHE_SLICE_BYTES // 4 if cache_bytes is None else min(CACHE_SLICE_BYTES, cache_bytes // 4)
+    columns = max(1024, target * k // weight_bytes) // multiple * multiple
+    return max(multiple, min(k, columns))
+
+
+def resident_seconds(p: Prepared, x: torch.Tensor, repeats: int, warmup: int = 2) -> list[float]:
+    """Seconds of ``repeats`` calls on one weight copy after ``warmup`` calls: the weight stays
+    in the cache, so the time is the kernel's own pace (its decode, not memory's)."""
+    weight = p.weights[0]
+    for _ in range(warmup):
+        p.call(x, weight)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        p.call(x, weight)
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def _random_qweight(name: str, n: int, k: int, generator: torch.Generator) -> QuantizedWeight:
@@ -239,23 +269,28 @@ def _shuffled(qweight: QuantizedWeight, copy: int) -> QuantizedWeight:
     return dataclasses.replace(qweight, codes=codes)
 
 
-def prepare(kernel: str, n: int, k: int, generator: torch.Generator) -> Prepared:
-    """Random weights in the kernel's own storage (the values do not change the time)."""
+def prepare(kernel: str, n: int, k: int, generator: torch.Generator, copies: int | None = None) -> Prepared:
+    """Random weights in the kernel's own storage (the values do not change the time):
+    ``copies`` of them, by default enough for cold calls (``cold_copies``)."""
     groups = k // TORCH_INT4_GROUP
+
+    def count(nbytes: int) -> int:
+        return copies or cold_copies(nbytes)
+
     if kernel in ("torch_fp32", "torch_bf16"):
         dtype = torch.float32 if kernel == "torch_fp32" else torch.bfloat16
         nbytes = n * k * torch.finfo(dtype).bits // 8
-        weights = [torch.randn(n, k, generator=generator).to(dtype) for _ in range(_copies(nbytes))]
+        weights = [torch.randn(n, k, generator=generator).to(dtype) for _ in range(count(nbytes))]
         return Prepared(weights, nbytes, lambda x, w: F.linear(x, w), dtype)
     if kernel == "torch_int8_bf16":
         nbytes = n * k + 2 * n
         weights = [(torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=generator),
-                    torch.rand(n, generator=generator).bfloat16()) for _ in range(_copies(nbytes))]
+                    torch.rand(n, generator=generator).bfloat16()) for _ in range(count(nbytes))]
         return Prepared(weights, nbytes, lambda x, w: int8_weight_only_mm(x, w[0], w[1]), torch.bfloat16)
     if kernel == "torch_int4_bf16":
         nbytes = n * k // 2 + groups * n * 2 * 2
         weights = []
-        for _ in range(_copies(nbytes)):
+        for _ in range(count(nbytes)):
             q = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=generator)
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
             scale_zero = torch.stack([torch.rand(groups, n, generator=generator),
@@ -270,7 +305,7 @@ def prepare(kernel: str, n: int, k: int, generator: torch.Generator) -> Prepared
     qweight = _random_qweight(kernel, n, k, generator)
     first = LutLinear(qweight)
     nbytes = packed_bytes(first)
-    weights = [first] + [LutLinear(_shuffled(qweight, copy)) for copy in range(1, _copies(nbytes))]
+    weights = [first] + [LutLinear(_shuffled(qweight, copy)) for copy in range(1, count(nbytes))]
     for layer in weights:
         layer.native()  # the compiled handle is built once per layer, as in a model: not timed
     return Prepared(weights, nbytes, lambda x, layer: layer(x), torch.bfloat16 if at else torch.float32)
@@ -284,7 +319,7 @@ def prepare_stream(streams: int, n: int, k: int) -> Prepared:
     by up to 2x between minutes, which a probe before or after the kernels misses)."""
     module = kernels.load()
     nbytes = -(-n * k // 4096) * 4096  # the read loop takes whole 4 KiB pages
-    buffers = [torch.ones(nbytes // 8, dtype=torch.int64) for _ in range(_copies(nbytes))]
+    buffers = [torch.ones(nbytes // 8, dtype=torch.int64) for _ in range(cold_copies(nbytes))]
     isa = module.best_isa()
     return Prepared(buffers, nbytes, lambda x, buffer: module.stream_read_gbps(buffer, 1, isa, streams),
                     torch.float32)
@@ -328,6 +363,21 @@ def interleaved_times(prepared: list[Prepared], xs: list[torch.Tensor], repeats:
     return times
 
 
+def cache_gbps(kernel: str, n: int, k: int, p: Prepared, x: torch.Tensor, repeats: int,
+               generator: torch.Generator) -> float:
+    """GB/s of ``kernel`` on an N x K' slice of its N x K weight (``p``) that stays in the
+    last-level cache (``cache_slice_k``), x [1, K']: the pace of its decode, which bounds its
+    share of the read where memory streams faster (4- and 6-bit kernels in a fast spell)."""
+    granularity = Granularity.parse(kernel.partition("@")[0].partition("/")[2] or "channel")
+    group = (granularity.group_size if granularity.kind == "group"
+             else TORCH_INT4_GROUP if kernel == "torch_int4_bf16" else 1)
+    columns = cache_slice_k(k, p.weight_bytes, LARGEST_CACHE, math.lcm(UNIT, group))
+    part = prepare(kernel, n, columns, generator, copies=1) if columns < k else dataclasses.replace(
+        p, weights=p.weights[:1])
+    median = statistics.median(resident_seconds(part, x[:, :columns].contiguous(), repeats))
+    return (part.weight_bytes + columns * x.element_size()) / median / 1e9
+
+
 def _repeats_for(m: int, n: int, k: int, repeats: int) -> int:
     # Large-batch GEMMs take tens of milliseconds each: fewer calls keep the run short.
     return max(3, repeats // 4) if m * n * k > 2**33 else repeats
@@ -365,13 +415,15 @@ def run_bench(shapes=None, batches=None, kernel_names=None, repeats: int = 21, o
             for (kernel, p), xk, samples in zip(prepared.items(), xs, times):
                 median_ms, min_ms = statistics.median(samples) * 1e3, min(samples) * 1e3
                 bytes_read = p.weight_bytes + xk.numel() * xk.element_size()
+                resident = {} if m != 1 else {
+                    "cache_gbps": round(cache_gbps(kernel, n, k, p, xk, repeats, generator), 2)}
                 records.append({"kernel": kernel, "M": m, "N": n, "K": k, "median_ms": round(median_ms, 4),
                                 "min_ms": round(min_ms, 4),
                                 "gbps": round(bytes_read / (median_ms * 1e-3) / 1e9, 2),
                                 "weight_bytes": p.weight_bytes, "bytes_read": bytes_read,
                                 "stream_gbps": round(stream_gbps, 2),
                                 "stream_fraction": round(bytes_read / (median_ms * 1e-3) / 1e9 / stream_gbps, 3),
-                                "copies": len(p.weights),
+                                "copies": len(p.weights), **resident,
                                 "activation_dtype": str(p.activation_dtype).replace("torch.", ""), **env})
             steps.update(len(prepared))
         del prepared, p, streams
@@ -408,8 +460,10 @@ def _eight_bit_peer(kernel: str) -> str:
 def summary(records: list[dict]) -> str:
     """One line per shape and batch over fpbench's kernels: their speed against torch bf16
     and, at M = 1 (bound by the weight's bytes), their share of the read timed in the same
-    turns (range and the lowest) and the 4-bit kernels' time over their 8-bit peers'
-    (``_eight_bit_peer``, where both were timed): at the memory limit about half."""
+    turns (range and the lowest), the 4-bit kernels' time over their 8-bit peers'
+    (``_eight_bit_peer``, where both were timed): at the memory limit about half, and the
+    kernels that read slower than that read even with the weight in cache (``cache_gbps``):
+    their decode, not memory, sets their share."""
     lines = []
     for n, k, m in sorted({(r["N"], r["K"], r["M"]) for r in records}):
         cells = {r["kernel"]: r for r in records if (r["N"], r["K"], r["M"]) == (n, k, m) and "/" in r["kernel"]}
@@ -427,14 +481,21 @@ def summary(records: list[dict]) -> str:
                       if get_format(name.split("/")[0]).bits == 4 and _eight_bit_peer(name) in cells]
             if ratios:
                 line += f"; 4-bit / 8-bit time {min(ratios):.2f}-{max(ratios):.2f}"
+            paced = sorted((r for r in cells.values() if r.get("cache_gbps") is not None
+                            and r["cache_gbps"] < r["stream_gbps"]), key=lambda r: r["cache_gbps"])
+            if paced:
+                named = ", ".join(f"{r['kernel']} {r['cache_gbps']:.1f}" for r in paced[:3])
+                more = f" and {len(paced) - 3} more" if len(paced) > 3 else ""
+                line += (f"; below the read ({paced[0]['stream_gbps']:.1f} GB/s) even in cache, so paced by "
+                         f"their decode: {named} GB/s{more}")
         lines.append(line)
     return "\n".join(lines)
 
 
 def table(records: list[dict], stat: str = "median_ms") -> str:
-    """Markdown: one row per kernel x shape x batch: ``stat`` ms, GB/s, roofline fraction,
-    fraction of the read in the same turns (``vs_read``), x vs torch_bf16 and x vs torch_fp32
-    (same statistic)."""
+    """Markdown: one row per kernel x shape x batch: ``stat`` ms, GB/s, GB/s with the weight in
+    cache (M = 1), roofline fraction, fraction of the read in the same turns (``vs_read``), x
+    vs torch_bf16 and x vs torch_fp32 (same statistic)."""
     import pandas as pd
 
     frame = pd.DataFrame(records)
@@ -445,9 +506,10 @@ def table(records: list[dict], stat: str = "median_ms") -> str:
     frame["roofline"] = (frame["roofline_fraction"] * frame["median_ms"] / frame[stat]).round(2)
     frame["vs_read"] = (frame["stream_fraction"] * frame["median_ms"] / frame[stat]).round(2)
     frame["GB/s"] = (frame["gbps"] * frame["median_ms"] / frame[stat]).round(1)
+    frame["cache GB/s"] = frame["cache_gbps"].round(1) if "cache_gbps" in frame else float("nan")
     frame[stat] = frame[stat].round(3)
     order = {name: i for i, name in enumerate(dict.fromkeys(frame.kernel))}
     frame = frame.sort_values(["N", "K", "M"], kind="stable").sort_values(
         ["N", "K", "M", "kernel"], key=lambda col: col.map(order) if col.name == "kernel" else col, kind="stable")
-    columns = ["N", "K", "M", "kernel", stat, "GB/s", "roofline", "vs_read", "x_vs_bf16", "x_vs_fp32"]
+    columns = ["N", "K", "M", "kernel", stat, "GB/s", "cache GB/s", "roofline", "vs_read", "x_vs_bf16", "x_vs_fp32"]
     return frame[columns].to_markdown(index=False)

@@ -439,17 +439,19 @@ def kernel_latency_section(bench_dir: Path) -> list[str]:
         lines += ["Weight-only linear kernels (`fpbench bench`, cold weights). Cells: median ms · × vs "
                   "torch_bf16 (same run; above 1 is faster) · GB/s of weights · fraction of the measured "
                   "bandwidth roofline (the run's best probe) · in parentheses, fraction of a plain streaming "
-                  "read timed in the same turns.", ""]
+                  "read timed in the same turns · at M = 1, in brackets, GB/s with a slice of the weight in "
+                  "cache (the pace of the kernel's decode).", ""]
         lines += _machine_lines(kernel_records, f"{BENCH_DIR}/bench.jsonl")
         frame = pd.DataFrame(kernel_records)
-        for column in ("vs_bf16", "gbps", "roofline_fraction", "stream_fraction"):
+        for column in ("vs_bf16", "gbps", "roofline_fraction", "stream_fraction", "cache_gbps"):
             if column not in frame:
                 frame[column] = None
         def cell(r) -> str:
             in_turns = _number(r.stream_fraction, ".0%")  # older records have no read in their turns
+            in_cache = _number(r.cache_gbps, ".1f")  # nor a rate in cache
             return (f"{_number(r.median_ms, '.3f')} · {_number(r.vs_bf16, '.2f', '×')} · "
                     f"{_number(r.gbps, '.1f')} · {_number(r.roofline_fraction, '.0%')}"
-                    + ("" if in_turns == "–" else f" ({in_turns})"))
+                    + ("" if in_turns == "–" else f" ({in_turns})") + ("" if in_cache == "–" else f" [{in_cache}]"))
 
         frame["cell"] = [cell(r) for r in frame.itertuples()]
         for (n, k), shape in frame.groupby(["N", "K"], sort=False):

@@ -93,7 +93,7 @@ KERNEL_BENCH = RecordKind(
     required={"kernel": STR, "M": INT, "N": INT, "K": INT, "median_ms": NUM, "time": STR},
     optional={**ENVIRONMENT, "min_ms": NUM, "gbps": NUM, "roofline_fraction": NUM, "weight_bytes": INT,
               "copies": INT, "activation_dtype": STR, "kernel_isa": STR, "bandwidth_gbps": NUM, "vs_bf16": NUM,
-              "stream_gbps": NUM, "stream_fraction": NUM},
+              "stream_gbps": NUM, "stream_fraction": NUM, "cache_gbps": NUM},
 )
 
 E2E_BENCH = RecordKind(
