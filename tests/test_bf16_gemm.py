@@ -109,7 +109,7 @@ def test_groups_of_several_units_within_the_summation_bound(name, m):
 def test_one_row_of_long_k_within_the_summation_bound(name, k):
     # At M = 1 a row of x of more than 3/4 of L1 (K = 14400, 28 KiB, where L1 is 32 KiB;
     # K = 32832, 64 KiB, on any L1 up to 85 KiB) goes in blocks of 128 units (16 KiB of x)
-    # for codes per channel and 4-bit codes in groups of 128 or more, the second block
+    # for 4- and 8-bit codes per channel and 4-bit ones in groups of 128 or more, the second
     # starting inside a group of 6 units (g384); with zero points their term at the last
     # block, over all the row's groups. The rest, and every layer at K = 8384 (16 KiB of
     # x), in whole rows.

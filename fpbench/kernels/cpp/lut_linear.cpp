@@ -270,13 +270,14 @@ int64_t l1d_bytes() {
 // fastest too, and take blocks of K where a row of x (2 K bytes) fills more than 3/4 of
 // L1; the others (6-bit codes; 8-bit and 4-bit ones in groups, 4-bit below 128) keep whole
 // rows. At M = 1, blocks and whole rows in turn call by call in one process (Zen 4, 32 KiB
-// of L1, 2 threads, cold): on 4096x14336 (28 KiB of x) FP8 E4M3 and E5M2 per channel ran
-// 1.31-1.35x as fast in blocks (1.11x cold), INT8 per channel 1.02-1.04x, INT4, INT4
-// asymmetric and FP4 per channel 1.04-1.43x; grouped 8-bit codes 0.94-1.08x and FP6 0.91-1.02x. Whole rows against
-// blocks for 4-bit codes: FP4 g16 1.21-1.25x and NVFP4 1.05-1.18x, MXFP4 1.06-1.14x, FP4 g32
-// 1.04-1.10x, INT4 g64 0.99-1.07x, INT4 asymmetric g32 0.99-1.02x on 4096x14336 and
-// 2048x28672; INT4 and FP4 per channel 0.48-0.73x and INT4 g128 0.63x there (2048x28672),
-// but 1.05x and 1.10x on 4096x11008 (22 KiB of x).
+// of L1, 2 threads): on 4096x14336 (28 KiB of x) FP8 E4M3 and E5M2 per channel ran
+// 1.31-1.35x as fast in blocks with the weights in cache and 1.11x cold, INT8 per channel
+// 1.02-1.04x, INT4, INT4 asymmetric and FP4 per channel 1.04-1.43x cold; grouped 8-bit
+// codes 0.94-1.08x and FP6 0.91-1.02x. Whole rows against blocks for 4-bit codes, cold on
+// 4096x14336 and 2048x28672: FP4 g16 1.21-1.25x, NVFP4 1.05-1.18x, MXFP4 1.06-1.14x, FP4
+// g32 1.04-1.10x, INT4 g64 0.99-1.07x, INT4 asymmetric g32 0.99-1.02x; INT4 and FP4 per
+// channel 0.48-0.73x and INT4 g128 0.63x (2048x28672), but 1.05x and 1.10x on 4096x11008
+// (22 KiB of x).
 bool bf16_whole_rows(const Packed& w, int64_t M) {
   if (M != 1) return false;
   const bool fast = w.groups == 1 || (w.bits == 4 && w.group_size >= 2 * kUnit);

@@ -129,10 +129,11 @@ bool mirrored(const float* values, int64_t half) {
 
 // Whether any of the n codes has a value that is not finite (inf, NaN). FloatSpecial's
 // blend writes those codes' patterns; a layer without them takes Dec::Float, which gives
-// every finite code the same bits. Quantized finite weights hold none, and the blend cost the fp32
-// GEMVs a fifth of their time (FP8 at M = 1 on 4096x4096 with the weights in cache, Zen 4,
-// 2 threads, in turn in one process: AVX2 1.20-1.30x, AVX-512 without VBMI 1.25-1.39x as
-// fast without it; the VBMI and bf16 kernels decode 8-bit codes through byte tables).
+// every finite code the same bits. Quantized finite weights hold none, and the blend cost
+// the fp32 GEMVs a fifth of their time (FP8 at M = 1 on 4096x4096 with the weights in
+// cache, Zen 4, 2 threads, in turn in one process: AVX2 1.20-1.30x, AVX-512 without VBMI
+// 1.25-1.39x as fast without it; the VBMI and bf16 kernels decode 8-bit codes through byte
+// tables).
 bool holds_nonfinite(const uint8_t* codes, int64_t n, const float* values) {
   uint8_t nonfinite[256];
   bool any = false;
